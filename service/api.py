@@ -1,0 +1,181 @@
+"""HTTP handlers. Domain errors become JSON errors here: {"error": {"code", "message", "field"}}."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote
+
+import orjson
+from aiohttp import web
+
+from .db import DatabaseError, DatabaseUnavailable
+from .jobs import JobStatus
+from .manager import JobConflict, JobNotFound, TooManyJobs
+from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, validate_collection_name, validate_request
+from .settings import DB_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY
+from .writers.values import discover_columns
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+USER_KEY = web.RequestKey("user", str)
+CONTENT_TYPES = {
+    "csv": "text/csv; charset=utf-8",
+    "json": "application/json",
+    "ndjson": "application/x-ndjson",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+}
+LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 500
+SAMPLE_SIZE = 100
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": {"code": code, "message": message, "field": field}}, status, headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        return error_response(400, exc.code, exc.message, exc.field)
+    except JobNotFound as exc:
+        return error_response(404, "not_found", f"no export {exc}", "id")
+    except JobConflict as exc:
+        status = 410 if exc.status == JobStatus.EXPIRED.value else 409
+        return error_response(status, "expired" if status == 410 else "not_ready", str(exc), "id")
+    except TooManyJobs as exc:
+        return error_response(429, "too_many_active_exports", str(exc), None, {"Retry-After": "10"})
+    except DatabaseUnavailable as exc:
+        return error_response(503, exc.code, str(exc), None, {"Retry-After": "5"})
+    except DatabaseError as exc:
+        log.warning("database error on %s %s: %s", request.method, request.path, exc)
+        return error_response(500, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if request.path.startswith("/api/") and exc.status >= 400:
+            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, None, dict(exc.headers))
+        raise
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    settings = request.app[SETTINGS_KEY]
+    if settings.open_mode:
+        request[USER_KEY] = "anonymous"
+        return await handler(request)
+    if not request.path.startswith("/api/") and request.path != "/metrics":
+        return await handler(request)  # the page, static files, health and Socket.IO (which checks its own auth)
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header.startswith("Bearer ") else request.query.get("token")
+    user = settings.api_tokens.get(token) if token else None
+    if user is None:
+        return error_response(401, "unauthorized", "a valid bearer token is required", "Authorization", {"WWW-Authenticate": "Bearer"})
+    request[USER_KEY] = user
+    return await handler(request)
+
+
+@routes.post("/api/exports")
+async def create_export(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    body = parse_body(raw)
+    spec = validate_request(body, settings.jobs_collection, settings.collections)
+    if spec.collection not in await request.app[DB_KEY].collection_names():
+        raise ValidationError("collection", f"collection {spec.collection!r} does not exist", "collection_not_found")
+    snap = await request.app[MANAGER_KEY].create(spec, request[USER_KEY])
+    return json_response(snap, 202, {"Location": f"/api/exports/{snap['id']}"})
+
+
+@routes.get("/api/exports")
+async def list_exports(request: web.Request) -> web.Response:
+    status = request.query.get("status") or None
+    if status is not None and status not in {s.value for s in JobStatus}:
+        raise ValidationError("status", f"status must be one of {', '.join(s.value for s in JobStatus)}", "invalid_status")
+    raw_limit = request.query.get("limit", str(LIST_LIMIT_DEFAULT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+        raise ValidationError("limit", f"limit must be an integer from 1 to {LIST_LIMIT_MAX}", "invalid_limit")
+    jobs = await request.app[MANAGER_KEY].list(request[USER_KEY], status, int(raw_limit))
+    return json_response({"exports": jobs})
+
+
+@routes.get("/api/exports/{id}")
+async def get_export(request: web.Request) -> web.Response:
+    return json_response(await request.app[MANAGER_KEY].get(request[USER_KEY], request.match_info["id"]))
+
+
+@routes.delete("/api/exports/{id}")
+async def delete_export(request: web.Request) -> web.Response:
+    return json_response(await request.app[MANAGER_KEY].cancel_or_delete(request[USER_KEY], request.match_info["id"]))
+
+
+def content_disposition(file_name: str) -> str:
+    """RFC 6266: an ASCII fallback plus filename* for names that are not plain ASCII."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\%' else "_" for c in file_name)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != file_name:
+        value += f"; filename*=UTF-8''{quote(file_name, safe='')}"
+    return value
+
+
+@routes.get("/api/exports/{id}/download", allow_head=True)
+async def download_export(request: web.Request) -> web.StreamResponse:
+    manager = request.app[MANAGER_KEY]
+    doc = await manager.get_doc(request[USER_KEY], request.match_info["id"])
+    status = doc["status"]
+    if status != JobStatus.COMPLETED.value:
+        message = "the export expired and its file was removed" if status == JobStatus.EXPIRED.value else f"the export is {status}, not completed"
+        raise JobConflict(message, status)
+    path = manager.path_of(doc)  # built from the job id and format only, never from request input
+    if not path.is_file():
+        raise JobConflict("the export file is gone", JobStatus.EXPIRED.value)
+    spec = ExportSpec.from_doc(doc["spec"])
+    content_type = "application/gzip" if spec.compress == "gzip" else CONTENT_TYPES[spec.format]
+    return web.FileResponse(
+        path,
+        chunk_size=256 * 1024,
+        headers={
+            "Content-Disposition": content_disposition(doc["file_name"]),
+            "Content-Type": content_type,
+            "Cache-Control": "private, no-transform",
+        },
+    )
+
+
+@routes.get("/api/collections")
+async def list_collections(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    db = request.app[DB_KEY]
+    result = []
+    for name in await db.collection_names():
+        try:
+            validate_collection_name(name, settings.jobs_collection, settings.collections)
+        except ValidationError:
+            continue
+        sample = await db.sample(name, SAMPLE_SIZE)
+        result.append({"name": name, "estimated_count": await db.estimated_count(name), "fields": discover_columns(sample)})
+    return json_response({"collections": result})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        await request.app[DB_KEY].ping()
+    except DatabaseError as exc:
+        return json_response({"status": "unavailable", "database": str(exc)}, 503)
+    return json_response({"status": "ok"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    try:
+        queued: int | None = await request.app[DB_KEY].count_jobs({"status": JobStatus.QUEUED.value})
+    except DatabaseError:
+        queued = None
+    text = request.app[METRICS_KEY].render(queued)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})

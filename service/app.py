@@ -1,0 +1,100 @@
+"""create_app(settings): routes, Socket.IO, and every resource opened and closed in cleanup_ctx."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from . import api
+from .db import Database
+from .embedded_db import EmbeddedMongo
+from .events import EventHub
+from .manager import JobManager
+from .metrics import Metrics
+from .settings import DB_KEY, EMBEDDED_KEY, EVENTS_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, Settings, SettingsError
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
+GENERATOR = Path(__file__).resolve().parent.parent / "scripts" / "generate_data.py"
+
+
+def check_export_dir(settings: Settings) -> None:
+    """Create EXPORT_DIR and prove it takes a file; a SettingsError otherwise."""
+    path = Path(settings.export_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise SettingsError(f"EXPORT_DIR {str(path)!r} is not writable: {exc.strerror or exc}") from None
+
+
+async def _export_dir_ctx(app: web.Application) -> AsyncIterator[None]:
+    check_export_dir(app[SETTINGS_KEY])
+    yield
+
+
+async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS_KEY]
+    embedded: EmbeddedMongo | None = None
+    url = settings.mongo_url
+    if url is None:
+        embedded = await asyncio.to_thread(EmbeddedMongo(settings.embedded_dir).start)
+        url = embedded.url
+        log.warning("no EXPORT_MONGO_URL: using the embedded database at %s (data in %s)", url, settings.embedded_dir)
+    app[EMBEDDED_KEY] = embedded
+    app[DB_KEY] = Database.connect(url, settings.db_name, settings.driver, settings.jobs_collection)
+    try:
+        if settings.seed_demo_rows:
+            await _seed_demo(url, settings)
+        yield
+    finally:
+        await app[DB_KEY].close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+async def _seed_demo(url: str, settings: Settings) -> None:
+    """Fill the demo collection with generated tasks unless it already holds documents."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(GENERATOR), "--url", url, "--db", settings.db_name,
+        "--count", str(settings.seed_demo_rows), "--collection", "tasks", "--if-empty",
+    )
+    if await proc.wait() != 0:
+        raise RuntimeError(f"generating demo data failed with exit code {proc.returncode}")
+
+
+async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS_KEY]
+    manager = JobManager(settings, app[DB_KEY], app[EVENTS_KEY], app[METRICS_KEY])
+    app[EVENTS_KEY].lookup = manager.lookup
+    app[MANAGER_KEY] = manager
+    if settings.open_mode:
+        log.warning("EXPORT_API_TOKENS is empty: the service runs OPEN, anyone who reaches it can export and download")
+    await manager.start()
+    yield
+    await manager.stop()
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[api.errors_middleware, api.auth_middleware], client_max_size=1024**2)
+    app[SETTINGS_KEY] = settings
+    app[METRICS_KEY] = Metrics()
+    events = EventHub(settings)
+    app[EVENTS_KEY] = events
+    events.attach(app)
+    app.add_routes(api.routes)
+    app.router.add_get("/", index)
+    app.router.add_static("/static", STATIC_DIR, show_index=False, follow_symlinks=False)
+    app.cleanup_ctx.extend([_export_dir_ctx, _database_ctx, _manager_ctx])
+    return app

@@ -1,0 +1,206 @@
+"""The only module that imports a MongoDB driver.
+
+PyMongo's AsyncMongoClient is the default; EXPORT_MONGO_DRIVER=motor selects Motor. Only calls both
+drivers share are used, and the few differences (awaitable aggregate, awaitable close) are absorbed here.
+Driver errors leave this module as DatabaseUnavailable (the server cannot be reached) or DatabaseError.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.tz_util import utc
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import errors as pymongo_errors
+
+# Datetimes come back timezone-aware in UTC; those outside Python's range come back as DatetimeMS.
+CODEC_OPTIONS: CodecOptions = CodecOptions(
+    tz_aware=True, tzinfo=utc, datetime_conversion=DatetimeConversion.DATETIME_AUTO
+)
+SERVER_SELECTION_TIMEOUT_MS = 5000
+
+
+class DatabaseError(RuntimeError):
+    """The database answered with an error (a bad operator, a dropped collection...)."""
+
+    code = "database_error"
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database could not be reached."""
+
+    code = "database_unavailable"
+
+
+def translate(exc: BaseException) -> DatabaseError:
+    if isinstance(exc, (pymongo_errors.ConnectionFailure, pymongo_errors.ServerSelectionTimeoutError)):
+        return DatabaseUnavailable(f"database unavailable: {exc.__class__.__name__}: {str(exc)[:300]}")
+    return DatabaseError(f"database error: {str(exc)[:500]}")
+
+
+@asynccontextmanager
+async def driver_errors() -> AsyncIterator[None]:
+    """Re-raise driver exceptions as this module's domain errors."""
+    try:
+        yield
+    except pymongo_errors.PyMongoError as exc:
+        raise translate(exc) from exc
+
+
+async def _resolve(value: Any) -> Any:
+    # PyMongo's async API returns coroutines where Motor returns objects (aggregate, close).
+    return await value if inspect.isawaitable(value) else value
+
+
+def make_client(url: str, driver: str = "pymongo") -> Any:
+    common = dict(serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, connectTimeoutMS=5000, tz_aware=True)
+    if driver == "motor":
+        from motor.motor_asyncio import AsyncIOMotorClient
+
+        return AsyncIOMotorClient(url, **common)
+    from pymongo import AsyncMongoClient
+
+    return AsyncMongoClient(url, **common)
+
+
+@dataclass(frozen=True)
+class FindSpec:
+    collection: str
+    filter: Mapping[str, Any]
+    projection: Mapping[str, Any] | None
+    sort: Sequence[tuple[str, int]]
+    limit: int
+    skip: int = 0
+    batch_size: int = 1000
+
+
+class Database:
+    def __init__(self, client: Any, name: str, jobs_collection: str = "export_jobs") -> None:
+        self.client = client
+        self.db = client[name]
+        self.name = name
+        self.jobs_collection = jobs_collection
+
+    @classmethod
+    def connect(cls, url: str, name: str, driver: str = "pymongo", jobs_collection: str = "export_jobs") -> "Database":
+        return cls(make_client(url, driver), name, jobs_collection)
+
+    async def close(self) -> None:
+        await _resolve(self.client.close())
+
+    def collection(self, name: str) -> Any:
+        return self.db.get_collection(name, codec_options=CODEC_OPTIONS)
+
+    @property
+    def jobs(self) -> Any:
+        return self.collection(self.jobs_collection)
+
+    async def ping(self) -> None:
+        async with driver_errors():
+            await self.client.admin.command("ping")
+
+    async def ensure_indexes(self) -> None:
+        async with driver_errors():
+            await self.jobs.create_index([("status", ASCENDING), ("created_at", ASCENDING)])
+            await self.jobs.create_index([("user", ASCENDING), ("created_at", DESCENDING)])
+
+    async def collection_names(self) -> list[str]:
+        async with driver_errors():
+            return sorted(await self.db.list_collection_names())
+
+    async def estimated_count(self, name: str) -> int:
+        async with driver_errors():
+            return int(await self.collection(name).estimated_document_count())
+
+    async def sample(self, name: str, size: int = 100) -> list[dict[str, Any]]:
+        async with driver_errors():
+            cursor = self.collection(name).find({}, batch_size=size).limit(size)
+            return [doc async for doc in cursor]
+
+    async def count(self, spec: FindSpec) -> int:
+        """Count matches with an aggregation ($match, $skip, $limit, $count), which every server runs fast."""
+        pipeline: list[dict[str, Any]] = [{"$match": dict(spec.filter)}]
+        if spec.skip:
+            pipeline.append({"$skip": spec.skip})
+        if spec.limit:
+            pipeline.append({"$limit": spec.limit})
+        pipeline.append({"$count": "n"})
+        async with driver_errors():
+            cursor = await _resolve(self.collection(spec.collection).aggregate(pipeline))
+            rows = [row async for row in cursor]
+        return int(rows[0]["n"]) if rows else 0
+
+    async def raw_batches(self, spec: FindSpec) -> AsyncIterator[bytes]:
+        """Yield the matching documents as raw BSON batches (concatenated documents), unparsed.
+
+        The server-side cursor is closed when the iteration ends, fails or is abandoned.
+        """
+        cursor = self.collection(spec.collection).find_raw_batches(
+            dict(spec.filter), dict(spec.projection) if spec.projection else None, batch_size=spec.batch_size
+        )
+        if spec.sort:
+            cursor = cursor.sort(list(spec.sort))
+        if spec.skip:
+            cursor = cursor.skip(spec.skip)
+        if spec.limit:
+            cursor = cursor.limit(spec.limit)
+        try:
+            async with driver_errors():
+                async for batch in cursor:
+                    yield batch
+        finally:
+            await _resolve(cursor.close())
+
+    async def drop_collection(self, name: str) -> None:
+        async with driver_errors():
+            await self.db.drop_collection(name)
+
+    # --- the jobs collection -------------------------------------------------------------------
+    async def insert_job(self, doc: Mapping[str, Any]) -> None:
+        async with driver_errors():
+            await self.jobs.insert_one(dict(doc))
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        async with driver_errors():
+            return await self.jobs.find_one({"_id": job_id})
+
+    async def find_jobs(
+        self, query: Mapping[str, Any], sort: Sequence[tuple[str, int]] = (("created_at", DESCENDING),), limit: int = 0
+    ) -> list[dict[str, Any]]:
+        async with driver_errors():
+            cursor = self.jobs.find(dict(query)).sort(list(sort))
+            if limit:
+                cursor = cursor.limit(limit)
+            return [doc async for doc in cursor]
+
+    async def count_jobs(self, query: Mapping[str, Any]) -> int:
+        async with driver_errors():
+            cursor = await _resolve(self.jobs.aggregate([{"$match": dict(query)}, {"$count": "n"}]))
+            rows = [row async for row in cursor]
+        return int(rows[0]["n"]) if rows else 0
+
+    async def update_job(self, query: Mapping[str, Any], update: Mapping[str, Any]) -> bool:
+        """Apply update to the job matching query; False when nothing matched (the job moved on)."""
+        async with driver_errors():
+            result = await self.jobs.update_one(dict(query), dict(update))
+        return result.matched_count > 0
+
+    async def update_jobs(self, query: Mapping[str, Any], update: Mapping[str, Any]) -> int:
+        async with driver_errors():
+            result = await self.jobs.update_many(dict(query), dict(update))
+        return result.modified_count
+
+    async def claim_job(self, query: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Atomically move the oldest job matching query, returning it as updated."""
+        async with driver_errors():
+            return await self.jobs.find_one_and_update(
+                dict(query), dict(update), sort=[("created_at", ASCENDING)], return_document=ReturnDocument.AFTER
+            )
+
+    async def delete_job(self, job_id: str) -> None:
+        async with driver_errors():
+            await self.jobs.delete_one({"_id": job_id})
+

@@ -1,0 +1,99 @@
+"""The embedded MongoDB wire-protocol server (nx-27017 on SQLite), run as a child process.
+
+Used when no EXPORT_MONGO_URL is given: for a first run, for the demo and for CI, where no mongod
+can be installed. It binds a free loopback port and keeps its data in one file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedDbError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _server_command() -> list[str]:
+    exe = shutil.which("nx-27017", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe:
+        return [exe]
+    return [sys.executable, "-m", "nx_27017.nx_27017"]
+
+
+class EmbeddedMongo:
+    """One nx-27017 process: start() waits until it answers a TCP connect, stop() ends it."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, db_file: str = "export.db") -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.db_file = db_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def start(self, timeout: float = 30.0) -> "EmbeddedMongo":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.data_dir / f"nx-27017-{self.port}.log"
+        cmd = _server_command() + [
+            "--db", str(self.data_dir / self.db_file),
+            "--host", "127.0.0.1",
+            "-p", str(self.port),
+            "--log-file", str(log_path),
+            "--pid-file", str(self.data_dir / f"nx-27017-{self.port}.pid"),
+        ]
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EmbeddedDbError(f"embedded database exited with code {self.process.returncode}; see {log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    log.info("embedded database listening on %s (data in %s)", self.url, self.data_dir)
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise EmbeddedDbError(f"embedded database did not start within {timeout:.0f}s; see {log_path}")
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """Stop it abruptly, as an outage would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        self.process = None
+
+    def __enter__(self) -> "EmbeddedMongo":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,89 @@
+"""Socket.IO: connect auth, subscribe/unsubscribe, and the export-* events (one room per job)."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Awaitable, Callable, Mapping
+
+import socketio
+from aiohttp import web
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SnapshotLookup = Callable[[str, str], Awaitable["dict[str, Any] | None"]]
+EVENT_FIELDS = ("id", "status", "processed", "total", "percent")
+
+
+def room(job_id: str) -> str:
+    return f"export:{job_id}"
+
+
+class EventHub:
+    """Owns the Socket.IO server of one application."""
+
+    def __init__(self, settings: Settings) -> None:
+        manager = None
+        if settings.redis_url:
+            manager = socketio.AsyncRedisManager(settings.redis_url)
+        self.settings = settings
+        self.sio = socketio.AsyncServer(
+            async_mode="aiohttp", cors_allowed_origins="*", client_manager=manager, logger=False, engineio_logger=False
+        )
+        self.lookup: SnapshotLookup | None = None
+        self.sio.on("connect", self._connect)
+        self.sio.on("subscribe", self._subscribe)
+        self.sio.on("unsubscribe", self._unsubscribe)
+
+    def attach(self, app: web.Application) -> None:
+        self.sio.attach(app, socketio_path="socket.io")
+
+    def user_for_token(self, token: Any) -> str | None:
+        if self.settings.open_mode:
+            return "anonymous"
+        return self.settings.api_tokens.get(token) if isinstance(token, str) else None
+
+    async def _connect(self, sid: str, environ: Mapping[str, Any], auth: Any = None) -> bool:
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if token is None:
+            # Clients that cannot send auth may send the bearer header instead.
+            request = environ.get("aiohttp.request")
+            header = request.headers.get("Authorization", "") if request is not None else ""
+            token = header[7:] if header.startswith("Bearer ") else None
+        user = self.user_for_token(token)
+        if user is None:
+            raise socketio.exceptions.ConnectionRefusedError("unauthorized: a valid token is required")
+        await self.sio.save_session(sid, {"user": user})
+        return True
+
+    async def _job_id(self, data: Any) -> str | None:
+        job_id = data.get("id") if isinstance(data, dict) else None
+        return job_id if isinstance(job_id, str) and job_id else None
+
+    async def _subscribe(self, sid: str, data: Any) -> dict[str, Any]:
+        job_id = await self._job_id(data)
+        if job_id is None:
+            return {"ok": False, "error": {"code": "invalid_request", "message": "subscribe needs {\"id\": ...}", "field": "id"}}
+        session = await self.sio.get_session(sid)
+        assert self.lookup is not None
+        snap = await self.lookup(session["user"], job_id)
+        if snap is None:
+            return {"ok": False, "error": {"code": "not_found", "message": f"no export {job_id}", "field": "id"}}
+        # Enter the room before answering, so no event falls between the snapshot and the subscription.
+        await self.sio.enter_room(sid, room(job_id))
+        return {"ok": True, "job": snap}
+
+    async def _unsubscribe(self, sid: str, data: Any) -> dict[str, Any]:
+        job_id = await self._job_id(data)
+        if job_id is not None:
+            await self.sio.leave_room(sid, room(job_id))
+        return {"ok": True}
+
+    async def emit(self, event: str, snap: Mapping[str, Any], **extra: Any) -> None:
+        payload = {key: snap.get(key) for key in EVENT_FIELDS}
+        payload["rate"] = snap.get("rate")
+        payload["eta_seconds"] = snap.get("eta_seconds")
+        payload.update(extra)
+        payload["ts"] = time.time()
+        await self.sio.emit(event, payload, room=room(str(snap["id"])))

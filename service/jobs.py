@@ -1,0 +1,148 @@
+"""Job states, the job document stored in MongoDB, and the snapshot clients see."""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Mapping
+
+import orjson
+from bson import json_util
+
+from .query import CANONICAL, RELAXED, ExportSpec
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    FETCHING = "fetching"
+    PROCESSING = "processing"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE
+
+    @property
+    def running(self) -> bool:
+        return self in RUNNING
+
+
+RUNNING = frozenset({JobStatus.FETCHING, JobStatus.PROCESSING, JobStatus.FINALIZING})
+ACTIVE = RUNNING | {JobStatus.QUEUED}
+ACTIVE_VALUES = [s.value for s in ACTIVE]
+RUNNING_VALUES = [s.value for s in RUNNING]
+FINISHED_VALUES = [JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value, JobStatus.EXPIRED.value]
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    message: str
+
+
+def now_ms() -> int:
+    """Job times are stored as epoch milliseconds: they compare and sort the same on every server
+    (the embedded one turns a datetime written by $set into text)."""
+    return int(time.time() * 1000)
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(12)
+
+
+def new_job_doc(spec: ExportSpec, user: str, file_name: str) -> dict[str, Any]:
+    return {
+        "_id": new_job_id(),
+        "status": JobStatus.QUEUED.value,
+        "user": user,
+        "spec": spec.to_doc(),
+        "file_name": file_name,
+        "processed": 0,
+        "total": None,
+        "bytes": 0,
+        "rate": None,
+        "error": None,
+        "warnings": [],
+        "attempts": 0,
+        "owner": None,
+        "lease_until": None,
+        "created_at": now_ms(),
+        "started_at": None,
+        "finished_at": None,
+        "expires_at": None,
+    }
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    value = datetime.fromtimestamp(ms / 1000, timezone.utc)
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def percent(processed: int, total: int | None) -> float | None:
+    if not total:
+        return 100.0 if total == 0 else None
+    return round(min(100.0, 100.0 * processed / total), 1)
+
+
+def eta(processed: int, total: int | None, rate: float | None) -> float | None:
+    if total is None or not rate:
+        return None
+    return round(max(0, total - processed) / rate, 1)
+
+
+def snapshot(doc: Mapping[str, Any], queue_position: int | None = None) -> dict[str, Any]:
+    """The job as the API and the events show it."""
+    spec = ExportSpec.from_doc(doc["spec"])
+    status = JobStatus(doc["status"])
+    processed = int(doc.get("processed") or 0)
+    total = doc.get("total")
+    rate = doc.get("rate")
+    snap: dict[str, Any] = {
+        "id": doc["_id"],
+        "status": status.value,
+        "collection": spec.collection,
+        "format": spec.format,
+        "filter": orjson.loads(json_util.dumps(json_util.loads(spec.filter_json, json_options=CANONICAL), json_options=RELAXED)),
+        "fields": list(spec.fields) if spec.fields is not None else None,
+        "sort": dict(spec.sort),
+        "limit": spec.limit,
+        "options": {
+            "csv": {
+                "delimiter": spec.csv.delimiter,
+                "header": spec.csv.header,
+                "bom": spec.csv.bom,
+                "escape_formulas": spec.csv.escape_formulas,
+            },
+            "json": {"mode": spec.json.mode, "envelope": spec.json.envelope},
+            "compress": spec.compress,
+        },
+        "processed": processed,
+        "total": total,
+        "percent": 100.0 if status == JobStatus.COMPLETED else percent(processed, total),
+        "rate": round(rate, 1) if rate else None,
+        "eta_seconds": eta(processed, total, rate) if status.running else None,
+        "bytes": int(doc.get("bytes") or 0),
+        "file_name": doc.get("file_name"),
+        "download_url": f"/api/exports/{doc['_id']}/download" if status == JobStatus.COMPLETED else None,
+        "error": doc.get("error"),
+        "warnings": list(doc.get("warnings") or []),
+        "created_at": iso(doc.get("created_at")),
+        "started_at": iso(doc.get("started_at")),
+        "finished_at": iso(doc.get("finished_at")),
+        "expires_at": iso(doc.get("expires_at")),
+    }
+    if status == JobStatus.QUEUED:
+        snap["queue_position"] = queue_position
+    return snap
+
+
+def expiry(finished_ms: int, ttl_hours: float) -> int:
+    return finished_ms + int(ttl_hours * 3600 * 1000)

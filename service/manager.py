@@ -1,0 +1,279 @@
+"""The job queue: creation, FIFO claiming with a lease, cancellation, recovery at start-up, retention.
+
+Jobs live in MongoDB, so a restart loses none. Workers claim the oldest queued job atomically
+(find_one_and_update), so several instances can share one queue; a job whose lease ran out (its
+instance died) is queued again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .db import Database, DatabaseError
+from .encoder import EncoderPool
+from .events import EventHub
+from .jobs import ACTIVE_VALUES, RUNNING_VALUES, JobStatus, new_job_doc, snapshot, now_ms
+from .metrics import Metrics
+from .query import ExportSpec, safe_filename
+from .runner import RunContext, execute, file_paths
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0  # how often idle workers look for jobs queued by other instances
+MAX_ATTEMPTS = 3  # a job that killed its instance this often is failed, not retried forever
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class JobConflict(RuntimeError):
+    """The job is in a state that does not allow the request (e.g. downloading an unfinished job)."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TooManyJobs(RuntimeError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} active exports per user; wait for one to finish")
+        self.limit = limit
+
+
+class JobManager:
+    def __init__(self, settings: Settings, db: Database, events: EventHub, metrics: Metrics) -> None:
+        self.settings = settings
+        self.db = db
+        self.events = events
+        self.metrics = metrics
+        self.instance_id = secrets.token_hex(6)
+        self.encoders = EncoderPool(settings.max_concurrent)
+        self.ctx = RunContext(settings, db, events, self.encoders, metrics, self.instance_id)
+        self.wake = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.running: dict[str, asyncio.Task[JobStatus]] = {}
+        self.cancelling: set[str] = set()
+        self.claiming = asyncio.Event()  # cleared by pause(): workers finish their job and claim no other
+        self.claiming.set()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.db.ensure_indexes()
+        await self.recover()
+        for n in range(self.settings.max_concurrent):
+            self.tasks.append(asyncio.create_task(self._worker(), name=f"export-worker-{n}"))
+        self.tasks.append(asyncio.create_task(self._maintenance(), name="export-maintenance"))
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+        self.encoders.close()
+
+    async def recover(self) -> None:
+        """Queue again the jobs a dead process left active, and remove stale .part files."""
+        now = now_ms()
+        stale: dict[str, Any] = {"status": {"$in": RUNNING_VALUES}}
+        if self.settings.redis_url:
+            # Other live instances may be running jobs: only those whose lease ran out are orphans.
+            stale["lease_until"] = {"$lt": now}
+        requeued = await self.db.update_jobs(stale, {"$set": {"status": JobStatus.QUEUED.value, "owner": None}})
+        if requeued:
+            log.warning("queued %d interrupted export(s) again", requeued)
+        running = {job["_id"] for job in await self.db.find_jobs({"status": {"$in": RUNNING_VALUES}})}
+        for part in Path(self.settings.export_dir).glob("*.part"):
+            if part.name.split(".", 1)[0] not in running:
+                part.unlink(missing_ok=True)
+                log.info("removed stale partial file %s", part.name)
+
+    # --- requests ----------------------------------------------------------------------------
+    async def create(self, spec: ExportSpec, user: str) -> dict[str, Any]:
+        active = await self.db.count_jobs({"user": user, "status": {"$in": ACTIVE_VALUES}})
+        if active >= self.settings.max_active_per_user:
+            raise TooManyJobs(self.settings.max_active_per_user)
+        doc = new_job_doc(spec, user, "")
+        doc["file_name"] = self.file_name(spec, doc)
+        await self.db.insert_job(doc)
+        self.metrics.job_created(spec.format)
+        self.wake.set()
+        return await self.snapshot_of(doc)
+
+    @staticmethod
+    def file_name(spec: ExportSpec, doc: dict[str, Any]) -> str:
+        created = datetime.fromtimestamp(doc["created_at"] / 1000, timezone.utc)
+        base = spec.filename or f"{spec.collection}-{created.strftime('%Y%m%d-%H%M%S')}"
+        base = safe_filename(base)
+        suffix = "." + spec.extension
+        return base if base.endswith(suffix) else base + suffix
+
+    async def snapshot_of(self, doc: dict[str, Any]) -> dict[str, Any]:
+        position = None
+        if doc["status"] == JobStatus.QUEUED.value:
+            position = 1 + await self.db.count_jobs({"status": JobStatus.QUEUED.value, "created_at": {"$lt": doc["created_at"]}})
+        return snapshot(doc, position)
+
+    async def get_doc(self, user: str, job_id: str) -> dict[str, Any]:
+        doc = await self.db.get_job(job_id) if _plausible_id(job_id) else None
+        if doc is None or doc.get("user") != user:
+            raise JobNotFound(job_id)  # another user's job answers as if it did not exist
+        return doc
+
+    async def get(self, user: str, job_id: str) -> dict[str, Any]:
+        return await self.snapshot_of(await self.get_doc(user, job_id))
+
+    async def lookup(self, user: str, job_id: str) -> dict[str, Any] | None:
+        try:
+            return await self.get(user, job_id)
+        except JobNotFound:
+            return None
+
+    async def list(self, user: str, status: str | None, limit: int) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"user": user}
+        if status:
+            query["status"] = status
+        docs = await self.db.find_jobs(query, limit=limit)
+        return [await self.snapshot_of(doc) for doc in docs]
+
+    def path_of(self, doc: dict[str, Any]) -> Path:
+        return file_paths(self.settings.export_dir, doc["_id"], ExportSpec.from_doc(doc["spec"]))[0]
+
+    async def cancel_or_delete(self, user: str, job_id: str) -> dict[str, Any]:
+        """Cancel an active job, or delete a finished one with its file."""
+        doc = await self.get_doc(user, job_id)
+        status = JobStatus(doc["status"])
+        if not status.active:
+            self.path_of(doc).unlink(missing_ok=True)
+            await self.db.delete_job(job_id)
+            return {**snapshot(doc), "deleted": True}
+        task = self.running.get(job_id)
+        if task is not None:
+            # Running here: the runner records the cancel, kills its encoder and removes the .part file.
+            self.cancelling.add(job_id)
+            task.cancel()
+            await asyncio.wait([task], timeout=5)
+            return await self.get(user, job_id)
+        fields = {"status": JobStatus.CANCELLED.value, "finished_at": now_ms(), "owner": None}
+        # Queued, or running on another instance, which sees the change at its next progress write.
+        if await self.db.update_job({"_id": job_id, "status": {"$in": ACTIVE_VALUES}}, {"$set": fields}):
+            doc.update(fields)
+            self.metrics.job_ended("cancelled")
+            await self.events.emit("export-cancelled", snapshot(doc))
+            return snapshot(doc)
+        return await self.get(user, job_id)
+
+    # --- workers -----------------------------------------------------------------------------
+    async def _claim(self) -> dict[str, Any] | None:
+        now = now_ms()
+        return await self.db.claim_job(
+            {"status": JobStatus.QUEUED.value},
+            {
+                "$set": {
+                    "status": JobStatus.FETCHING.value,
+                    "owner": self.instance_id,
+                    "lease_until": now + int(self.settings.lease_seconds * 1000),
+                    "started_at": now,
+                    "processed": 0,
+                    "error": None,
+                },
+                "$inc": {"attempts": 1},
+            },
+        )
+
+    def pause(self) -> None:
+        """Stop claiming queued jobs (running ones go on), e.g. to drain an instance before maintenance."""
+        self.claiming.clear()
+
+    def resume(self) -> None:
+        self.claiming.set()
+        self.wake.set()
+
+    async def _worker(self) -> None:
+        while True:
+            await self.claiming.wait()
+            try:
+                job = await self._claim()
+            except DatabaseError as exc:
+                log.warning("cannot claim jobs: %s", exc)
+                job = None
+            if job is None:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            if job.get("attempts", 1) > MAX_ATTEMPTS:
+                await self._give_up(job)
+                continue
+            await self._run(job)
+
+    async def _run(self, job: dict[str, Any]) -> None:
+        job_id = job["_id"]
+        task = asyncio.create_task(execute(self.ctx, job, lambda: job_id in self.cancelling), name=f"export-{job_id}")
+        self.running[job_id] = task
+        self.metrics.running += 1
+        try:
+            await asyncio.shield(task)  # a user's cancel ends the task, not this worker
+        except asyncio.CancelledError:
+            # The service is stopping: the job goes back to the queue for the next start.
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await self._requeue(job_id)
+            raise
+        finally:
+            self.running.pop(job_id, None)
+            self.cancelling.discard(job_id)
+            self.metrics.running -= 1
+
+    async def _requeue(self, job_id: str) -> None:
+        try:
+            await self.db.update_job(
+                {"_id": job_id, "owner": self.instance_id, "status": {"$in": RUNNING_VALUES}},
+                {"$set": {"status": JobStatus.QUEUED.value, "owner": None}},
+            )
+        except DatabaseError:
+            log.warning("job %s could not be queued again; its lease will expire", job_id)
+
+    async def _give_up(self, job: dict[str, Any]) -> None:
+        error = {"code": "too_many_attempts", "message": f"the export was interrupted {MAX_ATTEMPTS} times"}
+        await self.db.update_job({"_id": job["_id"]}, {"$set": {"status": JobStatus.FAILED.value, "error": error, "finished_at": now_ms(), "owner": None}})
+        job.update(status=JobStatus.FAILED.value, error=error)
+        self.metrics.job_ended("too_many_attempts")
+        await self.events.emit("export-failed", snapshot(job), error=error)
+
+    # --- maintenance -------------------------------------------------------------------------
+    async def _maintenance(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.settings.sweep_interval_seconds, self.settings.lease_seconds / 2))
+            try:
+                await self.sweep()
+                if self.settings.redis_url:
+                    await self.recover_orphans()
+            except DatabaseError as exc:
+                log.warning("maintenance skipped: %s", exc)
+
+    async def recover_orphans(self) -> None:
+        """Queue again running jobs whose instance stopped renewing their lease."""
+        orphaned = {"status": {"$in": RUNNING_VALUES}, "lease_until": {"$lt": now_ms()}}
+        if await self.db.update_jobs(orphaned, {"$set": {"status": JobStatus.QUEUED.value, "owner": None}}):
+            self.wake.set()
+
+    async def sweep(self) -> int:
+        """Retention: completed files past expires_at are removed and their jobs marked expired."""
+        expired = await self.db.find_jobs({"status": JobStatus.COMPLETED.value, "expires_at": {"$lt": now_ms()}})
+        for doc in expired:
+            self.path_of(doc).unlink(missing_ok=True)
+            await self.db.update_job({"_id": doc["_id"], "status": JobStatus.COMPLETED.value}, {"$set": {"status": JobStatus.EXPIRED.value}})
+            log.info("job %s expired; its file was removed", doc["_id"])
+        return len(expired)
+
+
+def _plausible_id(job_id: str) -> bool:
+    return len(job_id) == 24 and all(c in "0123456789abcdef" for c in job_id)

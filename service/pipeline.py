@@ -1,0 +1,113 @@
+"""Raw BSON batches in, one export file out: decoding, column discovery and the format writer.
+
+Runs inside an encoder process (see encoder.py), so none of this touches the event loop.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Mapping
+
+from bson import decode_all
+
+from .db import CODEC_OPTIONS
+from .query import ExportSpec
+from .writers import Writer, make_writer, writer_class
+from .writers.values import discover_columns, paths_of
+
+MAX_WARNED_PATHS = 20
+
+
+@dataclass
+class PipelineResult:
+    rows: int
+    bytes: int
+    columns: list[str] | None
+    warnings: list[str] = field(default_factory=list)
+
+
+class ExportPipeline:
+    def __init__(self, spec: ExportSpec, part_path: Path, info: Mapping[str, Any]) -> None:
+        self.spec = spec
+        self.part_path = Path(part_path)
+        self.info = info
+        self.rows = 0
+        self.writer: Writer | None = None
+        self.discovered: set[str] | None = None  # columns found by sampling, when fields were not given
+        self.missed: dict[str, None] = {}
+        self.file: BinaryIO = open(self.part_path, "wb", buffering=1 << 20)
+        self.stream: BinaryIO = (
+            gzip.GzipFile(fileobj=self.file, mode="wb", compresslevel=6, mtime=0)  # type: ignore[assignment]
+            if spec.compress == "gzip"
+            else self.file
+        )
+
+    def _start(self, first_docs: list[dict[str, Any]]) -> None:
+        columns: list[str] | None = list(self.spec.fields) if self.spec.fields else None
+        if columns is None and writer_class(self.spec.format).tabular:
+            # The first batch is the sample; later documents are checked against it.
+            columns = discover_columns(first_docs)
+            self.discovered = set(columns)
+        self.writer = make_writer(self.stream, self.spec, columns, self.info)
+        self.writer.write_header()
+
+    def feed(self, raw: bytes) -> int:
+        docs = decode_all(raw, CODEC_OPTIONS)
+        return self.write_docs(docs)
+
+    def write_docs(self, docs: list[dict[str, Any]]) -> int:
+        if self.writer is None:
+            self._start(docs)
+        elif self.discovered is not None and len(self.missed) < MAX_WARNED_PATHS:
+            self._note_missed(docs)
+        assert self.writer is not None
+        written = self.writer.write_batch(docs)
+        self.rows += written
+        return written
+
+    def _note_missed(self, docs: list[dict[str, Any]]) -> None:
+        known = self.discovered
+        assert known is not None
+        for doc in docs:
+            for path in paths_of(doc):
+                if not _covered(path, known):
+                    self.missed.setdefault(path, None)
+
+    def finish(self) -> PipelineResult:
+        if self.writer is None:
+            self._start([])
+        assert self.writer is not None
+        self.writer.write_footer()
+        self.writer.close()
+        if self.stream is not self.file:
+            self.stream.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        warnings = []
+        if self.missed:
+            paths = list(self.missed)[:MAX_WARNED_PATHS]
+            warnings.append(
+                "columns were chosen from the first documents; later documents also have "
+                + ", ".join(paths)
+                + " (pass fields to export them)"
+            )
+        return PipelineResult(self.rows, self.part_path.stat().st_size, self.writer.columns, warnings)
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.part_path.unlink(missing_ok=True)
+
+
+def _covered(path: str, known: set[str]) -> bool:
+    """True when path or one of its parents is a column (a parent column holds it as JSON text)."""
+    while path not in known:
+        cut = path.rfind(".")
+        if cut < 0:
+            return False
+        path = path[:cut]
+    return True

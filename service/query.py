@@ -1,0 +1,283 @@
+"""Validation of an export request into an ExportSpec.
+
+Every rejection is a ValidationError naming the offending field, turned into a 400 by the API.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import orjson
+from bson import json_util
+from bson.json_util import JSONOptions, JSONMode
+
+FORMATS = ("csv", "json", "ndjson", "xlsx")
+EXTENSIONS = {"csv": "csv", "json": "json", "ndjson": "ndjson", "xlsx": "xlsx"}
+FORBIDDEN_OPERATORS = frozenset({"$where", "$function", "$accumulator"})
+MAX_BODY_BYTES = 256 * 1024
+MAX_DEPTH = 32
+MAX_FIELDS = 1000
+MAX_SORT_KEYS = 32
+TOP_LEVEL_KEYS = frozenset({"collection", "format", "filter", "fields", "sort", "limit", "options", "filename"})
+OPTION_KEYS = frozenset({"csv", "json", "compress"})
+CSV_OPTION_KEYS = frozenset({"delimiter", "header", "bom", "escape_formulas"})
+JSON_OPTION_KEYS = frozenset({"mode", "envelope"})
+COMPRESSIONS = ("none", "gzip")
+_PATH_PART = re.compile(r"^[^$.\x00][^.\x00]*$")
+RELAXED = JSONOptions(json_mode=JSONMode.RELAXED, tz_aware=True)
+CANONICAL = JSONOptions(json_mode=JSONMode.CANONICAL, tz_aware=True)
+
+
+class ValidationError(ValueError):
+    def __init__(self, field: str, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    delimiter: str = ","
+    header: bool = True
+    bom: bool = False
+    escape_formulas: bool = True
+
+
+@dataclass(frozen=True)
+class JsonOptions:
+    mode: str = "relaxed"
+    envelope: bool = False
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    collection: str
+    format: str
+    filter_json: str = "{}"  # canonical Extended JSON, so every BSON type survives storage as a string
+    fields: tuple[str, ...] | None = None
+    sort: tuple[tuple[str, int], ...] = ()
+    limit: int = 0
+    csv: CsvOptions = field(default_factory=CsvOptions)
+    json: JsonOptions = field(default_factory=JsonOptions)
+    compress: str = "none"
+    filename: str | None = None
+
+    @property
+    def filter(self) -> dict[str, Any]:
+        return json_util.loads(self.filter_json, json_options=CANONICAL)
+
+    @property
+    def extension(self) -> str:
+        ext = EXTENSIONS[self.format]
+        return f"{ext}.gz" if self.compress == "gzip" else ext
+
+    def projection(self) -> dict[str, int] | None:
+        """Top-level projection: dotted paths are resolved client-side, the same on every server."""
+        if not self.fields:
+            return None
+        heads = {path.split(".", 1)[0]: 1 for path in self.fields}
+        if "_id" not in heads:
+            heads["_id"] = 1  # kept for JSON output; CSV/XLSX columns come from fields alone
+        return heads
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["fields"] = list(self.fields) if self.fields is not None else None
+        doc["sort"] = [[k, v] for k, v in self.sort]
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> "ExportSpec":
+        return cls(
+            collection=doc["collection"],
+            format=doc["format"],
+            filter_json=doc.get("filter_json", "{}"),
+            fields=tuple(doc["fields"]) if doc.get("fields") is not None else None,
+            sort=tuple((k, int(v)) for k, v in doc.get("sort") or ()),
+            limit=int(doc.get("limit") or 0),
+            csv=CsvOptions(**(doc.get("csv") or {})),
+            json=JsonOptions(**(doc.get("json") or {})),
+            compress=doc.get("compress", "none"),
+            filename=doc.get("filename"),
+        )
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_BODY_BYTES:
+        raise ValidationError("body", f"request body is over {MAX_BODY_BYTES // 1024} KiB", "body_too_large")
+    if not raw.strip():
+        raise ValidationError("body", "request body is empty; send a JSON object", "invalid_body")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError("body", f"request body is not valid JSON: {exc}", "invalid_body") from None
+    if not isinstance(body, dict):
+        raise ValidationError("body", "request body must be a JSON object", "invalid_body")
+    return body
+
+
+def _check_depth_and_operators(value: Any, where: str, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise ValidationError(where, f"{where} is nested deeper than {MAX_DEPTH} levels", "invalid_filter")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in FORBIDDEN_OPERATORS:
+                raise ValidationError(where, f"operator {key} is not allowed in {where}", "forbidden_operator")
+            _check_depth_and_operators(item, where, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_depth_and_operators(item, where, depth + 1)
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 1024 and all(_PATH_PART.match(p) for p in value.split("."))
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(where, f"{where} must be true or false", "invalid_option")
+    return value
+
+
+def _object(value: Any, where: str, allowed: frozenset[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValidationError(where, f"{where} must be an object", "invalid_option")
+    for key in value:
+        if key not in allowed:
+            raise ValidationError(f"{where}.{key}", f"unknown option {where}.{key}; known: {', '.join(sorted(allowed))}", "unknown_option")
+    return value
+
+
+def _filter(value: Any) -> str:
+    if value is None:
+        return "{}"
+    if not isinstance(value, dict):
+        raise ValidationError("filter", "filter must be a JSON object", "invalid_filter")
+    _check_depth_and_operators(value, "filter")
+    try:
+        parsed = json_util.loads(orjson.dumps(value), json_options=RELAXED)
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise ValidationError("filter", f"filter is not valid Extended JSON: {exc}", "invalid_filter") from None
+    if not isinstance(parsed, dict):
+        raise ValidationError("filter", "filter must be a JSON object", "invalid_filter")
+    return json_util.dumps(parsed, json_options=CANONICAL)
+
+
+def _fields(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValidationError("fields", "fields must be a non-empty list of dotted paths", "invalid_fields")
+    if len(value) > MAX_FIELDS:
+        raise ValidationError("fields", f"at most {MAX_FIELDS} fields", "invalid_fields")
+    seen: set[str] = set()
+    for path in value:
+        if not _is_path(path):
+            raise ValidationError("fields", f"{path!r} is not a dotted field path such as assignee.name", "invalid_fields")
+        if path in seen:
+            raise ValidationError("fields", f"field {path!r} is listed twice", "invalid_fields")
+        seen.add(path)
+    return tuple(value)
+
+
+def _sort(value: Any) -> tuple[tuple[str, int], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ValidationError("sort", "sort must be an object such as {\"createdAt\": -1}", "invalid_sort")
+    if len(value) > MAX_SORT_KEYS:
+        raise ValidationError("sort", f"at most {MAX_SORT_KEYS} sort keys", "invalid_sort")
+    result = []
+    for key, direction in value.items():
+        if not _is_path(key):
+            raise ValidationError("sort", f"{key!r} is not a dotted field path", "invalid_sort")
+        if isinstance(direction, bool) or direction not in (1, -1):
+            raise ValidationError("sort", f"sort value for {key!r} must be 1 or -1", "invalid_sort")
+        result.append((key, int(direction)))
+    return tuple(result)
+
+
+def _limit(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError("limit", "limit must be a non-negative integer (0 = no limit)", "invalid_limit")
+    return value
+
+
+def _filename(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
+        raise ValidationError("filename", "filename must be a non-empty string of at most 200 characters", "invalid_filename")
+    return value
+
+
+def _options(value: Any, fmt: str) -> tuple[CsvOptions, JsonOptions, str]:
+    if value is None:
+        return CsvOptions(), JsonOptions(), "none"
+    opts = _object(value, "options", OPTION_KEYS)
+    csv_raw = _object(opts.get("csv", {}), "options.csv", CSV_OPTION_KEYS)
+    json_raw = _object(opts.get("json", {}), "options.json", JSON_OPTION_KEYS)
+    delimiter = csv_raw.get("delimiter", ",")
+    if not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in "\"\r\n":
+        raise ValidationError("options.csv.delimiter", "delimiter must be one character other than a quote or a line break", "invalid_option")
+    csv = CsvOptions(
+        delimiter=delimiter,
+        header=_bool(csv_raw.get("header", True), "options.csv.header"),
+        bom=_bool(csv_raw.get("bom", False), "options.csv.bom"),
+        escape_formulas=_bool(csv_raw.get("escape_formulas", True), "options.csv.escape_formulas"),
+    )
+    mode = json_raw.get("mode", "relaxed")
+    if mode not in ("relaxed", "canonical"):
+        raise ValidationError("options.json.mode", "options.json.mode must be relaxed or canonical", "invalid_option")
+    json = JsonOptions(mode=mode, envelope=_bool(json_raw.get("envelope", False), "options.json.envelope"))
+    compress = opts.get("compress", "none")
+    if compress not in COMPRESSIONS:
+        raise ValidationError("options.compress", "options.compress must be none or gzip", "invalid_option")
+    if compress == "gzip" and fmt == "xlsx":
+        raise ValidationError("options.compress", "xlsx files are already compressed; use compress none", "invalid_option")
+    return csv, json, compress
+
+
+def validate_collection_name(value: Any, jobs_collection: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or not value or len(value) > 255 or "\x00" in value or value.startswith("$"):
+        raise ValidationError("collection", "collection must be a collection name", "invalid_collection")
+    if value.startswith("system.") or value == jobs_collection:
+        raise ValidationError("collection", f"collection {value!r} cannot be exported", "collection_not_exportable")
+    if allowed and value not in allowed:
+        raise ValidationError("collection", f"collection {value!r} is not in the exportable collections", "collection_not_exportable")
+    return value
+
+
+def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_jobs", allowed: tuple[str, ...] = ()) -> ExportSpec:
+    for key in body:
+        if key not in TOP_LEVEL_KEYS:
+            raise ValidationError(key, f"unknown field {key!r}; known: {', '.join(sorted(TOP_LEVEL_KEYS))}", "unknown_field")
+    collection = validate_collection_name(body.get("collection"), jobs_collection, allowed)
+    fmt = body.get("format")
+    if fmt not in FORMATS:
+        raise ValidationError("format", f"format must be one of {', '.join(FORMATS)}", "invalid_format")
+    csv, json, compress = _options(body.get("options"), fmt)
+    return ExportSpec(
+        collection=collection,
+        format=fmt,
+        filter_json=_filter(body.get("filter")),
+        fields=_fields(body.get("fields")),
+        sort=_sort(body.get("sort")),
+        limit=_limit(body.get("limit")),
+        csv=csv,
+        json=json,
+        compress=compress,
+        filename=_filename(body.get("filename")),
+    )
+
+
+def safe_filename(name: str) -> str:
+    """A file name that is safe on every common filesystem and in a header, keeping non-ASCII letters."""
+    name = unicodedata.normalize("NFC", name)
+    name = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", "-", name).strip(" .-")
+    return name[:150] or "export"

@@ -1,0 +1,247 @@
+"""The export loop of one job: count, cursor, encoder, progress, cancel, finalize.
+
+The loop never looks at the format: the encoder process owns the writer. It keeps one batch in the
+encoder while the cursor fetches the next, so the database and the encoding overlap.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .db import Database, DatabaseError, FindSpec
+from .encoder import EncoderError, EncoderPool, EncoderSession
+from .events import EventHub
+from .jobs import JobStatus, expiry, snapshot, now_ms
+from .metrics import Metrics
+from .query import ExportSpec
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIN_EVENT_GAP = 0.1  # at most ten progress events a second
+PERSIST_EVERY = 1.0  # progress and lease written to the jobs collection at most once a second
+
+
+class JobLost(RuntimeError):
+    """The job document moved on without us: cancelled elsewhere, or claimed by another instance."""
+
+
+@dataclass
+class RunContext:
+    settings: Settings
+    db: Database
+    events: EventHub
+    encoders: EncoderPool
+    metrics: Metrics
+    instance_id: str
+
+
+def file_paths(export_dir: Path, job_id: str, spec: ExportSpec) -> tuple[Path, Path]:
+    final = export_dir / f"{job_id}.{spec.extension}"
+    return final, final.with_name(final.name + ".part")
+
+
+class JobRun:
+    def __init__(self, ctx: RunContext, job: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.job = job
+        self.id: str = job["_id"]
+        self.spec = ExportSpec.from_doc(job["spec"])
+        self.final_path, self.part_path = file_paths(ctx.settings.export_dir, self.id, self.spec)
+        self.encoder: EncoderSession | None = None
+        self.started = time.monotonic()
+        self.last_event = 0.0
+        self.last_persist = 0.0
+
+    # --- persistence -------------------------------------------------------------------------
+    def _owned(self, *statuses: JobStatus) -> dict[str, Any]:
+        return {"_id": self.id, "owner": self.ctx.instance_id, "status": {"$in": [s.value for s in statuses]}}
+
+    async def _set(self, fields: dict[str, Any], *expected: JobStatus) -> None:
+        """Write fields if the job is still ours and in an expected state; else the job was taken from us."""
+        fields = {**fields, "lease_until": self._lease()}
+        if not await self.ctx.db.update_job(self._owned(*expected), {"$set": fields}):
+            raise JobLost(self.id)
+        self.job.update(fields)
+
+    def _lease(self) -> int:
+        return now_ms() + int(self.ctx.settings.lease_seconds * 1000)
+
+    async def _emit(self, event: str, **extra: Any) -> None:
+        await self.ctx.events.emit(event, snapshot(self.job), **extra)
+        self.last_event = time.monotonic()
+
+    # --- the loop ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        settings, db = self.ctx.settings, self.ctx.db
+        find = FindSpec(
+            collection=self.spec.collection,
+            filter=self.spec.filter,
+            projection=self.spec.projection(),
+            sort=self.spec.sort,
+            limit=self.spec.limit,
+            batch_size=settings.batch_size,
+        )
+        total = await db.count(find)
+        await self._set({"total": total, "processed": 0, "bytes": 0}, JobStatus.FETCHING)
+        await self._emit("export-fetching")
+        info = {
+            "collection": self.spec.collection,
+            "filter": snapshot(self.job)["filter"],
+            "fields": list(self.spec.fields) if self.spec.fields else None,
+            "sort": dict(self.spec.sort),
+            "limit": self.spec.limit,
+            "total": total,
+            "xlsx_max_rows_per_sheet": settings.xlsx_max_rows_per_sheet,
+        }
+        self.part_path.unlink(missing_ok=True)
+        self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, info)
+        processed = 0
+        feeding: asyncio.Future[int] | None = None
+        try:
+            async for raw in db.raw_batches(find):
+                if feeding is not None:
+                    processed += await feeding
+                    await self._progress(processed)
+                feeding = asyncio.ensure_future(self.encoder.feed(raw))
+            if feeding is not None:
+                processed += await feeding
+                feeding = None
+                await self._progress(processed, force=True)
+        finally:
+            if feeding is not None and not feeding.done():
+                feeding.cancel()
+        await self._finalize(processed)
+
+    async def _progress(self, processed: int, force: bool = False) -> None:
+        now = time.monotonic()
+        elapsed = max(now - self.started, 1e-6)
+        fields = {"processed": processed, "rate": processed / elapsed}
+        if self.job["status"] == JobStatus.FETCHING.value:
+            await self._set({**fields, "status": JobStatus.PROCESSING.value}, JobStatus.FETCHING)
+            self.last_persist = now
+        elif force or now - self.last_persist >= PERSIST_EVERY:
+            await self._set(fields, JobStatus.PROCESSING)
+            self.last_persist = now
+        else:
+            self.job.update(fields)
+        if force or now - self.last_event >= MIN_EVENT_GAP:
+            await self._emit("export-processing")
+
+    async def _finalize(self, processed: int) -> None:
+        await self._set({"status": JobStatus.FINALIZING.value, "processed": processed}, JobStatus.PROCESSING, JobStatus.FETCHING)
+        await self._emit("export-finalizing")
+        assert self.encoder is not None
+        result = await self.encoder.finish()
+        self.encoder = None
+        os.replace(self.part_path, self.final_path)
+        _fsync_dir(self.final_path.parent)
+        finished = now_ms()
+        fields = {
+            "status": JobStatus.COMPLETED.value,
+            "processed": result.rows,
+            "total": result.rows,
+            "bytes": result.bytes,
+            "warnings": list(self.job.get("warnings") or []) + result.warnings,
+            "finished_at": finished,
+            "expires_at": expiry(finished, self.ctx.settings.ttl_hours),
+            "owner": None,
+        }
+        try:
+            await self._set(fields, JobStatus.FINALIZING)
+        except JobLost:
+            self.final_path.unlink(missing_ok=True)  # cancelled while finalizing: the file must not outlive the job
+            raise
+        duration = time.monotonic() - self.started
+        self.ctx.metrics.job_completed(self.spec.format, result.rows, result.bytes, duration)
+        snap = snapshot(self.job)
+        await self._emit(
+            "export-completed",
+            bytes=result.bytes,
+            file_name=snap["file_name"],
+            download_url=snap["download_url"],
+            duration_seconds=round(duration, 3),
+        )
+
+    def discard(self) -> None:
+        """Stop the encoder and remove the partial file."""
+        if self.encoder is not None:
+            self.encoder.kill()
+            self.encoder = None
+        self.part_path.unlink(missing_ok=True)
+
+    async def end(self, status: JobStatus, error: dict[str, str] | None = None) -> None:
+        """Record a failed or cancelled end and tell the room."""
+        self.discard()
+        fields: dict[str, Any] = {"status": status.value, "finished_at": now_ms(), "owner": None}
+        if error is not None:
+            fields["error"] = error
+        # The job may already be cancelled by a DELETE; only an active job changes here.
+        query = {"_id": self.id, "status": {"$in": [s.value for s in JobStatus if s.active]}}
+        try:
+            await self.ctx.db.update_job(query, {"$set": fields})
+        except DatabaseError:
+            log.warning("job %s: could not record %s (database unavailable); it is retried at start-up", self.id, status.value)
+        self.job.update(fields)
+        if status == JobStatus.FAILED:
+            await self._emit("export-failed", error=error)
+        else:
+            await self._emit("export-cancelled")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], bool]) -> JobStatus:
+    """Run one claimed job to its end state and return it. A cancellation that is not a user's
+    cancel (the service is stopping) leaves the job to be run again and propagates."""
+    run = JobRun(ctx, job)
+    try:
+        await run.run()
+        return JobStatus.COMPLETED
+    except asyncio.CancelledError:
+        if cancelled():
+            await run.end(JobStatus.CANCELLED)
+            ctx.metrics.job_ended("cancelled")
+            return JobStatus.CANCELLED
+        run.discard()
+        raise
+    except JobLost:
+        run.discard()
+        current = await ctx.db.get_job(run.id)
+        status = JobStatus(current["status"]) if current else JobStatus.CANCELLED
+        if status == JobStatus.CANCELLED:
+            run.job.update(current or {})
+            await run._emit("export-cancelled")
+        log.info("job %s was taken over (now %s); this instance stops running it", run.id, status.value)
+        return status
+    except DatabaseError as exc:
+        log.warning("job %s failed: %s", run.id, exc)
+        ctx.metrics.job_ended(exc.code)
+        await run.end(JobStatus.FAILED, {"code": exc.code, "message": str(exc)})
+        return JobStatus.FAILED
+    except EncoderError as exc:
+        log.warning("job %s failed in the encoder: %s", run.id, exc.message)
+        ctx.metrics.job_ended(exc.code)
+        await run.end(JobStatus.FAILED, {"code": exc.code, "message": exc.message})
+        return JobStatus.FAILED
+    except OSError as exc:
+        log.exception("job %s failed writing its file", run.id)
+        ctx.metrics.job_ended("disk_error")
+        await run.end(JobStatus.FAILED, {"code": "disk_error", "message": f"cannot write export file: {exc.strerror or exc}"})
+        return JobStatus.FAILED
+    except Exception as exc:  # a defect must not leave the job active forever: fail it, loudly
+        log.exception("job %s failed unexpectedly", run.id)
+        ctx.metrics.job_ended("internal_error")
+        await run.end(JobStatus.FAILED, {"code": "internal_error", "message": f"internal error: {exc.__class__.__name__}"})
+        return JobStatus.FAILED

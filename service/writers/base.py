@@ -1,0 +1,35 @@
+"""The writer interface: one small class per format, batch-wise, after mongoexport's ExportOutput."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, BinaryIO, Mapping, Sequence
+
+from ..query import ExportSpec
+
+
+class Writer(ABC):
+    """write_header() once, write_batch() per batch of decoded documents, write_footer() once, close().
+
+    tabular writers need columns; document writers take them as the projection (None = whole documents).
+    """
+
+    tabular = False
+
+    def __init__(self, out: BinaryIO, spec: ExportSpec, columns: Sequence[str] | None, info: Mapping[str, Any]) -> None:
+        self.out = out
+        self.spec = spec
+        self.columns = list(columns) if columns is not None else None
+        self.info = info
+
+    @abstractmethod
+    def write_header(self) -> None: ...
+
+    @abstractmethod
+    def write_batch(self, docs: list[dict[str, Any]]) -> int:
+        """Write docs; return how many rows were written."""
+
+    @abstractmethod
+    def write_footer(self) -> None: ...
+
+    def close(self) -> None:
+        """Flush what the writer buffers itself; the caller owns and closes out."""

@@ -1,0 +1,245 @@
+"""Rendering of BSON values: dotted-path lookup, CSV text, relaxed/canonical Extended JSON, column discovery.
+
+The table in DESIGN.md ("Value rendering") is the contract; each function below covers one column of it.
+"""
+from __future__ import annotations
+
+import base64
+import math
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import orjson
+from bson import json_util
+from bson.binary import Binary, UuidRepresentation
+from bson.datetime_ms import DatetimeMS
+from bson.decimal128 import Decimal128
+from bson.json_util import JSONMode, JSONOptions
+from bson.objectid import ObjectId
+
+
+class _Missing:
+    """A path that does not resolve; rendered like null."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+XLSX_MAX_CELL = 32_767
+RELAXED_OPTIONS = JSONOptions(json_mode=JSONMode.RELAXED, tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
+CANONICAL_OPTIONS = JSONOptions(json_mode=JSONMode.CANONICAL, tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
+_EPOCH_MS_MAX = 253402300799999  # 9999-12-31T23:59:59.999Z, relaxed EJSON's last ISO date
+
+
+# --- paths ------------------------------------------------------------------------------------
+def resolve(doc: Any, path: str) -> Any:
+    """Walk documents and array indexes (items.0.sku); MISSING when the path does not resolve."""
+    value = doc
+    for part in path.split("."):
+        if isinstance(value, dict):
+            value = value.get(part, MISSING)
+            if value is MISSING:
+                return MISSING
+        elif isinstance(value, list) and part.isdigit():
+            index = int(part)
+            if index >= len(value):
+                return MISSING
+            value = value[index]
+        else:
+            return MISSING
+    return value
+
+
+def make_getters(columns: Sequence[str]) -> list[Callable[[dict[str, Any]], Any]]:
+    """One fast getter per column: a plain key lookup for top-level fields, a walk for dotted ones."""
+    getters: list[Callable[[dict[str, Any]], Any]] = []
+    for column in columns:
+        if "." in column:
+            getters.append(lambda doc, _p=column: resolve(doc, _p))
+        else:
+            getters.append(lambda doc, _k=column: doc.get(_k, MISSING))
+    return getters
+
+
+def paths_of(doc: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """Column paths of a document: subdocuments are flattened, arrays and scalars are leaves."""
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from paths_of(value, path + ".")
+        else:
+            yield path
+
+
+def discover_columns(docs: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The union of paths in docs, in first-seen order."""
+    seen: dict[str, None] = {}
+    for doc in docs:
+        for path in paths_of(doc):
+            seen.setdefault(path, None)
+    return list(seen)
+
+
+def projection_tree(fields: Sequence[str]) -> dict[str, Any]:
+    """{"a.b", "a.c", "d"} -> {"a": {"b": True, "c": True}, "d": True}; a shorter path wins."""
+    tree: dict[str, Any] = {}
+    for path in fields:
+        node = tree
+        parts = path.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is True:
+                break
+            node = node.setdefault(part, {})
+        else:
+            node[parts[-1]] = True
+    return tree
+
+
+def project(doc: Mapping[str, Any], tree: Mapping[str, Any], keep_id: bool = True) -> dict[str, Any]:
+    """MongoDB's inclusion projection, client-side: document order kept, arrays of documents projected
+    element-wise (non-document elements dropped), as the server does for dotted paths."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        sub = tree.get(key)
+        if sub is None:
+            if key == "_id" and keep_id:
+                out[key] = value
+            continue
+        if sub is True:
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = project(value, sub, keep_id=False)
+        elif isinstance(value, list):
+            out[key] = _project_list(value, sub)
+    return out
+
+
+def _project_list(values: list[Any], tree: Mapping[str, Any]) -> list[Any]:
+    result = []
+    for item in values:
+        if isinstance(item, dict):
+            result.append(project(item, tree, keep_id=False))
+        elif isinstance(item, list):
+            result.append(_project_list(item, tree))
+    return result
+
+
+# --- text -------------------------------------------------------------------------------------
+def iso_datetime(value: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and Z, zero-padded for years before 1000."""
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc)
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T"
+        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond // 1000:03d}Z"
+    )
+
+
+def float_text(value: float) -> str:
+    if math.isfinite(value):
+        return repr(value)
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+def binary_text(value: Binary | uuid.UUID) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if value.subtype in (3, 4) and len(value) == 16:
+        return str(uuid.UUID(bytes=bytes(value)))
+    return base64.b64encode(bytes(value)).decode("ascii")
+
+
+def scalar_text(value: Any) -> str:
+    """Text for any non-string value, shared by CSV cells and XLSX text cells."""
+    if value is None or value is MISSING:
+        return ""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return float_text(value)
+    if isinstance(value, datetime):
+        return iso_datetime(value)
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, Decimal128):
+        return str(value)
+    if isinstance(value, (Binary, uuid.UUID)):
+        return binary_text(value)
+    if isinstance(value, DatetimeMS):
+        return str(int(value))
+    if isinstance(value, str):
+        return value
+    return relaxed_json(value).decode("utf-8")
+
+
+def csv_cell(value: Any, escape_formulas: bool) -> str:
+    if type(value) is str:
+        if escape_formulas and value.startswith(FORMULA_PREFIXES):
+            return "'" + value
+        return value
+    return scalar_text(value)
+
+
+# --- Extended JSON ----------------------------------------------------------------------------
+def _relaxed_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        if 1970 <= value.year <= 9999:
+            return {"$date": iso_datetime(value)}
+    return json_util.default(value, RELAXED_OPTIONS)
+
+
+def _non_finite_to_ejson(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"$numberDouble": float_text(value)}
+    if isinstance(value, dict):
+        return {k: _non_finite_to_ejson(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_non_finite_to_ejson(v) for v in value]
+    return value
+
+
+_RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def relaxed_json(value: Any) -> bytes:
+    """Relaxed Extended JSON, compact. orjson writes NaN and infinities as null, so a document whose
+    output holds a null is encoded again with those doubles spelled out as $numberDouble."""
+    out = orjson.dumps(value, default=_relaxed_default, option=_RELAXED_OPTS)
+    if b"null" in out:
+        out = orjson.dumps(_non_finite_to_ejson(value), default=_relaxed_default, option=_RELAXED_OPTS)
+    return out
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical Extended JSON: every number typed, every date as $numberLong milliseconds."""
+    return orjson.dumps(json_util._json_convert(value, CANONICAL_OPTIONS))  # noqa: SLF001 - the converter dumps() uses
+
+
+def encoder_for(mode: str) -> Callable[[Any], bytes]:
+    return canonical_json if mode == "canonical" else relaxed_json
+
+
+# --- XLSX -------------------------------------------------------------------------------------
+def decimal_as_float(value: Decimal128) -> float | None:
+    """The double equal to value, or None when no double is exactly equal."""
+    dec = value.to_decimal()
+    if not dec.is_finite():
+        return None
+    as_float = float(dec)
+    from decimal import Decimal
+
+    return as_float if Decimal(as_float) == dec else None

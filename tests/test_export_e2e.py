@@ -1,0 +1,174 @@
+"""End to end: create exports over HTTP in every format, follow them over Socket.IO, download, read back
+with independent parsers and compare with the same query evaluated here, in Python, on the source documents."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import openpyxl
+from openpyxl.utils.escape import unescape
+from bson import json_util
+
+from service.settings import MANAGER_KEY
+
+FILTER = {"status": {"$in": ["open", "in_progress", "done"]}}
+SORT = {"createdAt": -1, "seq": 1}
+TABLE_FIELDS = ["seq", "title", "description", "assignee.name", "tags", "createdAt", "estimate", "points", "archived", "items.0.sku"]
+DOC_FIELDS = ["seq", "title", "assignee.name", "createdAt", "estimate", "tags"]
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+EVENTS = ["export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed"]
+
+
+def expected_docs(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = [d for d in tasks if d.get("status") in FILTER["status"]["$in"]]
+    rows.sort(key=lambda d: d["seq"])
+    rows.sort(key=lambda d: d["createdAt"], reverse=True)  # stable: seq ascending within equal dates
+    return rows
+
+
+def lookup(doc: dict[str, Any], path: str) -> Any:
+    value: Any = doc
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def csv_text(value: Any) -> str:
+    """The design's CSV rendering, written out independently of the service's code."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "'" + value if value.startswith(FORMULA_START) else value
+    if isinstance(value, datetime):
+        value = value.astimezone(timezone.utc)
+        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def projected(doc: dict[str, Any]) -> dict[str, Any]:
+    """MongoDB's projection of DOC_FIELDS (with _id), built by hand."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key == "assignee":
+            if isinstance(value, dict):
+                out[key] = {k: v for k, v in value.items() if k == "name"}
+        elif key == "_id" or key in DOC_FIELDS:
+            out[key] = value
+    return out
+
+
+async def run_export(client: Any, sio: Any, body: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    resp = await client.post("/api/exports", json=body)
+    assert resp.status == 202, await resp.text()
+    job = await resp.json()
+    assert resp.headers["Location"] == f"/api/exports/{job['id']}"
+    ack = await sio.call("subscribe", {"id": job["id"]})
+    assert ack["ok"] is True and ack["job"]["id"] == job["id"]
+    return job, []
+
+
+async def test_export_all_formats_end_to_end(client: Any, sio_client: Any, tasks: list[dict[str, Any]]) -> None:
+    manager = client.server.app[MANAGER_KEY]
+    seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for name in EVENTS:
+        sio_client.on(name, lambda data, _n=name: seen.setdefault(data["id"], []).append((_n, data)))
+
+    # Hold the queue while subscribing, so every event of every job is seen from the first.
+    manager.pause()
+    jobs = {}
+    for fmt in ("csv", "json", "ndjson", "xlsx"):
+        fields = DOC_FIELDS if fmt in ("json", "ndjson") else TABLE_FIELDS
+        body = {"collection": "tasks", "format": fmt, "filter": FILTER, "sort": SORT, "fields": fields, "filename": f"tasks {fmt}"}
+        job, _ = await run_export(client, sio_client, body)
+        assert job["status"] == "queued" and job["queue_position"] >= 1
+        jobs[fmt] = job
+    manager.resume()
+
+    for _ in range(600):
+        if all(seen.get(j["id"]) and seen[j["id"]][-1][0] in ("export-completed", "export-failed") for j in jobs.values()):
+            break
+        await asyncio.sleep(0.1)
+
+    expected = expected_docs(tasks)
+    assert len(expected) >= 2500
+    for fmt, job in jobs.items():
+        events = seen[job["id"]]
+        names = [n for n, _ in events]
+        assert names[0] == "export-fetching", names
+        assert names[-2:] == ["export-finalizing", "export-completed"], names
+        assert set(names[1:-2]) == {"export-processing"} and len(names) >= 4, names
+        processed = [d["processed"] for _, d in events]
+        assert processed == sorted(processed), "progress went backwards"
+        assert events[0][1]["total"] == len(expected)
+        done = events[-1][1]
+        assert done["processed"] == done["total"] == len(expected) and done["percent"] == 100.0
+        assert done["download_url"] == f"/api/exports/{job['id']}/download" and done["bytes"] > 0
+        for _, data in events:
+            assert {"id", "status", "processed", "total", "percent", "ts"} <= set(data)
+
+        resp = await client.get(done["download_url"])
+        assert resp.status == 200
+        assert resp.headers["Content-Disposition"] == f'attachment; filename="tasks {fmt}.{fmt}"'
+        payload = await resp.read()
+        assert int(resp.headers["Content-Length"]) == len(payload) == done["bytes"]
+        CHECKS[fmt](payload, expected)
+
+        snap = await (await client.get(f"/api/exports/{job['id']}")).json()
+        assert snap["status"] == "completed" and snap["processed"] == len(expected)
+
+
+def check_csv(payload: bytes, expected: list[dict[str, Any]]) -> None:
+    rows = list(csv.reader(io.StringIO(payload.decode("utf-8"), newline="")))
+    assert rows[0] == TABLE_FIELDS
+    assert len(rows) - 1 == len(expected)
+    for row, doc in zip(rows[1:], expected):
+        assert row == [csv_text(lookup(doc, f)) for f in TABLE_FIELDS]
+
+
+def check_json(payload: bytes, expected: list[dict[str, Any]]) -> None:
+    docs = json_util.loads(payload.decode("utf-8"), json_options=json_util.JSONOptions(tz_aware=True))
+    assert docs == [projected(d) for d in expected]
+
+
+def check_ndjson(payload: bytes, expected: list[dict[str, Any]]) -> None:
+    lines = payload.decode("utf-8").splitlines()
+    docs = [json_util.loads(line, json_options=json_util.JSONOptions(tz_aware=True)) for line in lines]
+    assert docs == [projected(d) for d in expected]
+
+
+def check_xlsx(payload: bytes, expected: list[dict[str, Any]]) -> None:
+    book = openpyxl.load_workbook(io.BytesIO(payload), read_only=True)
+    rows = list(book.worksheets[0].iter_rows(values_only=True))
+    assert list(rows[0]) == TABLE_FIELDS
+    assert len(rows) - 1 == len(expected)
+    for row, doc in zip(rows[1:], expected):
+        for field, cell in zip(TABLE_FIELDS, row):
+            value = lookup(doc, field)
+            if isinstance(cell, str):
+                cell = unescape(cell)  # OOXML writes a CR as _x000D_, which Excel reads back as a CR
+            if isinstance(value, datetime):
+                assert cell == value.astimezone(timezone.utc).replace(tzinfo=None)
+            elif isinstance(value, (list, dict)):
+                assert cell == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert cell == value and isinstance(cell, (int, float)) and not isinstance(cell, bool)  # Excel has one number type
+            elif value == "":
+                assert cell in ("", None)  # an empty string cell reads back as empty
+            else:
+                assert cell == value and type(cell) is type(value), (field, cell, value)
+
+
+CHECKS = {"csv": check_csv, "json": check_json, "ndjson": check_ndjson, "xlsx": check_xlsx}
