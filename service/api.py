@@ -80,11 +80,23 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, or its first limit bytes: enough to tell that it is too large without reading it all."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await request.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 @routes.post("/api/exports")
 async def create_export(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    body = parse_body(raw)
+    body = parse_body(await read_limited(request, MAX_BODY_BYTES + 1))
     spec = validate_request(body, settings.jobs_collection, settings.collections)
     if spec.collection not in await request.app[DB_KEY].collection_names():
         raise ValidationError("collection", f"collection {spec.collection!r} does not exist", "collection_not_found")

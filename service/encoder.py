@@ -143,4 +143,3 @@ class EncoderSession:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-        self.part_path.unlink(missing_ok=True)

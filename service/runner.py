@@ -99,7 +99,6 @@ class JobRun:
             "total": total,
             "xlsx_max_rows_per_sheet": settings.xlsx_max_rows_per_sheet,
         }
-        self.part_path.unlink(missing_ok=True)
         self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, info)
         processed = 0
         feeding: asyncio.Future[int] | None = None
@@ -155,7 +154,7 @@ class JobRun:
         try:
             await self._set(fields, JobStatus.FINALIZING)
         except JobLost:
-            self.final_path.unlink(missing_ok=True)  # cancelled while finalizing: the file must not outlive the job
+            remove_file(self.final_path)  # cancelled while finalizing: the file must not outlive the job
             raise
         duration = time.monotonic() - self.started
         self.ctx.metrics.job_completed(self.spec.format, result.rows, result.bytes, duration)
@@ -173,7 +172,7 @@ class JobRun:
         if self.encoder is not None:
             self.encoder.kill()
             self.encoder = None
-        self.part_path.unlink(missing_ok=True)
+        remove_file(self.part_path)
 
     async def end(self, status: JobStatus, error: dict[str, str] | None = None) -> None:
         """Record a failed or cancelled end and tell the room."""
@@ -192,6 +191,14 @@ class JobRun:
             await self._emit("export-failed", error=error)
         else:
             await self._emit("export-cancelled")
+
+
+def remove_file(path: Path) -> None:
+    """Remove path if it is there; a directory that is gone or unreadable is not a second failure."""
+    try:
+        path.unlink(missing_ok=True)
+    except (NotADirectoryError, PermissionError) as exc:
+        log.warning("could not remove %s: %s", path, exc)
 
 
 def _fsync_dir(path: Path) -> None:

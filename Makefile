@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+VENDOR := service/static/vendor/socket.io.esm.min.js
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,redis]'
+	touch $(STAMP)
+
+$(VENDOR): package.json scripts/vendor_js.sh
+	bash scripts/vendor_js.sh
+
+install: $(STAMP) $(VENDOR)
+
+# Debian packages the tests drive: Chromium for the page, redis-server for multi-instance runs.
+system-deps:
+	@command -v chromium >/dev/null && command -v redis-server >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server >/dev/null)
+
+# The service on http://127.0.0.1:8080/ with the embedded database, seeded with 100,000 tasks on first run.
+demo: install
+	EXPORT_SEED_DEMO_ROWS=$${EXPORT_SEED_DEMO_ROWS:-100000} $(BIN)/python -m service
+
+test: install system-deps
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The same without the browser tests, for a quick loop.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not browser" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) var node_modules service/static/vendor test-output

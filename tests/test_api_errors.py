@@ -1,0 +1,121 @@
+"""Every rejection the design lists answers 400 naming the field; unknown ids 404; unfinished downloads 409."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.app import create_app
+from service.settings import MANAGER_KEY
+
+from conftest import make_settings
+
+VALID = {"collection": "tasks", "format": "csv"}
+
+
+def nested(depth: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for _ in range(depth):
+        doc = {"a": doc}
+    return doc
+
+
+# (case, body, code, field)
+REJECTIONS: list[tuple[str, Any, str, str]] = [
+    ("not json", b"{nope", "invalid_body", "body"),
+    ("not an object", [1, 2], "invalid_body", "body"),
+    ("unknown top-level field", {**VALID, "colour": "red"}, "unknown_field", "colour"),
+    ("unknown format", {**VALID, "format": "xml"}, "invalid_format", "format"),
+    ("missing format", {"collection": "tasks"}, "invalid_format", "format"),
+    ("missing collection", {"format": "csv"}, "invalid_collection", "collection"),
+    ("collection not a string", {**VALID, "collection": 7}, "invalid_collection", "collection"),
+    ("collection does not exist", {**VALID, "collection": "nope"}, "collection_not_found", "collection"),
+    ("system collection", {**VALID, "collection": "system.users"}, "collection_not_exportable", "collection"),
+    ("filter not an object", {**VALID, "filter": "status = open"}, "invalid_filter", "filter"),
+    ("filter a list", {**VALID, "filter": [{"a": 1}]}, "invalid_filter", "filter"),
+    ("$where", {**VALID, "filter": {"$where": "sleep(100)"}}, "forbidden_operator", "filter"),
+    ("$function deep", {**VALID, "filter": {"$expr": {"$and": [{"$function": {"body": "x", "args": [], "lang": "js"}}]}}}, "forbidden_operator", "filter"),
+    ("$accumulator deep", {**VALID, "filter": {"a": {"$elemMatch": {"b": {"$accumulator": {}}}}}}, "forbidden_operator", "filter"),
+    ("bad extended json", {**VALID, "filter": {"createdAt": {"$date": "not a date"}}}, "invalid_filter", "filter"),
+    ("too deep", {**VALID, "filter": nested(40)}, "invalid_filter", "filter"),
+    ("fields not a list", {**VALID, "fields": "title"}, "invalid_fields", "fields"),
+    ("fields empty path part", {**VALID, "fields": ["assignee..name"]}, "invalid_fields", "fields"),
+    ("fields operator", {**VALID, "fields": ["$title"]}, "invalid_fields", "fields"),
+    ("fields not strings", {**VALID, "fields": [1]}, "invalid_fields", "fields"),
+    ("sort not an object", {**VALID, "sort": ["createdAt"]}, "invalid_sort", "sort"),
+    ("sort value 2", {**VALID, "sort": {"createdAt": 2}}, "invalid_sort", "sort"),
+    ("sort value string", {**VALID, "sort": {"createdAt": "desc"}}, "invalid_sort", "sort"),
+    ("sort value true", {**VALID, "sort": {"createdAt": True}}, "invalid_sort", "sort"),
+    ("negative limit", {**VALID, "limit": -1}, "invalid_limit", "limit"),
+    ("fractional limit", {**VALID, "limit": 1.5}, "invalid_limit", "limit"),
+    ("string limit", {**VALID, "limit": "10"}, "invalid_limit", "limit"),
+    ("unknown option", {**VALID, "options": {"zip": True}}, "unknown_option", "options.zip"),
+    ("unknown csv option", {**VALID, "options": {"csv": {"quote": "'"}}}, "unknown_option", "options.csv.quote"),
+    ("unknown json option", {**VALID, "options": {"json": {"pretty": True}}}, "unknown_option", "options.json.pretty"),
+    ("bad delimiter", {**VALID, "options": {"csv": {"delimiter": ";;"}}}, "invalid_option", "options.csv.delimiter"),
+    ("bad json mode", {**VALID, "options": {"json": {"mode": "strict"}}}, "invalid_option", "options.json.mode"),
+    ("bad compression", {**VALID, "options": {"compress": "zip"}}, "invalid_option", "options.compress"),
+    ("gzip xlsx", {**VALID, "format": "xlsx", "options": {"compress": "gzip"}}, "invalid_option", "options.compress"),
+    ("body over 256 KiB", {**VALID, "filter": {"title": "x" * (256 * 1024)}}, "body_too_large", "body"),
+]
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]) -> Any:
+    return await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, max_concurrent=1)))
+
+
+@pytest.mark.parametrize("case,body,code,field", REJECTIONS, ids=[r[0] for r in REJECTIONS])
+async def test_rejections_answer_400_naming_the_field(api: Any, case: str, body: Any, code: str, field: str) -> None:
+    if isinstance(body, bytes):
+        resp = await api.post("/api/exports", data=body, headers={"Content-Type": "application/json"})
+    else:
+        resp = await api.post("/api/exports", json=body)
+    assert resp.status == 400, (case, await resp.text())
+    error = (await resp.json())["error"]
+    assert (error["code"], error["field"]) == (code, field), error
+    assert error["message"]
+    # nothing was created and the service is still fine
+    assert (await (await api.get("/api/exports")).json())["exports"] == []
+    assert (await api.get("/healthz")).status == 200
+
+
+async def test_jobs_collection_and_collections_outside_the_allow_list_are_rejected(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    settings = make_settings(mongo_url, tmp_path, collections=("tasks",))
+    api = await aiohttp_client(create_app(settings))
+    for collection in (settings.jobs_collection, "tasks_other"):
+        resp = await api.post("/api/exports", json={"collection": collection, "format": "csv"})
+        assert resp.status == 400
+        assert (await resp.json())["error"]["field"] == "collection"
+    names = [c["name"] for c in (await (await api.get("/api/collections")).json())["collections"]]
+    assert names == ["tasks"]
+
+
+async def test_unknown_id_404_and_unfinished_download_409(api: Any) -> None:
+    for path in ("/api/exports/0123456789abcdef01234567", "/api/exports/../../etc/passwd", "/api/exports/nope/download"):
+        resp = await api.get(path)
+        assert resp.status == 404, path
+    assert (await api.delete("/api/exports/0123456789abcdef01234567")).status == 404
+
+    api.server.app[MANAGER_KEY].pause()  # keep the job queued
+    job = await (await api.post("/api/exports", json=VALID)).json()
+    resp = await api.get(f"/api/exports/{job['id']}/download")
+    assert resp.status == 409
+    assert (await resp.json())["error"]["code"] == "not_ready"
+    api.server.app[MANAGER_KEY].resume()
+    for _ in range(200):
+        snap = await (await api.get(f"/api/exports/{job['id']}")).json()
+        if snap["status"] == "completed":
+            break
+        await asyncio.sleep(0.05)
+    assert snap["status"] == "completed"
+    assert (await api.get(f"/api/exports/{job['id']}/download")).status == 200
+
+
+async def test_list_filters_and_validates(api: Any) -> None:
+    assert (await api.get("/api/exports?status=bogus")).status == 400
+    assert (await api.get("/api/exports?limit=0")).status == 400
+    listing = await (await api.get("/api/exports?status=completed&limit=5")).json()
+    assert listing == {"exports": []}

@@ -1,0 +1,66 @@
+"""Faults end in a clear job state: failed with an export-failed event, and no partial file left."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import socketio
+
+from service.app import create_app
+
+from conftest import make_settings
+
+
+async def wait_for_end(api: Any, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    for _ in range(int(timeout / 0.05)):
+        snap = await (await api.get(f"/api/exports/{job_id}")).json()
+        if snap["status"] in ("completed", "failed", "cancelled"):
+            return snap
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not end: {snap}")
+
+
+async def listen(api: Any, job_id: str, seen: list[tuple[str, dict[str, Any]]]) -> socketio.AsyncClient:
+    sio = socketio.AsyncClient(reconnection=False)
+    for name in ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed"):
+        sio.on(name, lambda data, _n=name: seen.append((_n, data)))
+    await sio.connect(str(api.make_url("/")), transports=["websocket"])
+    ack = await sio.call("subscribe", {"id": job_id})
+    assert ack["ok"], ack
+    return sio
+
+
+async def test_unwritable_export_directory_fails_the_job_cleanly(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, driver: str) -> None:
+    settings = make_settings(mongo_url, tmp_path, driver)
+    api = await aiohttp_client(create_app(settings))
+    export_dir = Path(settings.export_dir)
+    # The directory disappears behind the service's back and a file takes its name.
+    shutil.rmtree(export_dir)
+    export_dir.write_text("not a directory")
+    from service.settings import MANAGER_KEY
+
+    manager = api.server.app[MANAGER_KEY]
+    manager.pause()
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
+    seen: list[tuple[str, dict[str, Any]]] = []
+    sio = await listen(api, job["id"], seen)
+    manager.resume()
+    snap = await wait_for_end(api, job["id"])
+    await asyncio.sleep(0.2)
+    await sio.disconnect()
+
+    assert snap["status"] == "failed"
+    assert snap["error"]["code"] == "disk_error"
+    assert "cannot write export file" in snap["error"]["message"]
+    assert snap["download_url"] is None
+    assert [n for n, _ in seen][-1] == "export-failed"
+    assert seen[-1][1]["error"]["code"] == "disk_error"
+    export_dir.unlink()
+    export_dir.mkdir()
+    assert list(export_dir.iterdir()) == []
+    # The service is still up and the next job works once the directory is back.
+    job2 = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson", "limit": 10})).json()
+    assert (await wait_for_end(api, job2["id"]))["status"] == "completed"
+    assert sorted(p.name for p in export_dir.iterdir()) == [f"{job2['id']}.ndjson"]
