@@ -1,6 +1,7 @@
 """HTTP handlers. Domain errors become JSON errors here: {"error": {"code", "message", "field"}}."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote
@@ -26,6 +27,7 @@ CONTENT_TYPES = {
 }
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 500
 SAMPLE_SIZE = 100
+HEALTH_TIMEOUT = 2.0
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -177,9 +179,11 @@ async def list_collections(request: web.Request) -> web.Response:
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     try:
-        await request.app[DB_KEY].ping()
+        await asyncio.wait_for(request.app[DB_KEY].ping(), HEALTH_TIMEOUT)
     except DatabaseError as exc:
         return json_response({"status": "unavailable", "database": str(exc)}, 503)
+    except asyncio.TimeoutError:
+        return json_response({"status": "unavailable", "database": f"no answer within {HEALTH_TIMEOUT}s"}, 503)
     return json_response({"status": "ok"})
 
 

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 MIN_EVENT_GAP = 0.1  # at most ten progress events a second
-PERSIST_EVERY = 1.0  # progress and lease written to the jobs collection at most once a second
+PERSIST_EVERY = 1.0
+RECORD_RETRY_SECONDS, RECORD_RETRIES = 2.0, 900  # an end state waits up to half an hour for the database  # progress and lease written to the jobs collection at most once a second
 
 
 class JobLost(RuntimeError):
@@ -39,6 +40,7 @@ class RunContext:
     encoders: EncoderPool
     metrics: Metrics
     instance_id: str
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def file_paths(export_dir: Path, job_id: str, spec: ExportSpec) -> tuple[Path, Path]:
@@ -174,6 +176,17 @@ class JobRun:
             self.encoder = None
         remove_file(self.part_path)
 
+    async def _record_later(self, query: dict[str, Any], fields: dict[str, Any]) -> None:
+        for _ in range(RECORD_RETRIES):
+            await asyncio.sleep(RECORD_RETRY_SECONDS)
+            try:
+                await self.ctx.db.update_job(query, {"$set": fields})
+                log.info("job %s: recorded %s once the database was back", self.id, fields["status"])
+                return
+            except DatabaseError:
+                continue
+        log.error("job %s: could not record %s; it is run again at the next start", self.id, fields["status"])
+
     async def end(self, status: JobStatus, error: dict[str, str] | None = None) -> None:
         """Record a failed or cancelled end and tell the room."""
         self.discard()
@@ -185,7 +198,10 @@ class JobRun:
         try:
             await self.ctx.db.update_job(query, {"$set": fields})
         except DatabaseError:
-            log.warning("job %s: could not record %s (database unavailable); it is retried at start-up", self.id, status.value)
+            # The database is down (often the very reason for the failure): keep trying in the background.
+            task = asyncio.create_task(self._record_later(query, fields), name=f"record-{self.id}")
+            self.ctx.background.add(task)
+            task.add_done_callback(self.ctx.background.discard)
         self.job.update(fields)
         if status == JobStatus.FAILED:
             await self._emit("export-failed", error=error)

@@ -1,0 +1,215 @@
+"""Cancel, limits, auth, retention, download semantics and hostile input, through the real app."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import socketio
+from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
+
+from service.app import create_app
+from service.settings import MANAGER_KEY
+
+from conftest import make_settings
+
+END_STATES = ("completed", "failed", "cancelled", "expired")
+
+
+async def wait_status(api: Any, job_id: str, states: tuple[str, ...] = END_STATES, timeout: float = 30, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = await (await api.get(f"/api/exports/{job_id}", headers=headers)).json()
+        if snap["status"] in states or time.monotonic() > deadline:
+            return snap
+        await asyncio.sleep(0.05)
+
+
+async def subscribe(api: Any, job_id: str, seen: list[tuple[float, str, dict[str, Any]]], token: str | None = None) -> socketio.AsyncClient:
+    sio = socketio.AsyncClient(reconnection=False)
+    for name in ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled"):
+        sio.on(name, lambda data, _n=name: seen.append((time.monotonic(), _n, data)))
+    await sio.connect(str(api.make_url("/")), transports=["websocket"], auth={"token": token} if token else None)
+    ack = await sio.call("subscribe", {"id": job_id})
+    assert ack["ok"], ack
+    return sio
+
+
+@pytest.fixture
+async def slow_api(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> Any:
+    # Small batches make a 3,000-row export take many round trips, so it is still running when cancelled.
+    return await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, batch_size=10, max_concurrent=1)))
+
+
+async def test_cancel_running_job_within_a_second_and_remove_its_partial_file(slow_api: Any) -> None:
+    job = await (await slow_api.post("/api/exports", json={"collection": "tasks", "format": "xlsx"})).json()
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    sio = await subscribe(slow_api, job["id"], seen)
+    snap = await wait_status(slow_api, job["id"], ("processing",) + END_STATES)
+    assert snap["status"] == "processing", snap
+    export_dir = Path(slow_api.server.app[MANAGER_KEY].settings.export_dir)
+    assert [p.name for p in export_dir.iterdir()] == [f"{job['id']}.xlsx.part"]
+
+    asked = time.monotonic()
+    resp = await slow_api.delete(f"/api/exports/{job['id']}")
+    assert resp.status == 200
+    for _ in range(40):
+        if any(name == "export-cancelled" for _, name, _ in seen):
+            break
+        await asyncio.sleep(0.05)
+    await sio.disconnect()
+    cancelled_at = next(t for t, name, _ in seen if name == "export-cancelled")
+    assert cancelled_at - asked < 1.0
+    assert (await resp.json())["status"] == "cancelled"
+    assert (await wait_status(slow_api, job["id"]))["status"] == "cancelled"
+    assert list(export_dir.iterdir()) == []  # the .part file is gone
+    assert (await slow_api.get(f"/api/exports/{job['id']}/download")).status == 409
+
+
+async def test_cancel_queued_job_and_delete_finished_job(slow_api: Any) -> None:
+    manager = slow_api.server.app[MANAGER_KEY]
+    manager.pause()
+    queued = await (await slow_api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
+    resp = await slow_api.delete(f"/api/exports/{queued['id']}")
+    assert (await resp.json())["status"] == "cancelled"
+    manager.resume()
+    done = await (await slow_api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 50})).json()
+    assert (await wait_status(slow_api, done["id"]))["status"] == "completed"
+    assert (await wait_status(slow_api, queued["id"]))["status"] == "cancelled"  # it never ran
+    path = Path(manager.settings.export_dir) / f"{done['id']}.csv"
+    assert path.is_file()
+    resp = await slow_api.delete(f"/api/exports/{done['id']}")
+    assert resp.status == 200 and (await resp.json())["deleted"] is True
+    assert not path.exists()
+    assert (await slow_api.get(f"/api/exports/{done['id']}")).status == 404
+
+
+async def test_queue_is_fifo_with_positions_and_per_user_limit_answers_429(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, max_concurrent=1, max_active_per_user=3)))
+    manager = api.server.app[MANAGER_KEY]
+    manager.pause()
+    jobs = [await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson", "limit": 300})).json() for _ in range(3)]
+    assert [j["queue_position"] for j in jobs] == [1, 2, 3]
+    resp = await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})
+    assert resp.status == 429
+    assert int(resp.headers["Retry-After"]) > 0
+    assert (await resp.json())["error"]["code"] == "too_many_active_exports"
+    manager.resume()
+    finals = [await wait_status(api, j["id"]) for j in jobs]
+    assert all(f["status"] == "completed" for f in finals)
+    started = [f["started_at"] for f in finals]
+    assert started == sorted(started)  # one worker, oldest first
+    assert (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 1})).status == 202
+
+
+TOKENS = "tok-alice:alice,tok-bob:bob"
+
+
+async def test_tokens_guard_http_and_socketio_and_hide_other_users_jobs(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    from service.settings import settings_from_env
+
+    settings = make_settings(mongo_url, tmp_path, api_tokens=settings_from_env({"EXPORT_API_TOKENS": TOKENS}).api_tokens)
+    api = await aiohttp_client(create_app(settings))
+    alice = {"Authorization": "Bearer tok-alice"}
+    bob = {"Authorization": "Bearer tok-bob"}
+    body = {"collection": "tasks", "format": "csv", "limit": 20}
+
+    assert (await api.post("/api/exports", json=body)).status == 401
+    resp = await api.post("/api/exports", json=body, headers={"Authorization": "Bearer wrong"})
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
+    assert (await api.get("/api/collections")).status == 401
+    assert (await api.get("/healthz")).status == 200  # health stays open for load balancers
+
+    job = await (await api.post("/api/exports", json=body, headers=alice)).json()
+    assert (await wait_status(api, job["id"], headers=alice))["status"] == "completed"
+    for method, path in (("GET", ""), ("GET", "/download"), ("DELETE", "")):
+        resp = await api.request(method, f"/api/exports/{job['id']}{path}", headers=bob)
+        assert resp.status == 404, (method, path)
+    assert (await (await api.get("/api/exports", headers=bob)).json())["exports"] == []
+    assert (await api.get(f"/api/exports/{job['id']}/download", headers=alice)).status == 200
+
+    refused = socketio.AsyncClient(reconnection=False)
+    for auth in (None, {"token": "wrong"}):
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await refused.connect(str(api.make_url("/")), transports=["websocket"], auth=auth)
+    sio = socketio.AsyncClient(reconnection=False)
+    await sio.connect(str(api.make_url("/")), transports=["websocket"], auth={"token": "tok-bob"})
+    ack = await sio.call("subscribe", {"id": job["id"]})
+    assert ack["ok"] is False and ack["error"]["code"] == "not_found"
+    await sio.disconnect()
+
+
+async def test_retention_sweeper_expires_files_and_download_answers_410(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    settings = make_settings(mongo_url, tmp_path, ttl_hours=1 / 3600, sweep_interval_seconds=0.2)  # one second
+    api = await aiohttp_client(create_app(settings))
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 5})).json()
+    snap = await wait_status(api, job["id"])
+    assert snap["status"] == "completed" and snap["expires_at"] > snap["finished_at"]
+    path = Path(settings.export_dir) / f"{job['id']}.csv"
+    assert path.is_file()
+    snap = await wait_status(api, job["id"], ("expired",), timeout=10)
+    assert snap["status"] == "expired"
+    assert not path.exists()
+    resp = await api.get(f"/api/exports/{job['id']}/download")
+    assert resp.status == 410 and (await resp.json())["error"]["code"] == "expired"
+
+
+async def test_download_range_etag_head(client: Any) -> None:
+    job = await (await client.post("/api/exports", json={"collection": "tasks", "format": "ndjson", "limit": 200})).json()
+    assert (await wait_status(client, job["id"]))["status"] == "completed"
+    url = f"/api/exports/{job['id']}/download"
+    full = await (await client.get(url)).read()
+    resp = await client.get(url, headers={"Range": "bytes=10-99"})
+    assert resp.status == 206
+    assert await resp.read() == full[10:100]
+    assert resp.headers["Content-Range"] == f"bytes 10-99/{len(full)}"
+    resp = await client.get(url, headers={"Range": f"bytes=-50"})
+    assert resp.status == 206 and await resp.read() == full[-50:]
+    etag = (await client.get(url)).headers["ETag"]
+    resp = await client.get(url, headers={"If-None-Match": etag})
+    assert resp.status == 304
+    head = await client.head(url)
+    assert head.status == 200 and int(head.headers["Content-Length"]) == len(full)
+    assert await head.read() == b""
+    for evil in ("/static/../service/settings.py", "/static/%2e%2e/settings.py", f"/api/exports/{job['id']}/download/../../../../etc/passwd"):
+        resp = await client.get(evil)
+        assert resp.status in (403, 404), evil
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=20,
+)
+OPERATORS = st.sampled_from(["$where", "$function", "$accumulator", "$gt", "$in", "$date", "$oid", "$numberLong", "$expr", "$regex"])
+BODIES = st.one_of(
+    JSON_VALUES,
+    st.dictionaries(st.sampled_from(["collection", "format", "filter", "fields", "sort", "limit", "options", "filename", "x"]), JSON_VALUES, max_size=8),
+    st.builds(lambda op, v, fmt: {"collection": "tasks", "format": fmt, "filter": {"a": {op: v}}}, OPERATORS, JSON_VALUES, st.sampled_from(["csv", "json", "x"])),
+    st.builds(lambda fields, sort, limit: {"collection": "tasks", "format": "csv", "fields": fields, "sort": sort, "limit": limit}, JSON_VALUES, JSON_VALUES, JSON_VALUES),
+)
+
+
+async def test_hostile_bodies_never_cause_a_5xx(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    settings = make_settings(mongo_url, tmp_path, max_active_per_user=10_000)
+    api = await aiohttp_client(create_app(settings))
+    api.server.app[MANAGER_KEY].pause()  # accepted bodies stay queued; what matters is the answer
+    bodies: list[bytes] = []
+
+    @hyp_settings(max_examples=300, suppress_health_check=list(HealthCheck), deadline=None, derandomize=True)
+    @given(BODIES)
+    def collect(body: Any) -> None:
+        bodies.append(json.dumps(body).encode())  # the stdlib writes ints of any size
+
+    collect()
+    bodies += [b"{" * 100_000, b"[" * 5000 + b"]" * 5000, b'{"collection": "tasks", "format": "csv", "filter": ' + b'{"a":' * 2000 + b"1" + b"}" * 2001, b"x" * 300_000, b"\xff\xfe", b""]
+    for raw in bodies:
+        resp = await api.post("/api/exports", data=raw, headers={"Content-Type": "application/json"})
+        assert resp.status < 500, (raw[:200], resp.status, await resp.text())
+        if resp.status >= 400:
+            error = (await resp.json())["error"]
+            assert error["code"] and error["message"]
+    assert (await api.get("/healthz")).status == 200
