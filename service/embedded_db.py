@@ -48,8 +48,28 @@ class EmbeddedMongo:
     def url(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / f"{self.db_file}.pid"
+
+    def _stop_orphan(self) -> None:
+        """A server left by a killed service still holds the data file: end it before starting anew."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"nx" in cmdline and str(self.data_dir / self.db_file).encode() in cmdline:
+            log.warning("stopping the embedded database left running by a previous process (pid %d)", pid)
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(50):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.1)
+
     def start(self, timeout: float = 30.0) -> "EmbeddedMongo":
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan()
         log_path = self.data_dir / f"nx-27017-{self.port}.log"
         cmd = _server_command() + [
             "--db", str(self.data_dir / self.db_file),
@@ -61,6 +81,7 @@ class EmbeddedMongo:
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
+        self.pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

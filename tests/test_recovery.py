@@ -1,0 +1,191 @@
+"""The service as a real process: killed mid-export, started with a bad directory; and a database outage."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import aiohttp
+import pytest
+from pymongo import MongoClient
+
+from scripts.generate_data import make_documents
+from service.app import create_app
+from service.embedded_db import EmbeddedMongo, free_port
+
+from conftest import DATA_DB, make_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServiceProcess:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = {**os.environ, **env, "EXPORT_PORT": str(self.port)}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                assert self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc.stderr else ""
+                try:
+                    async with http.get(self.url + "/healthz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError("service did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+
+
+@pytest.fixture
+def service_env(mongo_url: str, tmp_path: Path, tasks: Any) -> Iterator[dict[str, str]]:
+    yield {
+        "EXPORT_MONGO_URL": mongo_url,
+        "EXPORT_DB": DATA_DB,
+        "EXPORT_DIR": str(tmp_path / "exports"),
+        "EXPORT_BATCH_SIZE": "10",  # many round trips: the export is surely mid-way when killed
+        "EXPORT_MAX_CONCURRENT": "1",
+        "EXPORT_API_TOKENS": "",
+    }
+
+
+async def job_status(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
+    async with http.get(f"{url}/api/exports/{job_id}") as resp:
+        return await resp.json()
+
+
+async def wait_for(http: aiohttp.ClientSession, url: str, job_id: str, states: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = await job_status(http, url, job_id)
+        if snap["status"] in states or time.monotonic() > deadline:
+            return snap
+        await asyncio.sleep(0.05)
+
+
+async def test_killed_mid_export_the_job_completes_after_restart_with_a_whole_file(service_env: dict[str, str], tmp_path: Path) -> None:
+    spec = {"collection": "tasks", "format": "csv", "sort": {"seq": 1}, "fields": ["seq", "title", "description", "createdAt"]}
+    service = ServiceProcess(service_env)
+    await service.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(service.url + "/api/exports", json=spec) as resp:
+                job = await resp.json()
+            snap = await wait_for(http, service.url, job["id"], ("processing", "completed"))
+            assert snap["status"] == "processing" and 0 < snap["processed"] < snap["total"], snap
+            service.kill()
+
+            service = ServiceProcess(service_env)
+            await service.start()
+            final = await wait_for(http, service.url, job["id"], ("completed", "failed", "cancelled"))
+            assert final["status"] == "completed", final
+            async with http.get(service.url + final["download_url"]) as resp:
+                recovered = await resp.read()
+            # A clean export of the same spec, from the restarted service.
+            async with http.post(service.url + "/api/exports", json=spec) as resp:
+                clean_job = await resp.json()
+            clean = await wait_for(http, service.url, clean_job["id"], ("completed", "failed"))
+            async with http.get(service.url + clean["download_url"]) as resp:
+                assert recovered == await resp.read()
+            assert final["processed"] == clean["processed"] == 3000
+            listing = await (await http.get(service.url + "/api/exports")).json()
+            assert all(j["status"] == "completed" for j in listing["exports"])  # nothing left active
+        assert not list(Path(service_env["EXPORT_DIR"]).glob("*.part"))
+    finally:
+        service.stop()
+
+
+async def test_start_up_with_unwritable_export_dir_stops_with_one_line(service_env: dict[str, str], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    env = {**os.environ, **service_env, "EXPORT_DIR": str(blocker / "exports"), "EXPORT_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "EXPORT_DIR" in lines[0] and "not writable" in lines[0], lines
+    env["EXPORT_DIR"], env["EXPORT_BATCH_SIZE"] = str(tmp_path / "ok"), "many"
+    proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip() == "error: EXPORT_BATCH_SIZE must be an integer, got 'many'"
+
+
+async def test_database_outage_fails_the_job_then_service_recovers(aiohttp_client: Any, tmp_path: Path) -> None:
+    if os.environ.get("EXPORT_MONGO_URL"):
+        pytest.skip("stops and restarts its own embedded server; a shared MongoDB is not ours to stop")
+    server = EmbeddedMongo(tmp_path / "db").start()
+    try:
+        with MongoClient(server.url) as sync:
+            docs = list(make_documents(3000, 7))
+            for start in range(0, 3000, 1000):
+                sync[DATA_DB].tasks.insert_many(docs[start:start + 1000])
+        settings = make_settings(server.url, tmp_path, batch_size=10)
+        api = await aiohttp_client(create_app(settings))
+        events: list[tuple[str, dict[str, Any]]] = []
+        import socketio
+
+        sio = socketio.AsyncClient(reconnection=False)
+        sio.on("export-failed", lambda data: events.append(("export-failed", data)))
+        await sio.connect(str(api.make_url("/")), transports=["websocket"])
+        job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson"})).json()
+        assert (await sio.call("subscribe", {"id": job["id"]}))["ok"]
+        for _ in range(200):
+            snap = await (await api.get(f"/api/exports/{job['id']}")).json()
+            if snap["status"] == "processing":
+                break
+            await asyncio.sleep(0.02)
+        assert snap["status"] == "processing", snap
+
+        server.kill()
+        for _ in range(200):
+            if events:
+                break
+            await asyncio.sleep(0.05)
+        assert events and events[0][1]["error"]["code"] == "database_unavailable", events
+        health = await api.get("/healthz")
+        assert health.status == 503
+        assert (await api.get("/")).status == 200  # the page is still served
+        assert (await api.get("/metrics")).status == 200
+        resp = await api.get(f"/api/exports/{job['id']}")
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "database_unavailable"
+        assert not list(Path(settings.export_dir).glob("*.part"))
+
+        server = EmbeddedMongo(server.data_dir, port=server.port).start()
+        for _ in range(100):
+            if (await api.get("/healthz")).status == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert (await api.get("/healthz")).status == 200
+        for _ in range(100):  # the failed state is recorded once the database is back
+            snap = await (await api.get(f"/api/exports/{job['id']}")).json()
+            if snap["status"] == "failed":
+                break
+            await asyncio.sleep(0.1)
+        assert snap["status"] == "failed" and snap["error"]["code"] == "database_unavailable"
+        job2 = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 100})).json()
+        for _ in range(200):
+            snap2 = await (await api.get(f"/api/exports/{job2['id']}")).json()
+            if snap2["status"] in ("completed", "failed"):
+                break
+            await asyncio.sleep(0.05)
+        assert snap2["status"] == "completed" and snap2["processed"] == 100
+        await sio.disconnect()
+    finally:
+        server.stop()
