@@ -16,7 +16,8 @@ from .embedded_db import EmbeddedMongo
 from .events import EventHub
 from .manager import JobManager
 from .metrics import Metrics
-from .settings import DB_KEY, EMBEDDED_KEY, EVENTS_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, Settings, SettingsError
+from .runner import BatchSource
+from .settings import SOURCE_KEY, DB_KEY, EMBEDDED_KEY, EVENTS_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -72,7 +73,7 @@ async def _seed_demo(url: str, settings: Settings) -> None:
 
 async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
-    manager = JobManager(settings, app[DB_KEY], app[EVENTS_KEY], app[METRICS_KEY])
+    manager = JobManager(settings, app[DB_KEY], app[EVENTS_KEY], app[METRICS_KEY], app.get(SOURCE_KEY))
     app[EVENTS_KEY].lookup = manager.lookup
     app[MANAGER_KEY] = manager
     if settings.open_mode:
@@ -86,9 +87,13 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, source: BatchSource | None = None) -> web.Application:
+    """The service. source replaces the database as the origin of exported rows (the benchmark
+    feeds pre-encoded batches this way); jobs are still kept in the database."""
     app = web.Application(middlewares=[api.errors_middleware, api.auth_middleware], client_max_size=1024**2)
     app[SETTINGS_KEY] = settings
+    if source is not None:
+        app[SOURCE_KEY] = source
     app[METRICS_KEY] = Metrics()
     events = EventHub(settings)
     app[EVENTS_KEY] = events

@@ -19,7 +19,7 @@ from .events import EventHub
 from .jobs import ACTIVE_VALUES, RUNNING_VALUES, JobStatus, new_job_doc, snapshot, now_ms
 from .metrics import Metrics
 from .query import ExportSpec, safe_filename
-from .runner import RunContext, execute, file_paths
+from .runner import BatchSource, RunContext, execute, file_paths
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,14 @@ class TooManyJobs(RuntimeError):
 
 
 class JobManager:
-    def __init__(self, settings: Settings, db: Database, events: EventHub, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, db: Database, events: EventHub, metrics: Metrics, source: BatchSource | None = None) -> None:
         self.settings = settings
         self.db = db
         self.events = events
         self.metrics = metrics
         self.instance_id = secrets.token_hex(6)
         self.encoders = EncoderPool(settings.max_concurrent)
-        self.ctx = RunContext(settings, db, events, self.encoders, metrics, self.instance_id)
+        self.ctx = RunContext(settings, db, events, self.encoders, metrics, self.instance_id, source or db)
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.running: dict[str, asyncio.Task[JobStatus]] = {}

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from .db import Database, DatabaseError, FindSpec
 from .encoder import EncoderError, EncoderPool, EncoderSession
@@ -32,6 +32,14 @@ class JobLost(RuntimeError):
     """The job document moved on without us: cancelled elsewhere, or claimed by another instance."""
 
 
+class BatchSource(Protocol):
+    """Where rows come from: the database in service, an in-process generator in the benchmark."""
+
+    async def count(self, spec: FindSpec) -> int: ...
+
+    def raw_batches(self, spec: FindSpec) -> AsyncIterator[bytes]: ...
+
+
 @dataclass
 class RunContext:
     settings: Settings
@@ -40,6 +48,7 @@ class RunContext:
     encoders: EncoderPool
     metrics: Metrics
     instance_id: str
+    source: BatchSource
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -80,7 +89,7 @@ class JobRun:
 
     # --- the loop ----------------------------------------------------------------------------
     async def run(self) -> None:
-        settings, db = self.ctx.settings, self.ctx.db
+        settings, source = self.ctx.settings, self.ctx.source
         find = FindSpec(
             collection=self.spec.collection,
             filter=self.spec.filter,
@@ -89,7 +98,7 @@ class JobRun:
             limit=self.spec.limit,
             batch_size=settings.batch_size,
         )
-        total = await db.count(find)
+        total = await source.count(find)
         await self._set({"total": total, "processed": 0, "bytes": 0}, JobStatus.FETCHING)
         await self._emit("export-fetching")
         info = {
@@ -105,7 +114,7 @@ class JobRun:
         processed = 0
         feeding: asyncio.Future[int] | None = None
         try:
-            async for raw in db.raw_batches(find):
+            async for raw in source.raw_batches(find):
                 if feeding is not None:
                     processed += await feeding
                     await self._progress(processed)

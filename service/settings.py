@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the keys name these types; importing them here would be cir
     from .events import EventHub
     from .manager import JobManager
     from .metrics import Metrics
+    from .runner import BatchSource
 
 DRIVERS = ("pymongo", "motor")
 
@@ -126,3 +127,4 @@ EMBEDDED_KEY: web.AppKey["EmbeddedMongo | None"] = web.AppKey("embedded")
 EVENTS_KEY: web.AppKey["EventHub"] = web.AppKey("events")
 MANAGER_KEY: web.AppKey["JobManager"] = web.AppKey("manager")
 METRICS_KEY: web.AppKey["Metrics"] = web.AppKey("metrics")
+SOURCE_KEY: web.AppKey["BatchSource"] = web.AppKey("source")

@@ -1,13 +1,16 @@
+"""CSV (RFC 4180 quoting, CRLF line ends) through the csv module; options: delimiter, header, BOM,
+formula escaping."""
 from __future__ import annotations
 
 import csv
 import io
+from datetime import datetime
 from typing import Any
 
 from .base import Writer
-from .values import FORMULA_PREFIXES, MISSING, csv_cell, make_getters, scalar_text
+from .values import FORMULA_PREFIXES, csv_cell, float_text, iso_datetime, make_getters
 
-FORMULA_CHARS = "".join(FORMULA_PREFIXES)
+FORMULA_CHARS = frozenset(FORMULA_PREFIXES)
 
 
 class CsvWriter(Writer):
@@ -20,27 +23,32 @@ class CsvWriter(Writer):
             self.text.write("\ufeff")
         self.csv = csv.writer(self.text, delimiter=opts.delimiter, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
         self.getters = make_getters(self.columns or [])
-        if opts.header:
-            self.csv.writerow(self.columns or [])
+        if opts.header and self.columns:
+            self.csv.writerow(self.columns)
 
     def write_batch(self, docs: list[dict[str, Any]]) -> int:
         getters = self.getters
         escape = self.spec.csv.escape_formulas
         rows = []
         for doc in docs:
-            row = []
+            row: list[Any] = []
             for get in getters:
                 value = get(doc)
-                # the common types inline; everything else through csv_cell
+                # The common types inline (the csv module writes ints and finite floats as repr does);
+                # everything else, and strings that need escaping, through csv_cell.
                 kind = type(value)
                 if kind is str:
                     row.append(csv_cell(value, escape) if escape and value and value[0] in FORMULA_CHARS else value)
                 elif kind is int:
                     row.append(value)
-                elif value is None or value is MISSING:
-                    row.append("")
+                elif kind is float:
+                    row.append(value if value - value == 0.0 else float_text(value))
+                elif kind is datetime:
+                    row.append(iso_datetime(value))
+                elif kind is bool:
+                    row.append("true" if value else "false")
                 else:
-                    row.append(scalar_text(value))
+                    row.append(csv_cell(value, escape))
             rows.append(row)
         self.csv.writerows(rows)
         return len(rows)

@@ -5,18 +5,21 @@ The table in DESIGN.md ("Value rendering") is the contract; each function below 
 from __future__ import annotations
 
 import base64
-import math
 import uuid
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import orjson
 from bson import json_util
 from bson.binary import Binary, UuidRepresentation
+from bson.code import Code
 from bson.datetime_ms import DatetimeMS
 from bson.decimal128 import Decimal128
+from bson.int64 import Int64
 from bson.json_util import JSONMode, JSONOptions
 from bson.objectid import ObjectId
+from bson.tz_util import utc as BSON_UTC
 
 
 class _Missing:
@@ -33,7 +36,7 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 XLSX_MAX_CELL = 32_767
 RELAXED_OPTIONS = JSONOptions(json_mode=JSONMode.RELAXED, tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
 CANONICAL_OPTIONS = JSONOptions(json_mode=JSONMode.CANONICAL, tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
-_EPOCH_MS_MAX = 253402300799999  # 9999-12-31T23:59:59.999Z, relaxed EJSON's last ISO date
+_FIRST_ISO_YEAR = 1970  # relaxed EJSON spells dates as ISO text from 1970 to 9999, as $numberLong outside
 
 
 # --- paths ------------------------------------------------------------------------------------
@@ -130,89 +133,105 @@ def _project_list(values: list[Any], tree: Mapping[str, Any]) -> list[Any]:
     return result
 
 
-# --- text -------------------------------------------------------------------------------------
+# --- text ---------------------------------------------------------------------------------------
+def as_utc(value: datetime) -> datetime:
+    """value in UTC; naive values are taken as UTC already. Decoded values carry bson's utc, so the
+    identity checks spare the conversion on the common path."""
+    tz = value.tzinfo
+    if tz is None or tz is BSON_UTC or tz is timezone.utc:
+        return value
+    return value.astimezone(timezone.utc)
+
+
 def iso_datetime(value: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and Z, zero-padded for years before 1000."""
-    if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc)
-    return (
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T"
-        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond // 1000:03d}Z"
-    )
+    """ISO 8601 in UTC with milliseconds and Z; isoformat pads years before 1000 to four digits."""
+    return as_utc(value).isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def float_text(value: float) -> str:
-    if math.isfinite(value):
+    if value - value == 0.0:  # finite: inf - inf and NaN - NaN are NaN
         return repr(value)
-    if math.isnan(value):
+    if value != value:
         return "NaN"
     return "Infinity" if value > 0 else "-Infinity"
 
 
-def binary_text(value: Binary | uuid.UUID) -> str:
+def binary_text(value: bytes | uuid.UUID) -> str:
+    """A UUID (subtype 4) as canonical UUID text, any other binary as base64. Legacy subtype 3 stays
+    base64: its byte order depends on the driver that wrote it, so no UUID text would be sure."""
     if isinstance(value, uuid.UUID):
         return str(value)
-    if value.subtype in (3, 4) and len(value) == 16:
+    if isinstance(value, Binary) and value.subtype == 4 and len(value) == 16:
         return str(uuid.UUID(bytes=bytes(value)))
-    return base64.b64encode(bytes(value)).decode("ascii")
+    return base64.b64encode(value).decode("ascii")
 
 
 def scalar_text(value: Any) -> str:
-    """Text for any non-string value, shared by CSV cells and XLSX text cells."""
+    """Text for any value, shared by CSV cells and XLSX text cells; documents and arrays become
+    compact relaxed Extended JSON. Binary subtype 0 decodes as plain bytes, hence the bytes check."""
     if value is None or value is MISSING:
         return ""
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return float_text(value)
-    if isinstance(value, datetime):
-        return iso_datetime(value)
-    if isinstance(value, ObjectId):
-        return str(value)
-    if isinstance(value, Decimal128):
-        return str(value)
-    if isinstance(value, (Binary, uuid.UUID)):
-        return binary_text(value)
-    if isinstance(value, DatetimeMS):
-        return str(int(value))
-    if isinstance(value, str):
+    kind = type(value)
+    if kind is str:
         return value
+    if kind is bool:
+        return "true" if value else "false"
+    if isinstance(value, int):  # int and Int64
+        return str(int(value))
+    if kind is float:
+        return float_text(value)
+    if kind is datetime:
+        return iso_datetime(value)
+    if kind is ObjectId or kind is Decimal128:
+        return str(value)
+    if isinstance(value, (bytes, uuid.UUID)):
+        return binary_text(value)
+    if kind is DatetimeMS:  # a date outside Python's years 1-9999: milliseconds since the epoch
+        return str(int(value))
+    if kind is Code and value.scope is None:
+        return str(value)
     return relaxed_json(value).decode("utf-8")
 
 
 def csv_cell(value: Any, escape_formulas: bool) -> str:
-    if type(value) is str:
-        if escape_formulas and value.startswith(FORMULA_PREFIXES):
-            return "'" + value
-        return value
-    return scalar_text(value)
+    """The CSV text of value; a string (Code included) starting with a formula character gets a
+    leading apostrophe when escape_formulas is on, so spreadsheets show it instead of evaluating it."""
+    text = scalar_text(value)
+    if escape_formulas and isinstance(value, str) and text.startswith(FORMULA_PREFIXES):
+        return "'" + text
+    return text
 
 
-# --- Extended JSON ----------------------------------------------------------------------------
+# --- Extended JSON ---------------------------------------------------------------------------------
 def _relaxed_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        if 1970 <= value.year <= 9999:
-            return {"$date": iso_datetime(value)}
+    """orjson calls this for every value it does not write itself (datetimes are passed through, and so
+    are subclasses, so Code keeps its $code and Int64 is written as a plain number)."""
+    kind = type(value)
+    if kind is datetime:
+        value = as_utc(value)
+        if value.year >= _FIRST_ISO_YEAR:
+            return {"$date": value.isoformat(timespec="milliseconds")[:23] + "Z"}
+    elif kind is Int64:
+        return int(value)
+    elif kind is ObjectId:
+        return {"$oid": str(value)}
+    elif isinstance(value, Mapping):  # a document class other than dict
+        return dict(value)
     return json_util.default(value, RELAXED_OPTIONS)
 
 
 def _non_finite_to_ejson(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
+    kind = type(value)
+    if kind is float and value - value != 0.0:
         return {"$numberDouble": float_text(value)}
-    if isinstance(value, dict):
+    if kind is dict:
         return {k: _non_finite_to_ejson(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if kind is list:
         return [_non_finite_to_ejson(v) for v in value]
     return value
 
 
-_RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
+_RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
 def relaxed_json(value: Any) -> bytes:
@@ -233,13 +252,11 @@ def encoder_for(mode: str) -> Callable[[Any], bytes]:
     return canonical_json if mode == "canonical" else relaxed_json
 
 
-# --- XLSX -------------------------------------------------------------------------------------
+# --- XLSX ------------------------------------------------------------------------------------------
 def decimal_as_float(value: Decimal128) -> float | None:
     """The double equal to value, or None when no double is exactly equal."""
     dec = value.to_decimal()
     if not dec.is_finite():
         return None
     as_float = float(dec)
-    from decimal import Decimal
-
     return as_float if Decimal(as_float) == dec else None
