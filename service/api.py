@@ -184,7 +184,7 @@ async def healthz(request: web.Request) -> web.Response:
         return json_response({"status": "unavailable", "database": str(exc)}, 503)
     except asyncio.TimeoutError:
         return json_response({"status": "unavailable", "database": f"no answer within {HEALTH_TIMEOUT}s"}, 503)
-    return json_response({"status": "ok"})
+    return json_response({"status": "ok", "instance": request.app[MANAGER_KEY].instance_id})
 
 
 @routes.get("/metrics")

@@ -19,7 +19,7 @@ from .events import EventHub
 from .jobs import ACTIVE_VALUES, RUNNING_VALUES, JobStatus, new_job_doc, snapshot, now_ms
 from .metrics import Metrics
 from .query import ExportSpec, safe_filename
-from .runner import BatchSource, RunContext, execute, file_paths
+from .runner import BatchSource, RunContext, execute, final_path
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class JobManager:
         return [await self.snapshot_of(doc) for doc in docs]
 
     def path_of(self, doc: dict[str, Any]) -> Path:
-        return file_paths(self.settings.export_dir, doc["_id"], ExportSpec.from_doc(doc["spec"]))[0]
+        return final_path(self.settings.export_dir, doc["_id"], ExportSpec.from_doc(doc["spec"]))
 
     async def cancel_or_delete(self, user: str, job_id: str) -> dict[str, Any]:
         """Cancel an active job, or delete a finished one with its file."""
@@ -177,6 +177,7 @@ class JobManager:
                 "$set": {
                     "status": JobStatus.FETCHING.value,
                     "owner": self.instance_id,
+                    "instance": self.instance_id,  # kept after the end, to tell which instance ran it
                     "lease_until": now + int(self.settings.lease_seconds * 1000),
                     "started_at": now,
                     "processed": 0,

@@ -36,10 +36,12 @@ class ExportPipeline:
         self.rows = 0
         self.writer: Writer | None = None
         self.discovered: set[str] | None = None  # columns found by sampling, when fields were not given
+        self.leaf_keys: frozenset[str] = frozenset()  # top-level keys that are columns themselves
         self.missed: dict[str, None] = {}
         self.file: BinaryIO = open(self.part_path, "wb", buffering=1 << 20)
         self.stream: BinaryIO = (
-            gzip.GzipFile(fileobj=self.file, mode="wb", compresslevel=6, mtime=0)  # type: ignore[assignment]
+            # no name and no time in the gzip header: the same export compresses to the same bytes
+            gzip.GzipFile(filename="", fileobj=self.file, mode="wb", compresslevel=6, mtime=0)  # type: ignore[assignment]
             if spec.compress == "gzip"
             else self.file
         )
@@ -50,6 +52,7 @@ class ExportPipeline:
             # The first batch is the sample; later documents are checked against it.
             columns = discover_columns(first_docs)
             self.discovered = set(columns)
+            self.leaf_keys = frozenset(c for c in columns if "." not in c)
         self.writer = make_writer(self.stream, self.spec, columns, self.info)
         self.writer.write_header()
 
@@ -68,12 +71,18 @@ class ExportPipeline:
         return written
 
     def _note_missed(self, docs: list[dict[str, Any]]) -> None:
-        known = self.discovered
+        known, leaf_keys, missed = self.discovered, self.leaf_keys, self.missed
         assert known is not None
         for doc in docs:
-            for path in paths_of(doc):
-                if not _covered(path, known):
-                    self.missed.setdefault(path, None)
+            for key, value in doc.items():
+                if key in leaf_keys:  # the whole value is in that column, however deep it goes
+                    continue
+                if type(value) is dict and value:
+                    for path in paths_of(value, key + "."):
+                        if not _covered(path, known):
+                            missed.setdefault(path, None)
+                elif key not in known:
+                    missed.setdefault(key, None)
 
     def finish(self) -> PipelineResult:
         if self.writer is None:
@@ -86,7 +95,7 @@ class ExportPipeline:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        warnings = []
+        warnings = self.writer.warnings()
         if self.missed:
             paths = list(self.missed)[:MAX_WARNED_PATHS]
             warnings.append(

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 from .db import Database, DatabaseError, FindSpec
 from .encoder import EncoderError, EncoderPool, EncoderSession
 from .events import EventHub
-from .jobs import JobStatus, expiry, snapshot, now_ms
+from .jobs import RUNNING_VALUES, JobStatus, expiry, now_ms, snapshot
 from .metrics import Metrics
 from .query import ExportSpec
 from .settings import Settings
@@ -52,9 +52,8 @@ class RunContext:
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
-def file_paths(export_dir: Path, job_id: str, spec: ExportSpec) -> tuple[Path, Path]:
-    final = export_dir / f"{job_id}.{spec.extension}"
-    return final, final.with_name(final.name + ".part")
+def final_path(export_dir: Path, job_id: str, spec: ExportSpec) -> Path:
+    return Path(export_dir) / f"{job_id}.{spec.extension}"
 
 
 class JobRun:
@@ -63,11 +62,14 @@ class JobRun:
         self.job = job
         self.id: str = job["_id"]
         self.spec = ExportSpec.from_doc(job["spec"])
-        self.final_path, self.part_path = file_paths(ctx.settings.export_dir, self.id, self.spec)
+        self.final_path = final_path(ctx.settings.export_dir, self.id, self.spec)
+        # One partial file per instance: a job taken over after a lost lease never shares its file.
+        self.part_path = self.final_path.with_name(f"{self.final_path.name}.{ctx.instance_id}.part")
         self.encoder: EncoderSession | None = None
         self.started = time.monotonic()
         self.last_event = 0.0
         self.last_persist = 0.0
+        self.lost = False  # set when the lease shows the job was cancelled or claimed elsewhere
 
     # --- persistence -------------------------------------------------------------------------
     def _owned(self, *statuses: JobStatus) -> dict[str, Any]:
@@ -79,6 +81,24 @@ class JobRun:
         if not await self.ctx.db.update_job(self._owned(*expected), {"$set": fields}):
             raise JobLost(self.id)
         self.job.update(fields)
+
+    async def keep_lease(self, task: asyncio.Task[Any]) -> None:
+        """Renew the lease while the job runs, even when no batch arrives (a slow count or cursor);
+        stop the run when the job is no longer ours."""
+        interval = self.ctx.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                still_ours = await self.ctx.db.update_job(
+                    {"_id": self.id, "owner": self.ctx.instance_id, "status": {"$in": RUNNING_VALUES}},
+                    {"$set": {"lease_until": self._lease()}},
+                )
+            except DatabaseError:
+                continue  # an outage fails the run itself; the lease only matters once the database is back
+            if not still_ours:
+                self.lost = True
+                task.cancel()
+                return
 
     def _lease(self) -> int:
         return now_ms() + int(self.ctx.settings.lease_seconds * 1000)
@@ -162,11 +182,7 @@ class JobRun:
             "expires_at": expiry(finished, self.ctx.settings.ttl_hours),
             "owner": None,
         }
-        try:
-            await self._set(fields, JobStatus.FINALIZING)
-        except JobLost:
-            remove_file(self.final_path)  # cancelled while finalizing: the file must not outlive the job
-            raise
+        await self._set(fields, JobStatus.FINALIZING)
         duration = time.monotonic() - self.started
         self.ctx.metrics.job_completed(self.spec.format, result.rows, result.bytes, duration)
         snap = snapshot(self.job)
@@ -238,10 +254,15 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
     """Run one claimed job to its end state and return it. A cancellation that is not a user's
     cancel (the service is stopping) leaves the job to be run again and propagates."""
     run = JobRun(ctx, job)
+    this_task = asyncio.current_task()
+    assert this_task is not None
+    renewer = asyncio.create_task(run.keep_lease(this_task), name=f"lease-{run.id}")
     try:
         await run.run()
         return JobStatus.COMPLETED
     except asyncio.CancelledError:
+        if run.lost:
+            return await _taken_over(ctx, run)
         if cancelled():
             await run.end(JobStatus.CANCELLED)
             ctx.metrics.job_ended("cancelled")
@@ -249,14 +270,7 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
         run.discard()
         raise
     except JobLost:
-        run.discard()
-        current = await ctx.db.get_job(run.id)
-        status = JobStatus(current["status"]) if current else JobStatus.CANCELLED
-        if status == JobStatus.CANCELLED:
-            run.job.update(current or {})
-            await run._emit("export-cancelled")
-        log.info("job %s was taken over (now %s); this instance stops running it", run.id, status.value)
-        return status
+        return await _taken_over(ctx, run)
     except DatabaseError as exc:
         log.warning("job %s failed: %s", run.id, exc)
         ctx.metrics.job_ended(exc.code)
@@ -277,3 +291,19 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
         ctx.metrics.job_ended("internal_error")
         await run.end(JobStatus.FAILED, {"code": "internal_error", "message": f"internal error: {exc.__class__.__name__}"})
         return JobStatus.FAILED
+    finally:
+        renewer.cancel()
+
+
+async def _taken_over(ctx: RunContext, run: JobRun) -> JobStatus:
+    """The job document says someone else decides now: a user cancelled it, or another instance
+    claimed it after our lease ran out. Stop without touching its state."""
+    run.discard()
+    current = await ctx.db.get_job(run.id)
+    status = JobStatus(current["status"]) if current else JobStatus.CANCELLED
+    if status == JobStatus.CANCELLED:
+        remove_file(run.final_path)  # cancelled while finalizing: the file must not outlive the job
+        run.job.update(current or {})
+        await run._emit("export-cancelled")
+    log.info("job %s was taken over (now %s); this instance stops running it", run.id, status.value)
+    return status

@@ -107,6 +107,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) ->
         api_tokens=_tokens(env.get("EXPORT_API_TOKENS", "")),
         collections=tuple(c.strip() for c in env.get("EXPORT_COLLECTIONS", "").split(",") if c.strip()),
         redis_url=env.get("EXPORT_REDIS_URL") or None,
+        jobs_collection=env.get("EXPORT_JOBS_COLLECTION") or "export_jobs",
         lease_seconds=_float(env, "EXPORT_LEASE_SECONDS", 30.0),
         sweep_interval_seconds=_float(env, "EXPORT_SWEEP_INTERVAL_SECONDS", 60.0),
         xlsx_max_rows_per_sheet=_int(env, "EXPORT_XLSX_MAX_ROWS", 1_048_575, minimum=1),

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
+import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,41 +18,7 @@ from service.app import create_app
 from service.embedded_db import EmbeddedMongo, free_port
 
 from conftest import DATA_DB, make_settings
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class ServiceProcess:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.env = {**os.environ, **env, "EXPORT_PORT": str(self.port)}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                assert self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc.stderr else ""
-                try:
-                    async with http.get(self.url + "/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError("service did not start")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(15)
-
+from service_process import ROOT, ServiceProcess, wait_for
 
 @pytest.fixture
 def service_env(mongo_url: str, tmp_path: Path, tasks: Any) -> Iterator[dict[str, str]]:
@@ -64,21 +29,8 @@ def service_env(mongo_url: str, tmp_path: Path, tasks: Any) -> Iterator[dict[str
         "EXPORT_BATCH_SIZE": "10",  # many round trips: the export is surely mid-way when killed
         "EXPORT_MAX_CONCURRENT": "1",
         "EXPORT_API_TOKENS": "",
+        "EXPORT_JOBS_COLLECTION": f"jobs_{secrets.token_hex(4)}",
     }
-
-
-async def job_status(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
-    async with http.get(f"{url}/api/exports/{job_id}") as resp:
-        return await resp.json()
-
-
-async def wait_for(http: aiohttp.ClientSession, url: str, job_id: str, states: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        snap = await job_status(http, url, job_id)
-        if snap["status"] in states or time.monotonic() > deadline:
-            return snap
-        await asyncio.sleep(0.05)
 
 
 async def test_killed_mid_export_the_job_completes_after_restart_with_a_whole_file(service_env: dict[str, str], tmp_path: Path) -> None:

@@ -51,7 +51,8 @@ async def test_cancel_running_job_within_a_second_and_remove_its_partial_file(sl
     snap = await wait_status(slow_api, job["id"], ("processing",) + END_STATES)
     assert snap["status"] == "processing", snap
     export_dir = Path(slow_api.server.app[MANAGER_KEY].settings.export_dir)
-    assert [p.name for p in export_dir.iterdir()] == [f"{job['id']}.xlsx.part"]
+    manager = slow_api.server.app[MANAGER_KEY]
+    assert [p.name for p in export_dir.iterdir()] == [f"{job['id']}.xlsx.{manager.instance_id}.part"]
 
     asked = time.monotonic()
     resp = await slow_api.delete(f"/api/exports/{job['id']}")

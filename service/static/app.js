@@ -161,7 +161,7 @@ function connectSocket() {
   socket.on("disconnect", (reason) => {
     debug.disconnects += 1;
     state.subscribed.clear();
-    setConnection("reconnecting", "Reconnecting…");
+    setConnection("reconnecting", "Reconnecting… (polling meanwhile)");
     if (reason === "io server disconnect") socket.connect(); // the server dropped us; the client would not retry
   });
   socket.on("connect_error", (error) => {
@@ -169,7 +169,7 @@ function connectSocket() {
       setConnection("offline", "Not signed in");
       askForToken("The live-update connection was refused: a valid API token is required");
     } else {
-      setConnection("reconnecting", "Reconnecting…");
+      setConnection("reconnecting", "Reconnecting… (polling meanwhile)");
     }
   });
   for (const name of EVENTS) {
@@ -241,15 +241,34 @@ function merge(data, source) {
     if (source === "snapshot" && job.status !== "queued") delete job.queue_position;
   }
   renderJob(job);
-  afterChange(job, previous);
+  afterChange(job, previous, source);
 }
 
-function afterChange(job, previous) {
+function afterChange(job, previous, source) {
   if (ACTIVE.has(job.status)) {
     subscribe(job.id);
   } else {
     unsubscribe(job.id);
-    if (previous && ACTIVE.has(previous)) announce(`${job.file_name || "Export"}: ${STATUS_LABEL[job.status].toLowerCase()}.`);
+    if (previous && ACTIVE.has(previous)) {
+      announce(`${job.file_name || "Export"}: ${STATUS_LABEL[job.status].toLowerCase()}.`);
+      // Events carry progress only: fetch the final snapshot once for expiry, warnings and times.
+      if (source === "event") refreshJob(job.id);
+    }
+  }
+}
+
+async function refreshJob(id) {
+  if (state.fetching.has(id)) return;
+  state.fetching.add(id);
+  try {
+    const snapshot = await api(`/api/exports/${encodeURIComponent(id)}`);
+    const job = state.jobs.get(id);
+    if (job) job.seenAt = Date.now();
+    merge(snapshot, "snapshot");
+  } catch (error) {
+    if (error.status === 404) dropJob(id);
+  } finally {
+    state.fetching.delete(id);
   }
 }
 
@@ -289,16 +308,8 @@ async function pollActive() {
     if (state.socket?.connected && !state.subscribed.has(job.id)) subscribe(job.id);
     const live = state.socket?.connected && state.subscribed.has(job.id);
     if (live && now - job.seenAt < STALE_MS) continue;
-    state.fetching.add(job.id);
     debug.polls += 1;
-    try {
-      merge(await api(`/api/exports/${encodeURIComponent(job.id)}`), "snapshot");
-      job.seenAt = Date.now();
-    } catch (error) {
-      if (error.status === 404) dropJob(job.id);
-    } finally {
-      state.fetching.delete(job.id);
-    }
+    await refreshJob(job.id);
   }
 }
 

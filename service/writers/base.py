@@ -31,5 +31,9 @@ class Writer(ABC):
     @abstractmethod
     def write_footer(self) -> None: ...
 
+    def warnings(self) -> list[str]:
+        """Anything the user should know about the file, for the job's warnings; called after write_footer()."""
+        return []
+
     def close(self) -> None:
         """Flush what the writer buffers itself; the caller owns and closes out."""

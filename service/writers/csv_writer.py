@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from .base import Writer
-from .values import FORMULA_PREFIXES, csv_cell, float_text, iso_datetime, make_getters
+from .values import FORMULA_PREFIXES, MISSING, csv_cell, float_text, iso_datetime, make_getters
 
 FORMULA_CHARS = frozenset(FORMULA_PREFIXES)
 
@@ -47,6 +47,8 @@ class CsvWriter(Writer):
                     row.append(iso_datetime(value))
                 elif kind is bool:
                     row.append("true" if value else "false")
+                elif value is None or value is MISSING:
+                    row.append("")
                 else:
                     row.append(csv_cell(value, escape))
             rows.append(row)

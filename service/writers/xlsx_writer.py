@@ -1,29 +1,34 @@
+"""XLSX through xlsxwriter in constant memory: typed cells, a bold frozen header with autofilter, and a
+new sheet with the header repeated every max_rows data rows."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import xlsxwriter
-
-from .base import Writer
-from .values import MISSING, XLSX_MAX_CELL, decimal_as_float, make_getters, relaxed_json, scalar_text
 from bson.decimal128 import Decimal128
 
-MAX_EXACT_INT = 2**53
+from .base import Writer
+from .values import MISSING, XLSX_MAX_CELL, as_utc, decimal_as_float, make_getters, scalar_text
+
+EXCEL_MAX_DATA_ROWS = 1_048_575  # Excel's 1,048,576 rows less the header
+MAX_EXACT_INT = 2**53  # larger ints do not survive as a double; they are written as text
 DATE_FORMAT = "yyyy-mm-dd hh:mm:ss"
+FIRST_EXCEL_YEAR = 1900  # Excel has no dates before 1900-01-01
+SHEET_NAME = "Export"
+TRUNCATED = -2  # what xlsxwriter's write_string returns when it cut a string at Excel's cell limit
 
 
 class XlsxWriter(Writer):
-    """Typed cells in constant memory; a new sheet, header repeated, every max_rows data rows."""
-
     tabular = True
 
     def write_header(self) -> None:
-        self.max_rows = int(self.info.get("xlsx_max_rows_per_sheet", 1_048_575))
+        self.max_rows = int(self.info.get("xlsx_max_rows_per_sheet") or EXCEL_MAX_DATA_ROWS)
         self.book = xlsxwriter.Workbook(
             self.out,
             {
                 "constant_memory": True,
+                # every string stays a string: never a formula, a hyperlink or a number
                 "strings_to_formulas": False,
                 "strings_to_urls": False,
                 "strings_to_numbers": False,
@@ -33,17 +38,19 @@ class XlsxWriter(Writer):
         self.bold = self.book.add_format({"bold": True})
         self.date_format = self.book.add_format({"num_format": DATE_FORMAT})
         self.getters = make_getters(self.columns or [])
-        self.sheet = None
+        self.sheet: Any = None
         self.sheets = 0
+        self.row = 0
+        self.truncated = 0
         self._new_sheet()
 
     def _new_sheet(self) -> None:
         self._finish_sheet()
         self.sheets += 1
-        self.sheet = self.book.add_worksheet(f"Sheet{self.sheets}" if self.sheets > 1 else "Export")
-        self.row = 0
+        self.sheet = self.book.add_worksheet(SHEET_NAME if self.sheets == 1 else f"{SHEET_NAME} {self.sheets}")
         if self.columns:
-            self.sheet.write_row(0, 0, self.columns, self.bold)
+            for col, name in enumerate(self.columns):
+                self.sheet.write_string(0, col, name, self.bold)
             self.sheet.freeze_panes(1, 0)
         self.row = 1
 
@@ -61,46 +68,51 @@ class XlsxWriter(Writer):
                 value = get(doc)
                 kind = type(value)
                 if kind is str:
-                    sheet.write_string(row, col, value[:XLSX_MAX_CELL])
+                    if sheet.write_string(row, col, value) == TRUNCATED:
+                        self.truncated += 1
                 elif kind is float:
-                    if value == value and value not in (float("inf"), float("-inf")):
+                    if value - value == 0.0:
                         sheet.write_number(row, col, value)
-                    else:
+                    else:  # Excel has no NaN or infinity
                         sheet.write_string(row, col, scalar_text(value))
                 elif kind is bool:
                     sheet.write_boolean(row, col, value)
-                elif isinstance(value, int) and not isinstance(value, bool):
+                elif isinstance(value, int):  # int and Int64
                     if -MAX_EXACT_INT <= value <= MAX_EXACT_INT:
                         sheet.write_number(row, col, value)
                     else:
-                        sheet.write_string(row, col, str(value))
+                        sheet.write_string(row, col, str(int(value)))
                 elif value is None or value is MISSING:
                     continue
-                elif isinstance(value, datetime):
+                elif kind is datetime:
                     self._write_datetime(row, col, value)
-                elif isinstance(value, Decimal128):
+                elif kind is Decimal128:
                     exact = decimal_as_float(value)
                     if exact is None:
                         sheet.write_string(row, col, str(value))
                     else:
                         sheet.write_number(row, col, exact)
-                elif isinstance(value, (dict, list)):
-                    sheet.write_string(row, col, relaxed_json(value).decode("utf-8")[:XLSX_MAX_CELL])
                 else:
-                    sheet.write_string(row, col, scalar_text(value)[:XLSX_MAX_CELL])
+                    # documents and arrays as relaxed Extended JSON, the rest as in CSV
+                    if sheet.write_string(row, col, scalar_text(value)) == TRUNCATED:
+                        self.truncated += 1
             self.row = row + 1
         return len(docs)
 
     def _write_datetime(self, row: int, col: int, value: datetime) -> None:
-        if value.tzinfo is not None:
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
-        if value.year < 1900:  # Excel has no dates before 1900
+        value = as_utc(value).replace(tzinfo=None)
+        if value.year < FIRST_EXCEL_YEAR:
             self.sheet.write_string(row, col, scalar_text(value))
         else:
             self.sheet.write_datetime(row, col, value, self.date_format)
 
     def write_footer(self) -> None:
         self._finish_sheet()
+
+    def warnings(self) -> list[str]:
+        if not self.truncated:
+            return []
+        return [f"{self.truncated} XLSX cells were cut at {XLSX_MAX_CELL:,} characters, Excel's limit for one cell"]
 
     def close(self) -> None:
         self.book.close()
