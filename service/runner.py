@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol
@@ -134,11 +135,13 @@ class JobRun:
         processed = 0
         feeding: asyncio.Future[int] | None = None
         try:
-            async for raw in source.raw_batches(find):
-                if feeding is not None:
-                    processed += await feeding
-                    await self._progress(processed)
-                feeding = asyncio.ensure_future(self.encoder.feed(raw))
+            # aclosing: a cancel or a failure closes the server-side cursor at once, not at garbage collection
+            async with aclosing(source.raw_batches(find)) as batches:
+                async for raw in batches:
+                    if feeding is not None:
+                        processed += await feeding
+                        await self._progress(processed)
+                    feeding = asyncio.ensure_future(self.encoder.feed(raw))
             if feeding is not None:
                 processed += await feeding
                 feeding = None

@@ -214,3 +214,36 @@ async def test_hostile_bodies_never_cause_a_5xx(aiohttp_client: Any, mongo_url: 
             error = (await resp.json())["error"]
             assert error["code"] and error["message"]
     assert (await api.get("/healthz")).status == 200
+
+
+class SlowSource:
+    """Rows from memory, slowly, remembering whether the cursor was closed."""
+
+    def __init__(self, docs: list[dict[str, Any]]) -> None:
+        import bson
+
+        self.batch = b"".join(bson.encode(d) for d in docs)
+        self.rows = len(docs)
+        self.closed = asyncio.Event()
+
+    async def count(self, spec: Any) -> int:
+        return self.rows * 1000
+
+    async def raw_batches(self, spec: Any) -> Any:
+        try:
+            for _ in range(1000):
+                await asyncio.sleep(0.02)
+                yield self.batch
+        finally:
+            self.closed.set()
+
+
+async def test_cancel_closes_the_cursor(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]) -> None:
+    source = SlowSource(tasks[:100])
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=source))
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
+    assert (await wait_status(api, job["id"], ("processing",)))["status"] == "processing"
+    assert not source.closed.is_set()
+    await api.delete(f"/api/exports/{job['id']}")
+    await asyncio.wait_for(source.closed.wait(), 1.0)
+    assert (await wait_status(api, job["id"]))["status"] == "cancelled"
