@@ -110,8 +110,10 @@ class JobManager:
         created = datetime.fromtimestamp(doc["created_at"] / 1000, timezone.utc)
         base = spec.filename or f"{spec.collection}-{created.strftime('%Y%m%d-%H%M%S')}"
         base = safe_filename(base)
-        suffix = "." + spec.extension
-        return base if base.endswith(suffix) else base + suffix
+        bare = "." + spec.extension.split(".")[0]
+        if base.lower().endswith(bare):  # "report.csv" with gzip becomes report.csv.gz, not report.csv.csv.gz
+            base = base[: -len(bare)] or base
+        return base + "." + spec.extension
 
     async def snapshot_of(self, doc: dict[str, Any]) -> dict[str, Any]:
         position = None

@@ -62,6 +62,8 @@ class ExportPipeline:
 
     def write_docs(self, docs: list[dict[str, Any]]) -> int:
         if self.writer is None:
+            if not docs:  # an empty batch is no sample: wait for the first documents
+                return 0
             self._start(docs)
         elif self.discovered is not None and len(self.missed) < MAX_WARNED_PATHS:
             self._note_missed(docs)

@@ -53,7 +53,7 @@ def driver(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def make_settings(mongo_url: str, tmp_path: Path, driver: str = "pymongo", **overrides: Any) -> Settings:
+def make_settings(mongo_url: str, tmp_path: Path, driver: str = os.environ.get("EXPORT_MONGO_DRIVER", "pymongo"), **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
         mongo_url=mongo_url,
         db_name=DATA_DB,

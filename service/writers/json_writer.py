@@ -1,3 +1,5 @@
+"""JSON (an array, or an envelope with exportInfo) and NDJSON (one document a line), as relaxed or
+canonical Extended JSON."""
 from __future__ import annotations
 
 from datetime import datetime, timezone

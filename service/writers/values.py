@@ -16,7 +16,6 @@ from bson.binary import Binary, UuidRepresentation
 from bson.code import Code
 from bson.datetime_ms import DatetimeMS
 from bson.decimal128 import Decimal128
-from bson.int64 import Int64
 from bson.json_util import JSONMode, JSONOptions
 from bson.objectid import ObjectId
 from bson.tz_util import utc as BSON_UTC
@@ -188,8 +187,10 @@ def scalar_text(value: Any) -> str:
         return binary_text(value)
     if kind is DatetimeMS:  # a date outside Python's years 1-9999: milliseconds since the epoch
         return str(int(value))
-    if kind is Code and value.scope is None:
-        return str(value)
+    if kind is Code:
+        if value.scope is None:
+            return str(value)
+        value = {"$code": str(value), "$scope": value.scope}  # orjson would write only the code string
     return relaxed_json(value).decode("utf-8")
 
 
@@ -204,19 +205,16 @@ def csv_cell(value: Any, escape_formulas: bool) -> str:
 
 # --- Extended JSON ---------------------------------------------------------------------------------
 def _relaxed_default(value: Any) -> Any:
-    """orjson calls this for every value it does not write itself (datetimes are passed through, and so
-    are subclasses, so Code keeps its $code and Int64 is written as a plain number)."""
+    """orjson calls this for the values it does not write itself: datetimes (passed through on purpose),
+    ObjectId and the other BSON types. Subclasses of str and int are written natively, so Int64 costs
+    nothing, and JavaScript code comes out as its plain code string."""
     kind = type(value)
     if kind is datetime:
         value = as_utc(value)
         if value.year >= _FIRST_ISO_YEAR:
             return {"$date": value.isoformat(timespec="milliseconds")[:23] + "Z"}
-    elif kind is Int64:
-        return int(value)
     elif kind is ObjectId:
         return {"$oid": str(value)}
-    elif isinstance(value, Mapping):  # a document class other than dict
-        return dict(value)
     return json_util.default(value, RELAXED_OPTIONS)
 
 
@@ -231,7 +229,7 @@ def _non_finite_to_ejson(value: Any) -> Any:
     return value
 
 
-_RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+_RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def relaxed_json(value: Any) -> bytes:

@@ -14,7 +14,11 @@ from .values import MISSING, XLSX_MAX_CELL, as_utc, decimal_as_float, make_gette
 EXCEL_MAX_DATA_ROWS = 1_048_575  # Excel's 1,048,576 rows less the header
 MAX_EXACT_INT = 2**53  # larger ints do not survive as a double; they are written as text
 DATE_FORMAT = "yyyy-mm-dd hh:mm:ss"
-FIRST_EXCEL_YEAR = 1900  # Excel has no dates before 1900-01-01
+# Excel has no dates before 1900 and counts a 29 February 1900 that never was, so its serial numbers
+# are off by one before March 1900 (and xlsxwriter writes 1900-01-01 as a bare time): earlier dates
+# are written as ISO text.
+FIRST_EXCEL_DATE = datetime(1900, 3, 1)
+EXCEL_MAX_COLUMNS = 16_384
 SHEET_NAME = "Export"
 TRUNCATED = -2  # what xlsxwriter's write_string returns when it cut a string at Excel's cell limit
 
@@ -23,7 +27,7 @@ class XlsxWriter(Writer):
     tabular = True
 
     def write_header(self) -> None:
-        self.max_rows = int(self.info.get("xlsx_max_rows_per_sheet") or EXCEL_MAX_DATA_ROWS)
+        self.max_rows = min(int(self.info.get("xlsx_max_rows_per_sheet") or EXCEL_MAX_DATA_ROWS), EXCEL_MAX_DATA_ROWS)
         self.book = xlsxwriter.Workbook(
             self.out,
             {
@@ -35,6 +39,9 @@ class XlsxWriter(Writer):
                 "in_memory": False,
             },
         )
+        self.all_columns = len(self.columns or ())
+        if self.columns and len(self.columns) > EXCEL_MAX_COLUMNS:  # only discovered columns get this far
+            self.columns = self.columns[:EXCEL_MAX_COLUMNS]
         self.bold = self.book.add_format({"bold": True})
         self.date_format = self.book.add_format({"num_format": DATE_FORMAT})
         self.getters = make_getters(self.columns or [])
@@ -101,7 +108,7 @@ class XlsxWriter(Writer):
 
     def _write_datetime(self, row: int, col: int, value: datetime) -> None:
         value = as_utc(value).replace(tzinfo=None)
-        if value.year < FIRST_EXCEL_YEAR:
+        if value < FIRST_EXCEL_DATE:
             self.sheet.write_string(row, col, scalar_text(value))
         else:
             self.sheet.write_datetime(row, col, value, self.date_format)
@@ -110,9 +117,12 @@ class XlsxWriter(Writer):
         self._finish_sheet()
 
     def warnings(self) -> list[str]:
-        if not self.truncated:
-            return []
-        return [f"{self.truncated} XLSX cells were cut at {XLSX_MAX_CELL:,} characters, Excel's limit for one cell"]
+        warnings = []
+        if self.all_columns > EXCEL_MAX_COLUMNS:
+            warnings.append(f"only the first {EXCEL_MAX_COLUMNS:,} of {self.all_columns:,} columns fit in an XLSX sheet")
+        if self.truncated:
+            warnings.append(f"{self.truncated} XLSX cells were cut at {XLSX_MAX_CELL:,} characters, Excel's limit for one cell")
+        return warnings
 
     def close(self) -> None:
         self.book.close()
