@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,redis]'
 	touch $(STAMP)
 
-$(VENDOR): package.json scripts/vendor_js.sh
+$(VENDOR): package.json package-lock.json scripts/vendor_js.sh
 	bash scripts/vendor_js.sh
 
 install: $(STAMP) $(VENDOR)

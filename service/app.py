@@ -87,6 +87,12 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def _revalidate_static(request: web.Request, response: web.StreamResponse) -> None:
+    # The page's scripts change with each release; browsers must ask again rather than run a stale copy.
+    if request.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-cache")
+
+
 def create_app(settings: Settings, source: BatchSource | None = None) -> web.Application:
     """The service. source replaces the database as the origin of exported rows (the benchmark
     feeds pre-encoded batches this way); jobs are still kept in the database."""
@@ -100,6 +106,7 @@ def create_app(settings: Settings, source: BatchSource | None = None) -> web.App
     events.attach(app)
     app.add_routes(api.routes)
     app.router.add_get("/", index)
-    app.router.add_static("/static", STATIC_DIR, show_index=False, follow_symlinks=False)
+    app.router.add_static("/static", STATIC_DIR, show_index=False, follow_symlinks=False, append_version=False)
+    app.on_response_prepare.append(_revalidate_static)
     app.cleanup_ctx.extend([_export_dir_ctx, _database_ctx, _manager_ctx])
     return app

@@ -195,6 +195,9 @@ class JobRun:
             file_name=snap["file_name"],
             download_url=snap["download_url"],
             duration_seconds=round(duration, 3),
+            finished_at=snap["finished_at"],
+            expires_at=snap["expires_at"],
+            warnings=snap["warnings"],
         )
 
     def discard(self) -> None:

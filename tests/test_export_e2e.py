@@ -15,11 +15,12 @@ from bson import json_util
 
 from service.settings import MANAGER_KEY
 
+from expected import csv_text, lookup
+
 FILTER = {"status": {"$in": ["open", "in_progress", "done"]}}
 SORT = {"createdAt": -1, "seq": 1}
 TABLE_FIELDS = ["seq", "title", "description", "assignee.name", "tags", "createdAt", "estimate", "points", "archived", "items.0.sku"]
 DOC_FIELDS = ["seq", "title", "assignee.name", "createdAt", "estimate", "tags"]
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 EVENTS = ["export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed"]
 
 
@@ -28,34 +29,6 @@ def expected_docs(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows.sort(key=lambda d: d["seq"])
     rows.sort(key=lambda d: d["createdAt"], reverse=True)  # stable: seq ascending within equal dates
     return rows
-
-
-def lookup(doc: dict[str, Any], path: str) -> Any:
-    value: Any = doc
-    for part in path.split("."):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            return None
-    return value
-
-
-def csv_text(value: Any) -> str:
-    """The design's CSV rendering, written out independently of the service's code."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return "'" + value if value.startswith(FORMULA_START) else value
-    if isinstance(value, datetime):
-        value = value.astimezone(timezone.utc)
-        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return repr(value) if isinstance(value, float) else str(value)
 
 
 def projected(doc: dict[str, Any]) -> dict[str, Any]:

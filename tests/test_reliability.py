@@ -167,7 +167,7 @@ async def test_download_range_etag_head(client: Any) -> None:
     assert resp.status == 206
     assert await resp.read() == full[10:100]
     assert resp.headers["Content-Range"] == f"bytes 10-99/{len(full)}"
-    resp = await client.get(url, headers={"Range": f"bytes=-50"})
+    resp = await client.get(url, headers={"Range": "bytes=-50"})
     assert resp.status == 206 and await resp.read() == full[-50:]
     etag = (await client.get(url)).headers["ETag"]
     resp = await client.get(url, headers={"If-None-Match": etag})

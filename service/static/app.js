@@ -122,16 +122,20 @@ function setToken(token) {
   loadJobs();
 }
 
+function sentence(text) {
+  const trimmed = String(text || "").trim().replace(/[.\s]+$/, "");
+  return trimmed ? `${trimmed[0].toUpperCase()}${trimmed.slice(1)}.` : "";
+}
+
 function askForToken(message) {
-  showBanner(`${message || "A valid API token is required"}. Enter your API token under “API token” at the top.`);
+  showBanner(`${sentence(message || "a valid API token is required")} Enter your API token under “API token” at the top.`);
   const box = $("#token-box");
   if (!box.open) box.open = true;
 }
 
 function showBanner(text) {
-  const banner = $("#banner");
-  banner.textContent = text;
-  banner.hidden = false;
+  $("#banner-text").textContent = text;
+  $("#banner").hidden = false;
 }
 
 function hideBanner() {
@@ -540,7 +544,17 @@ async function cancelJob(id) {
   button.disabled = true;
   button.textContent = "Cancelling…";
   try {
-    merge(await api(`/api/exports/${encodeURIComponent(id)}`, { method: "DELETE" }), "snapshot");
+    const result = await api(`/api/exports/${encodeURIComponent(id)}`, { method: "DELETE" });
+    if (result?.deleted) {
+      // The job finished just before the cancel arrived, and DELETE removes a finished export.
+      const name = state.jobs.get(id)?.file_name || "The export";
+      dropJob(id);
+      announce(`${name} had already finished; it was removed.`);
+      showBanner(`${name} had already ${result.status} when it was cancelled, so it was removed.`);
+      $("#jobs-heading").focus();
+      return;
+    }
+    merge(result, "snapshot");
   } catch (error) {
     button.disabled = false;
     button.textContent = "Cancel";
@@ -618,9 +632,8 @@ async function loadCollections() {
       $("#collection-hint").textContent = "The database holds no collection this service may export.";
     } else {
       select.replaceChildren(...state.collections.map((c) =>
-        new Option(`${c.name} — about ${numberFormat.format(c.estimated_count ?? 0)} documents`, c.name)));
+        new Option(`${c.name} · ${numberFormat.format(c.estimated_count ?? 0)} docs`, c.name)));
       select.value = state.collections.some((c) => c.name === previous) ? previous : state.collections[0].name;
-      $("#collection-hint").textContent = "Counts are estimates; fields come from a sample of documents.";
     }
   } catch (error) {
     select.replaceChildren(new Option("Collections unavailable", ""));
@@ -636,7 +649,14 @@ function currentCollection() {
 }
 
 function onCollectionChange(reset = true) {
-  const paths = currentCollection()?.fields || [];
+  const collection = currentCollection();
+  const paths = collection?.fields || [];
+  if (collection) {
+    const count = collection.estimated_count ?? 0;
+    $("#collection-hint").textContent =
+      `About ${numberFormat.format(count)} document${count === 1 ? "" : "s"} (an estimate); ` +
+      `${paths.length} field path${paths.length === 1 ? "" : "s"} found in a sample.`;
+  }
   if (reset) state.chosen = state.chosen.filter((path) => paths.includes(path));
   $("#paths-list").replaceChildren(...paths.map((path) => new Option(path)));
   renderAvailable();
@@ -1012,6 +1032,7 @@ function initForm() {
     control.addEventListener("input", () => control.removeAttribute("aria-invalid"));
   }
   $("#jobs-refresh").addEventListener("click", loadJobs);
+  $("#banner-close").addEventListener("click", hideBanner);
   $("#token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     setToken($("#token-input").value.trim());

@@ -1,0 +1,369 @@
+"""The export page in a real browser: Playwright drives Debian's headless Chromium against the real app.
+
+One 20,000-row collection is inserted once for the module. Each test runs its own app (its own jobs
+collection) on a random port through pytest-aiohttp, in the same event loop as Playwright's async API.
+Screenshots go to test-output/ at the project root.
+"""
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import re
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import openpyxl
+import pytest
+from pymongo import MongoClient
+
+from scripts.generate_data import make_documents
+from service.app import create_app
+from service.settings import MANAGER_KEY, Settings
+
+from expected import csv_text, lookup
+from conftest import DATA_DB, make_settings
+
+from playwright.async_api import async_playwright, expect
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("EXPORT_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+COLLECTION = "tasks_browser"
+ROWS = 20_000
+SEED = 20240607
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+FIELDS = ["seq", "title", "assignee.name", "createdAt", "estimate"]  # the column order the test builds in the page
+TOKEN = "browser-test-token"
+RECONNECT_ROWS = 6000  # XLSX at about a thousand rows a second: still running when the socket is killed
+
+# Kills the page's Socket.IO connection (its engine) and says what state the job showed at that moment.
+KILL_SOCKET = """(id) => {
+  const status = document.querySelector(`li.job[data-job-id="${id}"]`).dataset.status;
+  window.__exportSocket.io.engine.close();
+  return status;
+}"""
+
+# Visible form controls and buttons with no accessible name.
+UNLABELLED_CONTROLS = """() => [...document.querySelectorAll("input, select, textarea, button, a[href]")]
+  .filter((el) => el.getClientRects().length && getComputedStyle(el).visibility !== "hidden" && el.type !== "hidden")
+  .filter((el) => {
+    const byLabel = el.labels && [...el.labels].some((l) => l.textContent.trim());
+    const byAria = (el.getAttribute("aria-label") || "").trim();
+    const byRef = (el.getAttribute("aria-labelledby") || "").split(/\\s+/).some((id) => id && document.getElementById(id)?.textContent.trim());
+    const byText = (el.tagName === "BUTTON" || el.tagName === "A") && el.textContent.trim();
+    return !(byLabel || byAria || byRef || byText);
+  })
+  .map((el) => el.outerHTML.slice(0, 120))"""
+
+# Installed before the page's own scripts: every value the progress bars take, per job, in order.
+PROGRESS_RECORDER = """
+(() => {
+  window.__progress = {};
+  const record = (bar, value) => {
+    const li = bar.closest && bar.closest("li.job");
+    if (!li) return;
+    (window.__progress[li.dataset.jobId] ||= []).push(value);
+  };
+  new MutationObserver((records) => {
+    for (const r of records) record(r.target, r.target.getAttribute("aria-valuenow"));
+  }).observe(document, { subtree: true, attributes: true, attributeFilter: ["aria-valuenow"] });
+})();
+"""
+
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser_docs(mongo_url: str) -> Iterator[list[dict[str, Any]]]:
+    """ROWS generated tasks in their own collection, inserted once for this module."""
+    docs = list(make_documents(ROWS, SEED))
+    client = MongoClient(mongo_url, tz_aware=True)
+    try:
+        db = client[DATA_DB]
+        db.drop_collection(COLLECTION)
+        for start in range(0, ROWS, 1000):
+            db[COLLECTION].insert_many(docs[start:start + 1000])
+    finally:
+        client.close()
+    yield docs
+
+
+@pytest.fixture
+def browser_settings(mongo_url: str, tmp_path: Path, browser_docs: list[dict[str, Any]]) -> Settings:
+    return make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,))
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not Path(CHROMIUM).exists():  # a failure, not a skip: `make test` installs it
+        pytest.fail(f"no Chromium at {CHROMIUM}; `make test` installs Debian's chromium package")
+    async with async_playwright() as pw:
+        instance = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield instance
+        finally:
+            await instance.close()
+
+
+@pytest.fixture(scope="module")
+def output_dir() -> Path:
+    OUTPUT.mkdir(exist_ok=True)
+    return OUTPUT
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+class PageErrors(list):
+    def check(self) -> None:
+        assert not self, f"errors in the page: {list(self)}"
+
+
+async def open_page(browser: Any, url: str, width: int = 1280, height: int = 900, wait_live: bool = True) -> tuple[Any, PageErrors]:
+    context = await browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+    page = await context.new_page()
+    errors = PageErrors()
+    page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    await page.add_init_script(PROGRESS_RECORDER)
+    await page.goto(url)
+    if wait_live:
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
+        await expect(page.get_by_label("Collection", exact=True)).to_have_value(COLLECTION)
+    return page, errors
+
+
+def job_item(page: Any, job_id: str) -> Any:
+    return page.locator(f'li.job[data-job-id="{job_id}"]')
+
+
+async def start_export(page: Any, fmt: str) -> str:
+    """Choose the format, press Start export, and return the new job's id."""
+    await page.locator(f'label[for="format-{fmt}"]').click()
+    async with page.expect_response(lambda r: r.url.endswith("/api/exports") and r.request.method == "POST") as info:
+        await page.get_by_role("button", name="Start export").click()
+    response = await info.value
+    assert response.status == 202, await response.text()
+    job_id = (await response.json())["id"]
+    await expect(job_item(page, job_id)).to_be_visible()
+    return job_id
+
+
+async def wait_running(page: Any, job_id: str, timeout: float = 30.0) -> str:
+    """Wait until the job's bar shows a value strictly between 0 and 100; return the status then."""
+    bar = job_item(page, job_id).get_by_role("progressbar")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        value = await bar.get_attribute("aria-valuenow")
+        if value is not None and 0 < float(value) < 100:
+            return await job_item(page, job_id).get_attribute("data-status")
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} never showed intermediate progress")
+
+
+async def progress_values(page: Any, job_id: str) -> list[float]:
+    values = await page.evaluate("(id) => window.__progress[id] || []", job_id)
+    return [float(v) for v in values if v is not None]
+
+
+async def choose_fields(page: Any) -> None:
+    """Pick FIELDS in the page's field picker: tick them out of order, then move seq to the front."""
+    await page.get_by_label("Choose fields and their order").check()
+    available = page.get_by_role("list", name="Sampled fields")
+    for path in ["title", "seq", "assignee.name", "createdAt", "estimate"]:
+        await available.get_by_label(path, exact=True).check()
+    await page.get_by_role("button", name="Move seq up").click()  # keyboard focus stays on the moved field
+    chosen = page.locator("#field-chosen li .path")
+    await expect(chosen).to_have_text(FIELDS)
+
+
+# --- tests -----------------------------------------------------------------------------------------
+async def test_export_progress_download_cancel_and_screenshot(
+    aiohttp_client: Any, browser_settings: Settings, browser: Any, browser_docs: list[dict[str, Any]], tmp_path: Path, output_dir: Path
+) -> None:
+    client = await aiohttp_client(create_app(browser_settings))
+    manager = client.server.app[MANAGER_KEY]
+    page, errors = await open_page(browser, str(client.make_url("/")))
+    await expect(page.get_by_text("No exports yet")).to_be_visible()
+    await expect(page.locator("#collection-hint")).to_contain_text("About 20,000 documents")
+
+    # The form: fields in a chosen order, a filter typed with live feedback, a sort, CSV.
+    await choose_fields(page)
+    filter_box = page.get_by_label(re.compile("^Filter"))
+    await filter_box.fill('{"seq": {"$gte": 0}')
+    await expect(filter_box).to_have_attribute("aria-invalid", "true")
+    await expect(page.locator("#filter-status")).to_contain_text("Not valid JSON")
+    await filter_box.fill('{"seq": {"$where": "1"}}')
+    await expect(page.locator("#filter-status")).to_contain_text("$where is not allowed")
+    await filter_box.fill('{"seq": {"$gte": 0}}')
+    await expect(filter_box).not_to_have_attribute("aria-invalid", "true")
+    await expect(page.locator("#filter-status")).to_contain_text("Valid filter")
+    await page.get_by_role("button", name="Add sort key").click()
+    await page.get_by_label("Sort field").fill("seq")
+    await page.get_by_label("Direction").select_option("-1")
+    await page.get_by_label("File name").fill("browser tasks")
+
+    # 1. A 20,000-row export: the bar passes through intermediate values to 100%, then the download.
+    job_id = await start_export(page, "csv")
+    item = job_item(page, job_id)
+    await expect(item).to_have_attribute("data-status", "completed", timeout=60_000)
+    bar = item.get_by_role("progressbar")
+    await expect(bar).to_have_attribute("aria-valuenow", "100")
+    await expect(item.locator(".badge")).to_have_text("Completed")
+    await expect(item.locator(".progress-text")).to_contain_text("20,000 rows")
+    values = await progress_values(page, job_id)
+    assert any(0 < v < 100 for v in values), f"no intermediate progress value in {values}"
+    assert values == sorted(values), f"progress went backwards: {values}"
+    assert values[-1] == 100
+
+    async with page.expect_download() as download_info:
+        await item.get_by_role("link", name=re.compile("^Download browser tasks.csv")).click()
+    download = await download_info.value
+    assert download.suggested_filename == "browser tasks.csv"
+    saved = tmp_path / "download.csv"
+    await download.save_as(saved)
+    rows = list(csv.reader(io.StringIO(saved.read_text("utf-8"), newline="")))
+    expected = sorted(browser_docs, key=lambda d: d["seq"], reverse=True)
+    assert rows[0] == FIELDS
+    assert len(rows) - 1 == ROWS
+    assert rows[1:] == [[csv_text(lookup(doc, f)) for f in FIELDS] for doc in expected]
+
+    # 2. A second export, cancelled from the page while it runs.
+    await page.get_by_label("All fields").check()
+    await filter_box.fill("")
+    await page.get_by_role("button", name="Remove this sort key").click()
+    await page.get_by_label("File name").fill("")
+    cancel_id = await start_export(page, "xlsx")
+    status = await wait_running(page, cancel_id)
+    assert status in ("fetching", "processing"), status
+    cancel_item = job_item(page, cancel_id)
+    await cancel_item.get_by_role("button", name=re.compile("^Cancel export")).click()
+    await expect(cancel_item).to_have_attribute("data-status", "cancelled", timeout=15_000)
+    await expect(cancel_item.locator(".badge")).to_have_text("Cancelled")
+    await expect(cancel_item.get_by_role("button", name=re.compile("^Cancel"))).to_be_hidden()
+    snap = await (await client.get(f"/api/exports/{cancel_id}")).json()
+    assert snap["status"] == "cancelled" and 0 < snap["processed"] < ROWS, snap
+
+    # 4. A screenshot with a running, a queued and finished jobs.
+    running_id = await start_export(page, "xlsx")
+    await wait_running(page, running_id)
+    manager.pause()
+    queued_id = await start_export(page, "ndjson")
+    await expect(job_item(page, queued_id)).to_have_attribute("data-status", "queued")
+    await expect(job_item(page, queued_id).locator(".progress-text")).to_contain_text("Waiting in queue")
+    assert await job_item(page, running_id).get_attribute("data-status") in ("processing", "finalizing")
+    await page.screenshot(path=str(output_dir / "export-page.png"), full_page=True, animations="disabled")
+    manager.resume()
+    # The running one is cancelled too (no need to wait for it); the queued one runs and completes.
+    await job_item(page, running_id).get_by_role("button", name=re.compile("^Cancel export")).click()
+    await expect(job_item(page, running_id)).to_have_attribute("data-status", "cancelled", timeout=15_000)
+    await expect(job_item(page, queued_id)).to_have_attribute("data-status", "completed", timeout=60_000)
+    await expect(job_item(page, queued_id).get_by_role("link", name=re.compile("^Download"))).to_be_visible()
+
+    # Newest first, and a finished job can be removed from the list.
+    order = await page.locator("li.job").evaluate_all("items => items.map(li => li.dataset.jobId)")
+    assert order == [queued_id, running_id, cancel_id, job_id]
+    await job_item(page, cancel_id).get_by_role("button", name=re.compile("^Remove export")).click()
+    await expect(job_item(page, cancel_id)).to_have_count(0)
+    assert (await client.get(f"/api/exports/{cancel_id}")).status == 404
+    errors.check()
+
+
+async def test_page_recovers_when_the_socket_is_killed_mid_export(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, browser_docs: list[dict[str, Any]], browser: Any
+) -> None:
+    """With API tokens: the page authenticates over HTTP and Socket.IO, survives a killed connection
+    (reconnects, subscribes again, takes the state from the ack), and falls back to polling."""
+    settings = make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,), api_tokens={TOKEN: "alice"})
+    client = await aiohttp_client(create_app(settings))
+    url = str(client.make_url("/"))
+
+    # Without a token the page says what is missing; a token typed in the token field fixes it.
+    page, _ = await open_page(browser, url, wait_live=False)
+    await expect(page.get_by_role("alert").filter(has_text="token")).to_be_visible()
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "offline")
+    await page.get_by_label("API token", exact=True).fill(TOKEN)
+    await page.get_by_role("button", name="Save token").click()
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    await expect(page.get_by_label("Collection", exact=True)).to_have_value(COLLECTION)
+    await page.context.close()
+
+    # The token from ?token= is kept (and removed from the address bar).
+    page, errors = await open_page(browser, f"{url}?token={TOKEN}")
+    assert "token" not in page.url
+    await page.get_by_label("Limit", exact=True).fill(str(RECONNECT_ROWS))
+    await page.get_by_role("button", name="Add sort key").click()
+    await page.get_by_label("Sort field").fill("seq")
+    job_id = await start_export(page, "xlsx")
+    await wait_running(page, job_id)
+    status_at_kill = await page.evaluate(KILL_SOCKET, job_id)
+    assert status_at_kill in ("fetching", "processing"), status_at_kill
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
+    item = job_item(page, job_id)
+    await expect(item).to_have_attribute("data-status", "completed", timeout=60_000)
+    await expect(item.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+    debug = await page.evaluate("window.__exportDebug")
+    assert debug["connects"] >= 2 and debug["disconnects"] >= 1, debug
+    resubscribed = [a for a in debug["acks"] if a["id"] == job_id and a["connection"] >= 2]
+    assert resubscribed, f"the page did not subscribe again after reconnecting: {debug}"
+    values = await progress_values(page, job_id)
+    assert values == sorted(values) and values[-1] == 100, values
+    assert any(0 < v < 100 for v in values), values
+
+    async with page.expect_download() as download_info:
+        await item.get_by_role("link", name=re.compile("^Download")).click()
+    saved = tmp_path / "reconnect.xlsx"
+    await (await download_info.value).save_as(saved)
+    sheet = openpyxl.load_workbook(saved, read_only=True).worksheets[0]
+    rows = list(sheet.iter_rows(values_only=True))
+    seq_column = list(rows[0]).index("seq")
+    assert [row[seq_column] for row in rows[1:]] == list(range(RECONNECT_ROWS))
+
+    # Events stop for good (no reconnection): the page still follows the next export, over HTTP.
+    polls_before = debug["polls"]
+    await page.evaluate("() => { const s = window.__exportSocket; s.io.reconnection(false); s.io.engine.close(); }")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting")
+    job2 = await start_export(page, "csv")
+    await expect(job_item(page, job2)).to_have_attribute("data-status", "completed", timeout=60_000)
+    await expect(job_item(page, job2).get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+    assert (await page.evaluate("window.__exportDebug.polls")) > polls_before
+    errors.check()
+
+
+async def test_narrow_screen_keyboard_and_labels(
+    aiohttp_client: Any, browser_settings: Settings, browser: Any, output_dir: Path
+) -> None:
+    client = await aiohttp_client(create_app(browser_settings))
+    page, errors = await open_page(browser, str(client.make_url("/")), width=375, height=812)
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "the page scrolls sideways at 375 px"
+    await page.get_by_label("Choose fields and their order").check()
+    await page.get_by_role("button", name="Add sort key").click()
+    unlabelled = await page.evaluate(UNLABELLED_CONTROLS)
+    assert unlabelled == [], f"controls without an accessible name: {unlabelled}"
+    await page.get_by_role("button", name="Remove this sort key").click()
+    await page.get_by_label("All fields").check()
+
+    # Keyboard only: type a limit, tab to the start button, press Enter.
+    await page.get_by_label("Limit", exact=True).focus()
+    await page.keyboard.type("500")
+    for _ in range(40):
+        if await page.evaluate("document.activeElement.id") == "start":
+            break
+        await page.keyboard.press("Tab")
+    else:
+        raise AssertionError("Start export is not reachable with Tab")
+    async with page.expect_response(lambda r: r.url.endswith("/api/exports") and r.request.method == "POST") as info:
+        await page.keyboard.press("Enter")
+    job_id = (await (await info.value).json())["id"]
+    item = job_item(page, job_id)
+    await expect(item).to_have_attribute("data-status", "completed", timeout=30_000)
+    await expect(item.locator(".progress-text")).to_contain_text("500 rows")
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "a job scrolls sideways at 375 px"
+    await item.scroll_into_view_if_needed()
+    await page.screenshot(path=str(output_dir / "export-page-narrow.png"), full_page=True, animations="disabled")
+    errors.check()
