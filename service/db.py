@@ -96,7 +96,8 @@ class Database:
 
     @property
     def jobs(self) -> Any:
-        return self.collection(self.jobs_collection)
+        # Job documents hold no dates (times are epoch milliseconds): the client's defaults suffice.
+        return self.db[self.jobs_collection]
 
     async def ping(self) -> None:
         async with driver_errors():

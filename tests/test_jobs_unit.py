@@ -1,0 +1,96 @@
+"""Small, fast unit tests of the job store and the queue on mongomock-motor (no server)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mongomock_motor import AsyncMongoMockClient
+
+from service.db import Database
+from service.events import EventHub
+from service.jobs import JobStatus, eta, percent, snapshot
+from service.manager import JobManager, JobNotFound, TooManyJobs
+from service.metrics import Metrics
+from service.query import validate_request
+from service.settings import settings_from_env
+
+
+class RecordingHub(EventHub):
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def emit(self, event: str, snap: Any, **extra: Any) -> None:
+        self.sent.append((event, dict(snap)))
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> JobManager:
+    settings = settings_from_env({}, export_dir=tmp_path, max_active_per_user=3)
+    db = Database(AsyncMongoMockClient(), "unit")
+    return JobManager(settings, db, RecordingHub(settings), Metrics())
+
+
+def spec(**body: Any) -> Any:
+    return validate_request({"collection": "tasks", "format": "csv", **body})
+
+
+def test_percent_and_eta() -> None:
+    assert percent(0, None) is None
+    assert percent(0, 0) == 100.0
+    assert percent(250, 1000) == 25.0
+    assert percent(1001, 1000) == 100.0
+    assert eta(250, 1000, 50.0) == 15.0
+    assert eta(250, None, 50.0) is None
+
+
+async def test_claims_are_fifo_and_queue_positions_count_older_jobs(manager: JobManager) -> None:
+    created = [await manager.create(spec(limit=n + 1), "alice") for n in range(3)]
+    assert [c["queue_position"] for c in created] == [1, 2, 3]
+    first = await manager._claim()
+    assert first is not None and first["_id"] == created[0]["id"]
+    assert first["status"] == JobStatus.FETCHING.value and first["attempts"] == 1
+    assert first["owner"] == manager.instance_id
+    assert (await manager.get("alice", created[1]["id"]))["queue_position"] == 1
+    second = await manager._claim()
+    assert second is not None and second["_id"] == created[1]["id"]
+
+
+async def test_per_user_limit_and_isolation(manager: JobManager) -> None:
+    for _ in range(3):
+        await manager.create(spec(), "alice")
+    with pytest.raises(TooManyJobs):
+        await manager.create(spec(), "alice")
+    bob_job = await manager.create(spec(), "bob")  # limits are per user
+    with pytest.raises(JobNotFound):
+        await manager.get("alice", bob_job["id"])
+    assert [j["id"] for j in await manager.list("bob", None, 10)] == [bob_job["id"]]
+
+
+async def test_cancelling_a_queued_job_emits_and_frees_the_slot(manager: JobManager) -> None:
+    jobs = [await manager.create(spec(), "alice") for _ in range(3)]
+    result = await manager.cancel_or_delete("alice", jobs[0]["id"])
+    assert result["status"] == "cancelled"
+    assert manager.events.sent[-1][0] == "export-cancelled"  # type: ignore[attr-defined]
+    await manager.create(spec(), "alice")  # the cancelled job no longer counts
+    deleted = await manager.cancel_or_delete("alice", jobs[0]["id"])
+    assert deleted["deleted"] is True
+    with pytest.raises(JobNotFound):
+        await manager.get("alice", jobs[0]["id"])
+
+
+def test_file_names_are_sanitized_and_keep_one_extension(manager: JobManager) -> None:
+    doc = {"created_at": 1_700_000_000_000}
+    assert manager.file_name(spec(), doc) == "tasks-20231114-221320.csv"
+    assert manager.file_name(spec(filename="report.csv", options={"compress": "gzip"}), doc) == "report.csv.gz"
+    assert manager.file_name(spec(filename="../../etc/passwd"), doc) == "etc-passwd.csv"
+    assert manager.file_name(spec(filename="Café 東京"), doc) == "Café 東京.csv"
+
+
+def test_snapshot_of_a_completed_job_has_a_download_url() -> None:
+    doc = {"_id": "a" * 24, "status": "completed", "spec": spec().to_doc(), "processed": 10, "total": 10,
+           "created_at": 0, "finished_at": 1000, "file_name": "x.csv"}
+    snap = snapshot(doc)
+    assert snap["download_url"] == f"/api/exports/{'a' * 24}/download"
+    assert snap["percent"] == 100.0 and snap["finished_at"] == "1970-01-01T00:00:01.000Z"
