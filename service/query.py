@@ -25,6 +25,7 @@ OPTION_KEYS = frozenset({"csv", "json", "compress"})
 CSV_OPTION_KEYS = frozenset({"delimiter", "header", "bom", "escape_formulas"})
 JSON_OPTION_KEYS = frozenset({"mode", "envelope"})
 COMPRESSIONS = ("none", "gzip")
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))})
 _PATH_PART = re.compile(r"^[^$.\x00][^.\x00]*$")
 RELAXED = JSONOptions(json_mode=JSONMode.RELAXED, tz_aware=True)
 CANONICAL = JSONOptions(json_mode=JSONMode.CANONICAL, tz_aware=True)
@@ -279,5 +280,7 @@ def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_job
 def safe_filename(name: str) -> str:
     """A file name that is safe on every common filesystem and in a header, keeping non-ASCII letters."""
     name = unicodedata.normalize("NFC", name)
-    name = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", "-", name).strip(" .-")
-    return name[:150] or "export"
+    name = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", "-", name).strip(" .-")[:150]
+    if name.split(".")[0].upper() in WINDOWS_RESERVED:
+        name = "_" + name  # CON, NUL, COM1... cannot be file names on Windows, whatever the extension
+    return name or "export"

@@ -86,6 +86,7 @@ def test_file_names_are_sanitized_and_keep_one_extension(manager: JobManager) ->
     assert manager.file_name(spec(filename="report.csv", options={"compress": "gzip"}), doc) == "report.csv.gz"
     assert manager.file_name(spec(filename="../../etc/passwd"), doc) == "etc-passwd.csv"
     assert manager.file_name(spec(filename="Café 東京"), doc) == "Café 東京.csv"
+    assert manager.file_name(spec(filename="con"), doc) == "_con.csv"
 
 
 def test_snapshot_of_a_completed_job_has_a_download_url() -> None:
