@@ -5,6 +5,7 @@ Runs inside an encoder process (see encoder.py), so none of this touches the eve
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from .query import ExportSpec
 from .writers import Writer, make_writer, writer_class
 from .writers.values import discover_columns, paths_of
 
+log = logging.getLogger(__name__)
 MAX_WARNED_PATHS = 20
 
 
@@ -108,8 +110,12 @@ class ExportPipeline:
         return PipelineResult(self.rows, self.part_path.stat().st_size, self.writer.columns, warnings)
 
     def abort(self) -> None:
+        """Discard the partial file. Closing flushes the buffer, which fails again on a full disk:
+        that cannot matter for a file about to be removed."""
         try:
             self.file.close()
+        except OSError as exc:
+            log.debug("closing a discarded export file failed: %s", exc)
         finally:
             self.part_path.unlink(missing_ok=True)
 

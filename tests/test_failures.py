@@ -64,3 +64,22 @@ async def test_unwritable_export_directory_fails_the_job_cleanly(aiohttp_client:
     job2 = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson", "limit": 10})).json()
     assert (await wait_for_end(api, job2["id"]))["status"] == "completed"
     assert sorted(p.name for p in export_dir.iterdir()) == [f"{job2['id']}.ndjson"]
+
+
+async def test_full_disk_fails_the_job_with_a_clear_message(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    from service.settings import MANAGER_KEY
+
+    settings = make_settings(mongo_url, tmp_path)
+    api = await aiohttp_client(create_app(settings))
+    manager = api.server.app[MANAGER_KEY]
+    manager.pause()
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson"})).json()
+    # The job's partial file leads to /dev/full, where every write fails with ENOSPC, as on a full disk.
+    part = Path(settings.export_dir) / f"{job['id']}.ndjson.{manager.instance_id}.part"
+    part.symlink_to("/dev/full")
+    manager.resume()
+    snap = await wait_for_end(api, job["id"])
+    assert snap["status"] == "failed"
+    assert snap["error"]["code"] == "disk_error"
+    assert "No space left on device" in snap["error"]["message"]
+    assert list(Path(settings.export_dir).iterdir()) == []  # nothing partial left behind
