@@ -210,11 +210,12 @@ def _relaxed_default(value: Any) -> Any:
     nothing, and JavaScript code comes out as its plain code string."""
     kind = type(value)
     if kind is datetime:
-        value = as_utc(value)
-        if value.year >= _FIRST_ISO_YEAR:
-            return {"$date": value.isoformat(timespec="milliseconds")[:23] + "Z"}
+        if value.tzinfo is not None:
+            value = as_utc(value).replace(tzinfo=None)
+        if value.year >= _FIRST_ISO_YEAR:  # naive, so isoformat is exactly the 23 characters wanted
+            return {"$date": value.isoformat(timespec="milliseconds") + "Z"}
     elif kind is ObjectId:
-        return {"$oid": str(value)}
+        return {"$oid": value.binary.hex()}
     return json_util.default(value, RELAXED_OPTIONS)
 
 
