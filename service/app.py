@@ -21,6 +21,7 @@ from .settings import SOURCE_KEY, DB_KEY, EMBEDDED_KEY, EVENTS_KEY, MANAGER_KEY,
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
+EMBEDDED_CONNECT_TIMEOUT_MS = 30_000
 GENERATOR = Path(__file__).resolve().parent.parent / "scripts" / "generate_data.py"
 
 
@@ -50,7 +51,10 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
         url = embedded.url
         log.warning("no EXPORT_MONGO_URL: using the embedded database at %s (data in %s)", url, settings.embedded_dir)
     app[EMBEDDED_KEY] = embedded
-    app[DB_KEY] = Database.connect(url, settings.db_name, settings.driver, settings.jobs_collection)
+    # The embedded server answers nothing while it builds a large query's first batch (seconds for
+    # 100,000 documents); the driver's heartbeat, whose timeout is connectTimeoutMS, must outwait it.
+    connect_timeout_ms = EMBEDDED_CONNECT_TIMEOUT_MS if embedded is not None else 5000
+    app[DB_KEY] = Database.connect(url, settings.db_name, settings.driver, settings.jobs_collection, connect_timeout_ms)
     try:
         if settings.seed_demo_rows:
             await _seed_demo(url, settings)

@@ -55,8 +55,8 @@ async def _resolve(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-def make_client(url: str, driver: str = "pymongo") -> Any:
-    common = dict(serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, connectTimeoutMS=5000, tz_aware=True)
+def make_client(url: str, driver: str = "pymongo", connect_timeout_ms: int = 5000) -> Any:
+    common = dict(serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, connectTimeoutMS=connect_timeout_ms, tz_aware=True)
     if driver == "motor":
         from motor.motor_asyncio import AsyncIOMotorClient
 
@@ -85,8 +85,10 @@ class Database:
         self.jobs_collection = jobs_collection
 
     @classmethod
-    def connect(cls, url: str, name: str, driver: str = "pymongo", jobs_collection: str = "export_jobs") -> "Database":
-        return cls(make_client(url, driver), name, jobs_collection)
+    def connect(
+        cls, url: str, name: str, driver: str = "pymongo", jobs_collection: str = "export_jobs", connect_timeout_ms: int = 5000
+    ) -> "Database":
+        return cls(make_client(url, driver, connect_timeout_ms), name, jobs_collection)
 
     async def close(self) -> None:
         await _resolve(self.client.close())
@@ -105,8 +107,8 @@ class Database:
 
     async def ensure_indexes(self) -> None:
         async with driver_errors():
-            await self.jobs.create_index([("status", ASCENDING), ("created_at", ASCENDING)])
-            await self.jobs.create_index([("user", ASCENDING), ("created_at", DESCENDING)])
+            await self.jobs.create_index([("status", ASCENDING), ("order", ASCENDING)])
+            await self.jobs.create_index([("user", ASCENDING), ("order", DESCENDING)])
 
     async def collection_names(self) -> list[str]:
         async with driver_errors():
@@ -169,7 +171,7 @@ class Database:
             return await self.jobs.find_one({"_id": job_id})
 
     async def find_jobs(
-        self, query: Mapping[str, Any], sort: Sequence[tuple[str, int]] = (("created_at", DESCENDING),), limit: int = 0
+        self, query: Mapping[str, Any], sort: Sequence[tuple[str, int]] = (("order", DESCENDING),), limit: int = 0
     ) -> list[dict[str, Any]]:
         async with driver_errors():
             cursor = self.jobs.find(dict(query)).sort(list(sort))
@@ -198,7 +200,7 @@ class Database:
         """Atomically move the oldest job matching query, returning it as updated."""
         async with driver_errors():
             return await self.jobs.find_one_and_update(
-                dict(query), dict(update), sort=[("created_at", ASCENDING)], return_document=ReturnDocument.AFTER
+                dict(query), dict(update), sort=[("order", ASCENDING)], return_document=ReturnDocument.AFTER
             )
 
     async def delete_job(self, job_id: str) -> None:

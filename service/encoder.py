@@ -6,13 +6,16 @@ Socket.IO, and lets several exports use several cores. The server process only m
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from bson.errors import BSONError
 
@@ -20,6 +23,13 @@ from .pipeline import ExportPipeline, PipelineResult
 from .query import ExportSpec
 
 log = logging.getLogger(__name__)
+
+# Encoders run at a lower priority: when the cores are busy, the event loop (and a database on the same host)
+# still gets the CPU at once, so the API and progress events stay prompt; idle cores still go to the encoders.
+ENCODER_NICE = 5
+# Batches handed to an encoder and not yet acknowledged: one being encoded and the next one waiting, so the
+# encoder never waits for a round trip through the event loop, and the server holds at most that many.
+MAX_IN_FLIGHT = 2
 
 
 class EncoderError(RuntimeError):
@@ -29,8 +39,16 @@ class EncoderError(RuntimeError):
         self.message = message
 
 
+def _lower_priority() -> None:
+    try:
+        os.nice(ENCODER_NICE)
+    except OSError as exc:  # a sandbox may forbid it; encoding at normal priority is still correct
+        log.debug("could not lower the encoder's priority: %s", exc)
+
+
 def _serve(conn: multiprocessing.connection.Connection, spec_doc: dict[str, Any], part_path: str, info: dict[str, Any]) -> None:
     """The encoder process: open the .part file, then answer each batch with its row count."""
+    _lower_priority()
     try:
         pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info)
     except OSError as exc:
@@ -66,8 +84,11 @@ class EncoderPool:
     def __init__(self, max_workers: int) -> None:
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(["service.pipeline"])
-        # Blocking pipe I/O happens on these threads: two per running export (send and receive overlap).
+        # Blocking pipe I/O happens on these threads: one call at a time per running export, plus starts and joins.
         self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * max_workers), thread_name_prefix="encoder-io")
+        # The fork server is a fresh interpreter importing the writers (a few hundred ms): start it now, in the
+        # background, instead of in the first export's time.
+        self.executor.submit(multiprocessing.forkserver.ensure_running)
 
     async def open(self, spec: ExportSpec, part_path: Path, info: Mapping[str, Any]) -> "EncoderSession":
         session = EncoderSession(self, spec, part_path, info)
@@ -79,6 +100,8 @@ class EncoderPool:
 
 
 class EncoderSession:
+    """The server's side of one encoder process. Calls are made one at a time (the runner awaits each)."""
+
     def __init__(self, pool: EncoderPool, spec: ExportSpec, part_path: Path, info: Mapping[str, Any]) -> None:
         self.pool = pool
         self.spec = spec
@@ -86,9 +109,12 @@ class EncoderSession:
         self.info = dict(info)
         self.conn: multiprocessing.connection.Connection | None = None
         self.process: multiprocessing.process.BaseProcess | None = None
+        self.in_flight = 0  # batches sent and not acknowledged yet
+        self.pending: concurrent.futures.Future[Any] | None = None  # the pool thread working for us, if any
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool.executor, fn, *args)
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.pending = self.pool.executor.submit(fn, *args)
+        return await asyncio.wrap_future(self.pending)
 
     def _start_blocking(self) -> tuple[Any, ...]:
         parent, child = self.pool.ctx.Pipe(duplex=True)
@@ -98,12 +124,13 @@ class EncoderSession:
         self.process.start()
         child.close()
         self.conn = parent
-        return self._receive()
+        return self._receive(parent)
 
-    def _receive(self) -> tuple[Any, ...]:
-        assert self.conn is not None
+    # The blocking helpers below run on a pool thread and take the pipe as an argument: kill() may drop
+    # self.conn from the event loop while one of them is still inside a call.
+    def _receive(self, conn: multiprocessing.connection.Connection) -> tuple[Any, ...]:
         try:
-            reply = self.conn.recv()
+            reply = conn.recv()
         except (EOFError, OSError):
             code = self.process.exitcode if self.process else None
             raise EncoderError("encoder_crashed", f"the encoder process ended unexpectedly (exit code {code})") from None
@@ -111,35 +138,71 @@ class EncoderSession:
             raise EncoderError(reply[1], reply[2])
         return reply
 
-    def _roundtrip(self, raw: bytes) -> tuple[Any, ...]:
-        assert self.conn is not None
+    def _send(self, conn: multiprocessing.connection.Connection, raw: bytes) -> None:
         try:
-            self.conn.send_bytes(raw)
-        except (BrokenPipeError, OSError):
-            pass  # the process died; _receive reports why
-        return self._receive()
+            conn.send_bytes(raw)
+        except OSError:  # BrokenPipeError: the process died; its last reply, or EOF, says why
+            while True:
+                self._receive(conn)
+        self.in_flight += 1
+
+    def _collect(self, conn: multiprocessing.connection.Connection, keep: int) -> int:
+        """Read acknowledgements until at most keep batches are unacknowledged, and then those already
+        back; returns the rows they count."""
+        rows = 0
+        while self.in_flight and (self.in_flight > keep or conn.poll()):
+            reply = self._receive(conn)
+            self.in_flight -= 1
+            rows += int(reply[1])
+        return rows
+
+    def _feed_blocking(self, conn: multiprocessing.connection.Connection, raw: bytes) -> int:
+        # A batch larger than the pipe's buffer is sent only as the encoder reads it, that is once it has
+        # finished the one before; smaller ones are bounded by MAX_IN_FLIGHT.
+        self._send(conn, raw)
+        return self._collect(conn, MAX_IN_FLIGHT)
+
+    def _finish_blocking(self, conn: multiprocessing.connection.Connection) -> tuple[Any, ...]:
+        self._collect(conn, 0)
+        self._send(conn, b"")
+        reply = self._receive(conn)
+        self.in_flight = 0
+        if self.process is not None:
+            self.process.join(timeout=10)
+        return reply
+
+    def _pipe(self) -> multiprocessing.connection.Connection:
+        if self.conn is None:
+            raise EncoderError("encoder_crashed", "the encoder process was stopped")
+        return self.conn
 
     async def start(self) -> None:
         await self._call(self._start_blocking)
 
     async def feed(self, raw: bytes) -> int:
-        reply = await self._call(self._roundtrip, raw)
-        return int(reply[1])
+        """Hand raw to the encoder; returns once the encoder holds it, with the rows of the batches it has
+        finished meanwhile (the encoder works on raw while the caller fetches the next batch)."""
+        return int(await self._call(self._feed_blocking, self._pipe(), raw))
+
+    async def drain(self) -> int:
+        """Wait until every batch handed over is encoded; returns the rows not reported by feed() yet."""
+        return int(await self._call(self._collect, self._pipe(), 0))
 
     async def finish(self) -> PipelineResult:
-        reply = await self._call(self._roundtrip, b"")
-        await self._call(self._join)
+        reply = await self._call(self._finish_blocking, self._pipe())
         return PipelineResult(**reply[1])
-
-    def _join(self) -> None:
-        if self.process is not None:
-            self.process.join(timeout=10)
 
     def kill(self) -> None:
         """Stop the process now; the caller removes the .part file."""
         if self.process is not None and self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=5)
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        if self.pending is not None and not self.pending.done():
+            # A pool thread is still inside a send or receive on this pipe (it fails at once now that the
+            # process is gone): closing the descriptor under it could hand its number to another file.
+            self.pending.add_done_callback(lambda _: conn.close())
+        else:
+            conn.close()

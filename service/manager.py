@@ -118,7 +118,7 @@ class JobManager:
     async def snapshot_of(self, doc: dict[str, Any]) -> dict[str, Any]:
         position = None
         if doc["status"] == JobStatus.QUEUED.value:
-            position = 1 + await self.db.count_jobs({"status": JobStatus.QUEUED.value, "created_at": {"$lt": doc["created_at"]}})
+            position = 1 + await self.db.count_jobs({"status": JobStatus.QUEUED.value, "order": {"$lt": doc["order"]}})
         return snapshot(doc, position)
 
     async def get_doc(self, user: str, job_id: str) -> dict[str, Any]:

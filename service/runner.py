@@ -1,7 +1,7 @@
 """The export loop of one job: count, cursor, encoder, progress, cancel, finalize.
 
-The loop never looks at the format: the encoder process owns the writer. It keeps one batch in the
-encoder while the cursor fetches the next, so the database and the encoding overlap.
+The loop never looks at the format: the encoder process owns the writer. The encoder holds the batch
+it encodes and the next one while the cursor fetches more, so the database and the encoding overlap.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncGenerator, Callable, Protocol
 
 from .db import Database, DatabaseError, FindSpec
 from .encoder import EncoderError, EncoderPool, EncoderSession
@@ -38,7 +38,7 @@ class BatchSource(Protocol):
 
     async def count(self, spec: FindSpec) -> int: ...
 
-    def raw_batches(self, spec: FindSpec) -> AsyncIterator[bytes]: ...
+    def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]: ...
 
 
 @dataclass
@@ -131,24 +131,24 @@ class JobRun:
             "total": total,
             "xlsx_max_rows_per_sheet": settings.xlsx_max_rows_per_sheet,
         }
+        for stale in self.final_path.parent.glob(f"{self.final_path.name}.*.part"):
+            if stale != self.part_path:
+                remove_file(stale)  # left by an instance that lost this job; we own it now
         self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, info)
         processed = 0
-        feeding: asyncio.Future[int] | None = None
-        try:
-            # aclosing: a cancel or a failure closes the server-side cursor at once, not at garbage collection
-            async with aclosing(source.raw_batches(find)) as batches:
-                async for raw in batches:
-                    if feeding is not None:
-                        processed += await feeding
-                        await self._progress(processed)
-                    feeding = asyncio.ensure_future(self.encoder.feed(raw))
-            if feeding is not None:
-                processed += await feeding
-                feeding = None
-                await self._progress(processed, force=True)
-        finally:
-            if feeding is not None and not feeding.done():
-                feeding.cancel()
+        fed = False
+        async with aclosing(source.raw_batches(find)) as batches:
+            async for raw in batches:
+                # feed() returns once the encoder holds this batch; it encodes it while the progress is
+                # recorded and the next batch is fetched, so the database, the event loop and the encoder overlap.
+                done = await self.encoder.feed(raw)
+                fed = True
+                if done:
+                    processed += done
+                    await self._progress(processed)
+        if fed:
+            processed += await self.encoder.drain()
+            await self._progress(processed, force=True)
         await self._finalize(processed)
 
     async def _progress(self, processed: int, force: bool = False) -> None:
@@ -225,7 +225,8 @@ class JobRun:
         if error is not None:
             fields["error"] = error
         # The job may already be cancelled by a DELETE; only an active job changes here.
-        query = {"_id": self.id, "status": {"$in": [s.value for s in JobStatus if s.active]}}
+        # Only while it is still ours: another instance may have claimed it after our lease ran out.
+        query = {"_id": self.id, "owner": self.ctx.instance_id, "status": {"$in": [s.value for s in JobStatus if s.active]}}
         try:
             await self.ctx.db.update_job(query, {"$set": fields})
         except DatabaseError:

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .base import Writer
-from .values import encoder_for, project, projection_tree
+from .values import batch_encoder_for, encoder_for, project, projection_tree
 
 # Settings for other writers that travel in the same info mapping; they are not about the export.
 NOT_EXPORT_INFO = frozenset({"xlsx_max_rows_per_sheet"})
@@ -17,13 +17,14 @@ class _DocumentWriter(Writer):
 
     def _prepare(self) -> None:
         self.encode = encoder_for(self.spec.json.mode)
+        self.encode_many = batch_encoder_for(self.spec.json.mode)
         self.tree = projection_tree(self.columns) if self.columns else None
 
     def _encoded(self, docs: list[dict[str, Any]]) -> list[bytes]:
-        encode, tree = self.encode, self.tree
-        if tree is None:
-            return [encode(doc) for doc in docs]
-        return [encode(project(doc, tree)) for doc in docs]
+        tree = self.tree
+        if tree is not None:
+            docs = [project(doc, tree) for doc in docs]
+        return self.encode_many(docs)
 
 
 class NdjsonWriter(_DocumentWriter):

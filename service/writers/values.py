@@ -247,8 +247,43 @@ def canonical_json(value: Any) -> bytes:
     return orjson.dumps(json_util._json_convert(value, CANONICAL_OPTIONS))  # noqa: SLF001 - the converter dumps() uses
 
 
+# orjson escapes every control character inside strings, so in its output a raw newline is only ever this.
+_SEPARATOR = orjson.Fragment(b"\n")
+
+
+def _dumps_apart(values: Sequence[Any], **kwargs: Any) -> list[bytes]:
+    """orjson.dumps of each value, in one call for all: one output buffer per batch instead of one per
+    document, which measured about twice as fast. The values go out as one array with a raw newline
+    between them, which is then cut at those newlines."""
+    items: list[Any] = [_SEPARATOR] * (2 * len(values) - 1)
+    items[::2] = values
+    return orjson.dumps(items, **kwargs)[1:-1].split(b",\n,")
+
+
+def relaxed_json_many(values: Sequence[Any]) -> list[bytes]:
+    """[relaxed_json(value) for value in values], faster."""
+    if not values:
+        return []
+    parts = _dumps_apart(values, default=_relaxed_default, option=_RELAXED_OPTS)
+    for index, part in enumerate(parts):
+        if b"null" in part:  # maybe a non-finite double: this one the careful way
+            parts[index] = relaxed_json(values[index])
+    return parts
+
+
+def canonical_json_many(values: Sequence[Any]) -> list[bytes]:
+    """[canonical_json(value) for value in values], faster."""
+    if not values:
+        return []
+    return _dumps_apart([json_util._json_convert(value, CANONICAL_OPTIONS) for value in values])  # noqa: SLF001
+
+
 def encoder_for(mode: str) -> Callable[[Any], bytes]:
     return canonical_json if mode == "canonical" else relaxed_json
+
+
+def batch_encoder_for(mode: str) -> Callable[[Sequence[Any]], list[bytes]]:
+    return canonical_json_many if mode == "canonical" else relaxed_json_many
 
 
 # --- XLSX ------------------------------------------------------------------------------------------
