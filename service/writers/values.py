@@ -266,9 +266,21 @@ def relaxed_json_many(values: Sequence[Any]) -> list[bytes]:
         return []
     parts = _dumps_apart(values, default=_relaxed_default, option=_RELAXED_OPTS)
     for index, part in enumerate(parts):
-        if b"null" in part:  # maybe a non-finite double: this one the careful way
-            parts[index] = relaxed_json(values[index])
+        # A null may be a non-finite double: look (cheaply) before encoding this one the careful way.
+        if b"null" in part and _has_non_finite(values[index]):
+            parts[index] = orjson.dumps(_non_finite_to_ejson(values[index]), default=_relaxed_default, option=_RELAXED_OPTS)
     return parts
+
+
+def _has_non_finite(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return value - value != 0.0
+    if kind is dict:
+        return any(_has_non_finite(v) for v in value.values())
+    if kind is list:
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def canonical_json_many(values: Sequence[Any]) -> list[bytes]:
