@@ -55,6 +55,14 @@ async def _resolve(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
+async def _aggregate_count(collection: Any, pipeline: list[dict[str, Any]]) -> int:
+    """The documents pipeline leaves, counted by the server ($count), not by count_documents."""
+    async with driver_errors():
+        cursor = await _resolve(collection.aggregate([*pipeline, {"$count": "n"}]))
+        rows = [row async for row in cursor]
+    return int(rows[0]["n"]) if rows else 0
+
+
 def make_client(url: str, driver: str = "pymongo", connect_timeout_ms: int = 5000) -> Any:
     common = dict(serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, connectTimeoutMS=connect_timeout_ms, tz_aware=True)
     if driver == "motor":
@@ -130,11 +138,7 @@ class Database:
             pipeline.append({"$skip": spec.skip})
         if spec.limit:
             pipeline.append({"$limit": spec.limit})
-        pipeline.append({"$count": "n"})
-        async with driver_errors():
-            cursor = await _resolve(self.collection(spec.collection).aggregate(pipeline))
-            rows = [row async for row in cursor]
-        return int(rows[0]["n"]) if rows else 0
+        return await _aggregate_count(self.collection(spec.collection), pipeline)
 
     async def raw_batches(self, spec: FindSpec) -> AsyncIterator[bytes]:
         """Yield the matching documents as raw BSON batches (concatenated documents), unparsed.
@@ -180,10 +184,7 @@ class Database:
             return [doc async for doc in cursor]
 
     async def count_jobs(self, query: Mapping[str, Any]) -> int:
-        async with driver_errors():
-            cursor = await _resolve(self.jobs.aggregate([{"$match": dict(query)}, {"$count": "n"}]))
-            rows = [row async for row in cursor]
-        return int(rows[0]["n"]) if rows else 0
+        return await _aggregate_count(self.jobs, [{"$match": dict(query)}])
 
     async def update_job(self, query: Mapping[str, Any], update: Mapping[str, Any]) -> bool:
         """Apply update to the job matching query; False when nothing matched (the job moved on)."""

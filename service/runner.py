@@ -17,7 +17,7 @@ from typing import Any, AsyncGenerator, Callable, Protocol
 from .db import Database, DatabaseError, FindSpec
 from .encoder import EncoderError, EncoderPool, EncoderSession
 from .events import EventHub
-from .jobs import RUNNING_VALUES, JobStatus, expiry, now_ms, snapshot
+from .jobs import ACTIVE, RUNNING, JobStatus, expiry, now_ms, snapshot
 from .metrics import Metrics
 from .query import ExportSpec
 from .settings import Settings
@@ -90,10 +90,7 @@ class JobRun:
         while True:
             await asyncio.sleep(interval)
             try:
-                still_ours = await self.ctx.db.update_job(
-                    {"_id": self.id, "owner": self.ctx.instance_id, "status": {"$in": RUNNING_VALUES}},
-                    {"$set": {"lease_until": self._lease()}},
-                )
+                still_ours = await self.ctx.db.update_job(self._owned(*RUNNING), {"$set": {"lease_until": self._lease()}})
             except DatabaseError:
                 continue  # an outage fails the run itself; the lease only matters once the database is back
             if not still_ours:
@@ -226,7 +223,7 @@ class JobRun:
             fields["error"] = error
         # The job may already be cancelled by a DELETE; only an active job changes here.
         # Only while it is still ours: another instance may have claimed it after our lease ran out.
-        query = {"_id": self.id, "owner": self.ctx.instance_id, "status": {"$in": [s.value for s in JobStatus if s.active]}}
+        query = self._owned(*ACTIVE)
         try:
             await self.ctx.db.update_job(query, {"$set": fields})
         except DatabaseError:
@@ -280,26 +277,24 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
         return await _taken_over(ctx, run)
     except DatabaseError as exc:
         log.warning("job %s failed: %s", run.id, exc)
-        ctx.metrics.job_ended(exc.code)
-        await run.end(JobStatus.FAILED, {"code": exc.code, "message": str(exc)})
-        return JobStatus.FAILED
+        return await _fail(ctx, run, exc.code, str(exc))
     except EncoderError as exc:
         log.warning("job %s failed in the encoder: %s", run.id, exc.message)
-        ctx.metrics.job_ended(exc.code)
-        await run.end(JobStatus.FAILED, {"code": exc.code, "message": exc.message})
-        return JobStatus.FAILED
+        return await _fail(ctx, run, exc.code, exc.message)
     except OSError as exc:
         log.exception("job %s failed writing its file", run.id)
-        ctx.metrics.job_ended("disk_error")
-        await run.end(JobStatus.FAILED, {"code": "disk_error", "message": f"cannot write export file: {exc.strerror or exc}"})
-        return JobStatus.FAILED
+        return await _fail(ctx, run, "disk_error", f"cannot write export file: {exc.strerror or exc}")
     except Exception as exc:  # a defect must not leave the job active forever: fail it, loudly
         log.exception("job %s failed unexpectedly", run.id)
-        ctx.metrics.job_ended("internal_error")
-        await run.end(JobStatus.FAILED, {"code": "internal_error", "message": f"internal error: {exc.__class__.__name__}"})
-        return JobStatus.FAILED
+        return await _fail(ctx, run, "internal_error", f"internal error: {exc.__class__.__name__}")
     finally:
         renewer.cancel()
+
+
+async def _fail(ctx: RunContext, run: JobRun, code: str, message: str) -> JobStatus:
+    ctx.metrics.job_ended(code)
+    await run.end(JobStatus.FAILED, {"code": code, "message": message})
+    return JobStatus.FAILED
 
 
 async def _taken_over(ctx: RunContext, run: JobRun) -> JobStatus:
