@@ -2,8 +2,10 @@
 seeded tasks, and the real app built with create_app(settings) for each driver."""
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -19,6 +21,7 @@ from service.settings import Settings, settings_from_env
 SEED = 20240101
 TASKS = 3000  # three batches and then some
 DATA_DB = "export_tests"
+END_STATES = ("completed", "failed", "cancelled", "expired")
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +86,13 @@ async def sio_client(client: Any) -> AsyncIterator[socketio.AsyncClient]:
     await sio.connect(str(client.make_url("/")), transports=["websocket"], socketio_path="socket.io")
     yield sio
     await sio.disconnect()
+
+
+async def wait_status(api: Any, job_id: str, states: tuple[str, ...] = END_STATES, timeout: float = 30, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Poll the job through the app until it reaches one of states; the last snapshot either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = await (await api.get(f"/api/exports/{job_id}", headers=headers)).json()
+        if snap["status"] in states or time.monotonic() > deadline:
+            return snap
+        await asyncio.sleep(0.05)

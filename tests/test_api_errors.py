@@ -1,7 +1,6 @@
 """Every rejection the design lists answers 400 naming the field; unknown ids 404; unfinished downloads 409."""
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import pytest
 from service.app import create_app
 from service.settings import MANAGER_KEY
 
-from conftest import make_settings
+from conftest import make_settings, wait_status
 
 VALID = {"collection": "tasks", "format": "csv"}
 
@@ -105,11 +104,7 @@ async def test_unknown_id_404_and_unfinished_download_409(api: Any) -> None:
     assert resp.status == 409
     assert (await resp.json())["error"]["code"] == "not_ready"
     api.server.app[MANAGER_KEY].resume()
-    for _ in range(200):
-        snap = await (await api.get(f"/api/exports/{job['id']}")).json()
-        if snap["status"] == "completed":
-            break
-        await asyncio.sleep(0.05)
+    snap = await wait_status(api, job["id"])
     assert snap["status"] == "completed"
     assert (await api.get(f"/api/exports/{job['id']}/download")).status == 200
 

@@ -10,16 +10,7 @@ import socketio
 
 from service.app import create_app
 
-from conftest import make_settings
-
-
-async def wait_for_end(api: Any, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    for _ in range(int(timeout / 0.05)):
-        snap = await (await api.get(f"/api/exports/{job_id}")).json()
-        if snap["status"] in ("completed", "failed", "cancelled"):
-            return snap
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not end: {snap}")
+from conftest import make_settings, wait_status
 
 
 async def listen(api: Any, job_id: str, seen: list[tuple[str, dict[str, Any]]]) -> socketio.AsyncClient:
@@ -47,7 +38,7 @@ async def test_unwritable_export_directory_fails_the_job_cleanly(aiohttp_client:
     seen: list[tuple[str, dict[str, Any]]] = []
     sio = await listen(api, job["id"], seen)
     manager.resume()
-    snap = await wait_for_end(api, job["id"])
+    snap = await wait_status(api, job["id"])
     await asyncio.sleep(0.2)
     await sio.disconnect()
 
@@ -62,7 +53,7 @@ async def test_unwritable_export_directory_fails_the_job_cleanly(aiohttp_client:
     assert list(export_dir.iterdir()) == []
     # The service is still up and the next job works once the directory is back.
     job2 = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson", "limit": 10})).json()
-    assert (await wait_for_end(api, job2["id"]))["status"] == "completed"
+    assert (await wait_status(api, job2["id"]))["status"] == "completed"
     assert sorted(p.name for p in export_dir.iterdir()) == [f"{job2['id']}.ndjson"]
 
 
@@ -78,7 +69,7 @@ async def test_full_disk_fails_the_job_with_a_clear_message(aiohttp_client: Any,
     part = Path(settings.export_dir) / f"{job['id']}.ndjson.{manager.instance_id}.part"
     part.symlink_to("/dev/full")
     manager.resume()
-    snap = await wait_for_end(api, job["id"])
+    snap = await wait_status(api, job["id"])
     assert snap["status"] == "failed"
     assert snap["error"]["code"] == "disk_error"
     assert "No space left on device" in snap["error"]["message"]

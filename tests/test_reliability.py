@@ -14,19 +14,7 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 from service.app import create_app
 from service.settings import MANAGER_KEY
 
-from conftest import make_settings
-
-END_STATES = ("completed", "failed", "cancelled", "expired")
-
-
-async def wait_status(api: Any, job_id: str, states: tuple[str, ...] = END_STATES, timeout: float = 30, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        snap = await (await api.get(f"/api/exports/{job_id}", headers=headers)).json()
-        if snap["status"] in states or time.monotonic() > deadline:
-            return snap
-        await asyncio.sleep(0.05)
-
+from conftest import END_STATES, make_settings, wait_status
 
 async def subscribe(api: Any, job_id: str, seen: list[tuple[float, str, dict[str, Any]]], token: str | None = None) -> socketio.AsyncClient:
     sio = socketio.AsyncClient(reconnection=False)
