@@ -57,12 +57,13 @@ class EventHub:
         await self.sio.save_session(sid, {"user": user})
         return True
 
-    async def _job_id(self, data: Any) -> str | None:
+    @staticmethod
+    def _job_id(data: Any) -> str | None:
         job_id = data.get("id") if isinstance(data, dict) else None
         return job_id if isinstance(job_id, str) and job_id else None
 
     async def _subscribe(self, sid: str, data: Any) -> dict[str, Any]:
-        job_id = await self._job_id(data)
+        job_id = self._job_id(data)
         if job_id is None:
             return {"ok": False, "error": {"code": "invalid_request", "message": "subscribe needs {\"id\": ...}", "field": "id"}}
         session = await self.sio.get_session(sid)
@@ -75,7 +76,7 @@ class EventHub:
         return {"ok": True, "job": snap}
 
     async def _unsubscribe(self, sid: str, data: Any) -> dict[str, Any]:
-        job_id = await self._job_id(data)
+        job_id = self._job_id(data)
         if job_id is not None:
             await self.sio.leave_room(sid, room(job_id))
         return {"ok": True}

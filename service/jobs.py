@@ -52,22 +52,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-_last_order = 0
-
-
-def queue_order() -> int:
-    """A strictly increasing position in the queue (microseconds, bumped on ties): jobs created in the
-    same millisecond still keep their order, and queue positions never tie."""
-    global _last_order  # one counter per process; across instances the clock orders them
-    _last_order = max(time.time_ns() // 1000, _last_order + 1)
-    return _last_order
-
-
 def new_job_id() -> str:
     return secrets.token_hex(12)
 
 
-def new_job_doc(spec: ExportSpec, user: str, file_name: str) -> dict[str, Any]:
+def new_job_doc(spec: ExportSpec, user: str, file_name: str, order: int) -> dict[str, Any]:
     return {
         "_id": new_job_id(),
         "status": JobStatus.QUEUED.value,
@@ -84,7 +73,7 @@ def new_job_doc(spec: ExportSpec, user: str, file_name: str) -> dict[str, Any]:
         "owner": None,
         "lease_until": None,
         "created_at": now_ms(),
-        "order": queue_order(),
+        "order": order,  # the queue position: strictly increasing, unlike created_at
         "started_at": None,
         "finished_at": None,
         "expires_at": None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0  # how often idle workers look for jobs queued by other instances
 MAX_ATTEMPTS = 3  # a job that killed its instance this often is failed, not retried forever
+REQUEUE = {"$set": {"status": JobStatus.QUEUED.value, "owner": None}}  # back in line, claimable by any instance
 
 
 class JobNotFound(LookupError):
@@ -61,6 +63,7 @@ class JobManager:
         self.cancelling: set[str] = set()
         self.claiming = asyncio.Event()  # cleared by pause(): workers finish their job and claim no other
         self.claiming.set()
+        self.last_order = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -84,7 +87,7 @@ class JobManager:
         if self.settings.redis_url:
             # Other live instances may be running jobs: only those whose lease ran out are orphans.
             stale["lease_until"] = {"$lt": now}
-        requeued = await self.db.update_jobs(stale, {"$set": {"status": JobStatus.QUEUED.value, "owner": None}})
+        requeued = await self.db.update_jobs(stale, REQUEUE)
         if requeued:
             log.warning("queued %d interrupted export(s) again", requeued)
         running = {job["_id"] for job in await self.db.find_jobs({"status": {"$in": RUNNING_VALUES}})}
@@ -98,7 +101,7 @@ class JobManager:
         active = await self.db.count_jobs({"user": user, "status": {"$in": ACTIVE_VALUES}})
         if active >= self.settings.max_active_per_user:
             raise TooManyJobs(self.settings.max_active_per_user)
-        doc = new_job_doc(spec, user, "")
+        doc = new_job_doc(spec, user, "", self._next_order())
         doc["file_name"] = self.file_name(spec, doc)
         await self.db.insert_job(doc)
         self.metrics.job_created(spec.format)
@@ -189,12 +192,19 @@ class JobManager:
             },
         )
 
+    def _next_order(self) -> int:
+        """Microseconds, bumped on ties: jobs created in the same millisecond keep their order and queue
+        positions never tie. Across instances the clock orders them."""
+        self.last_order = max(time.time_ns() // 1000, self.last_order + 1)
+        return self.last_order
+
     def pause(self) -> None:
         """Stop claiming queued jobs (running ones go on), e.g. to drain an instance before maintenance."""
         self.claiming.clear()
 
     def resume(self) -> None:
         self.claiming.set()
+        self.last_order = 0
         self.wake.set()
 
     async def _worker(self) -> None:
@@ -239,7 +249,7 @@ class JobManager:
         try:
             await self.db.update_job(
                 {"_id": job_id, "owner": self.instance_id, "status": {"$in": RUNNING_VALUES}},
-                {"$set": {"status": JobStatus.QUEUED.value, "owner": None}},
+                REQUEUE,
             )
         except DatabaseError:
             log.warning("job %s could not be queued again; its lease will expire", job_id)
@@ -265,7 +275,7 @@ class JobManager:
     async def recover_orphans(self) -> None:
         """Queue again running jobs whose instance stopped renewing their lease."""
         orphaned = {"status": {"$in": RUNNING_VALUES}, "lease_until": {"$lt": now_ms()}}
-        if await self.db.update_jobs(orphaned, {"$set": {"status": JobStatus.QUEUED.value, "owner": None}}):
+        if await self.db.update_jobs(orphaned, REQUEUE):
             self.wake.set()
 
     async def sweep(self) -> int:
