@@ -5,8 +5,11 @@ Runs inside an encoder process (see encoder.py), so none of this touches the eve
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
+import struct
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
@@ -17,7 +20,7 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 
 from .query import ExportSpec
 from .writers import Writer, make_writer, writer_class
-from .writers.values import discover_columns, paths_of
+from .writers.values import discover_columns, mark_non_finite, paths_of
 
 log = logging.getLogger(__name__)
 # BSON datetimes are UTC. Decoding them naive (and treating naive as UTC everywhere in the writers)
@@ -26,6 +29,7 @@ DECODE_OPTIONS: CodecOptions = CodecOptions(tz_aware=False, datetime_conversion=
 # The plain conversion decodes faster; a batch holding a date outside years 1-9999 is decoded again with AUTO.
 FAST_DECODE_OPTIONS: CodecOptions = CodecOptions(tz_aware=False)
 MAX_WARNED_PATHS = 20
+_INT32 = struct.Struct("<i")
 
 
 @dataclass
@@ -48,8 +52,11 @@ class ExportPipeline:
         self.missed: dict[str, None] = {}
         self.file: BinaryIO = open(self.part_path, "wb", buffering=1 << 20)
         self.stream: BinaryIO = (
-            # no name and no time in the gzip header: the same export compresses to the same bytes
-            gzip.GzipFile(filename="", fileobj=self.file, mode="wb", compresslevel=6, mtime=0)  # type: ignore[assignment]
+            # GzipFile.write is Python code, so small writes are gathered first. No name and no time in the
+            # gzip header: the same export compresses to the same bytes.
+            io.BufferedWriter(  # type: ignore[assignment]
+                gzip.GzipFile(filename="", fileobj=self.file, mode="wb", compresslevel=6, mtime=0), 1 << 20
+            )
             if spec.compress == "gzip"
             else self.file
         )
@@ -65,13 +72,16 @@ class ExportPipeline:
         self.writer.write_header()
 
     def feed(self, raw: bytes) -> int:
+        """Decode one raw batch and write it; NaN and infinite doubles come out as NonFiniteDouble."""
         try:
             docs = decode_all(raw, FAST_DECODE_OPTIONS)
         except InvalidBSON:
             docs = decode_all(raw, DECODE_OPTIONS)
-        return self.write_docs(docs)
+        for index in non_finite_suspects(raw):
+            docs[index] = mark_non_finite(docs[index])
+        return self._write(docs)
 
-    def write_docs(self, docs: list[dict[str, Any]]) -> int:
+    def _write(self, docs: list[dict[str, Any]]) -> int:
         if self.writer is None:
             if not docs:  # an empty batch is no sample: wait for the first documents
                 return 0
@@ -127,6 +137,27 @@ class ExportPipeline:
             log.debug("closing a discarded export file failed: %s", exc)
         finally:
             self.part_path.unlink(missing_ok=True)
+
+
+def non_finite_suspects(raw: bytes) -> set[int]:
+    """Indexes of the documents in a raw BSON batch that may hold a NaN or infinite double: one whose last
+    two bytes (little-endian) are F0-FF then 7F or FF, right after a key's terminating zero, itself after
+    a non-zero byte (a key character or the type byte). Far cheaper than looking at every decoded value;
+    other data matches now and then, and such a document is only looked at more closely."""
+    ends = []
+    for last in (b"\x7f", b"\xff"):
+        pos = raw.find(last, 9)
+        while pos >= 0:
+            if raw[pos - 1] >= 0xF0 and raw[pos - 8] == 0 and raw[pos - 9] != 0:
+                ends.append(pos)
+            pos = raw.find(last, pos + 1)
+    if not ends:
+        return set()
+    starts, start = [], 0
+    while start < len(raw):
+        starts.append(start)
+        start += _INT32.unpack_from(raw, start)[0]
+    return {bisect_right(starts, pos) - 1 for pos in ends}
 
 
 def _covered(path: str, known: set[str]) -> bool:

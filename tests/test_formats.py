@@ -33,7 +33,8 @@ from openpyxl.utils.escape import unescape
 
 from service.api import content_disposition
 from service.manager import JobManager
-from service.pipeline import ExportPipeline, PipelineResult
+from scripts.generate_data import make_documents
+from service.pipeline import ExportPipeline, PipelineResult, non_finite_suspects
 from service.query import CsvOptions, ExportSpec, JsonOptions, safe_filename
 
 NAN, INF = float("nan"), float("inf")
@@ -415,6 +416,52 @@ def test_json_reads_back_as_the_source_documents(tmp_path: Path, fmt: str, mode:
     else:
         docs = [json_util.loads(line, json_options=LOAD_OPTIONS) for line in text.splitlines()]
     assert_same(docs, as_loaded([TYPES_DOC, EXOTIC_DOC, TYPES_DOC], mode), strict_ints=mode == "canonical")
+
+
+# Keys as BSON allows them (no NUL), none read back as an Extended JSON operator.
+KEYS = st.text(alphabet=st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=6).filter(
+    lambda key: not key.startswith("$")
+)
+NUMBERS = st.one_of(
+    st.floats(),  # NaN (any payload, either sign), both infinities, -0.0, subnormals
+    st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(Int64),
+    st.text(max_size=8),
+)
+NESTED = st.recursive(NUMBERS, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=4)), max_leaves=12)
+
+
+@given(st.lists(st.dictionaries(KEYS, NESTED, max_size=6), min_size=1, max_size=8), st.sampled_from(["json", "ndjson"]))
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_numbers_survive_json_round_trip(docs: list[dict[str, Any]], fmt: str) -> None:
+    """NaN and the infinities are found in raw batches by their bytes; no document holding one may be missed,
+    wherever it sits, whatever the keys and the numbers beside it look like."""
+    with tempfile.TemporaryDirectory() as directory:
+        data, _ = export(Path(directory), fmt, [docs])
+    text = data.decode("utf-8")
+    if fmt == "json":
+        got = json_util.loads(text, json_options=LOAD_OPTIONS)
+    else:  # not splitlines(): a string may hold U+0085 or U+2028, which JSON leaves as they are
+        got = [json_util.loads(line, json_options=LOAD_OPTIONS) for line in text.split("\n")[:-1]]
+    assert_same(got, docs, strict_ints=False)
+
+
+def test_non_finite_doubles_found_across_a_batch_of_1001(tmp_path: Path) -> None:
+    """Negative 64-bit integers end in the same bytes as a NaN; the NaN in the last document is still found."""
+    docs: list[dict[str, Any]] = [{"n": index, "long": Int64(-index - 1), "x": 1.5} for index in range(1000)]
+    docs.append({"n": 1000, "deep": [{"v": NAN}, -INF], "x": INF})
+    data, result = export(tmp_path, "ndjson", [docs])
+    lines = data.decode("utf-8").splitlines()
+    assert result.rows == 1001 and len(lines) == 1001
+    assert lines[-1] == '{"n":1000,"deep":[{"v":{"$numberDouble":"NaN"}},{"$numberDouble":"-Infinity"}],"x":{"$numberDouble":"Infinity"}}'
+    assert lines[999] == '{"n":999,"long":-1000,"x":1.5}'
+
+
+def test_generated_data_takes_the_fast_path() -> None:
+    """The generator's documents (realistic data) hold nothing that looks like a non-finite double, so no
+    document of theirs is walked value by value."""
+    docs = list(make_documents(3000, seed=7))
+    assert non_finite_suspects(raw(docs)) == set()
 
 
 @pytest.mark.parametrize("mode", ["relaxed", "canonical"])

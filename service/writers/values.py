@@ -31,6 +31,13 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
+
+
+class NonFiniteDouble(float):
+    """A NaN or infinite double, as ExportPipeline decodes one (see mark_non_finite). orjson writes a plain
+    float of that kind as null; a float subclass it hands to the default, which spells it $numberDouble."""
+
+    __slots__ = ()
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 XLSX_MAX_CELL = 32_767
 RELAXED_OPTIONS = JSONOptions(json_mode=JSONMode.RELAXED, tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
@@ -177,7 +184,7 @@ def scalar_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):  # int and Int64
         return str(int(value))
-    if kind is float:
+    if kind is float or kind is NonFiniteDouble:
         return float_text(value)
     if kind is datetime:
         return iso_datetime(value)
@@ -204,6 +211,19 @@ def csv_cell(value: Any, escape_formulas: bool) -> str:
 
 
 # --- Extended JSON ---------------------------------------------------------------------------------
+# orjson formats a datetime in C, several times faster than isoformat(); a naive one it takes as UTC.
+_ISO_OPTS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
+
+
+def _relaxed_date(value: datetime) -> orjson.Fragment:
+    """{"$date": "...Z"} with exactly three fraction digits. orjson writes microseconds (BSON dates hold
+    whole milliseconds, so the last three digits are zeros) and no fraction at all for whole seconds."""
+    text = orjson.dumps(value, option=_ISO_OPTS)  # b'"2024-01-01T19:53:44.475000Z"'
+    if value.microsecond:
+        return orjson.Fragment(b'{"$date":' + text[:-5] + b'Z"}')
+    return orjson.Fragment(b'{"$date":' + text[:-2] + b'.000Z"}')
+
+
 def _relaxed_default(value: Any) -> Any:
     """orjson calls this for the values it does not write itself: datetimes (passed through on purpose),
     ObjectId and the other BSON types. Subclasses of str and int are written natively, so Int64 costs
@@ -212,10 +232,12 @@ def _relaxed_default(value: Any) -> Any:
     if kind is datetime:
         if value.tzinfo is not None:
             value = as_utc(value).replace(tzinfo=None)
-        if value.year >= _FIRST_ISO_YEAR:  # naive, so isoformat is exactly the 23 characters wanted
-            return {"$date": value.isoformat(timespec="milliseconds") + "Z"}
+        if value.year >= _FIRST_ISO_YEAR:
+            return _relaxed_date(value)
     elif kind is ObjectId:
-        return {"$oid": value.binary.hex()}
+        return {"$oid": value._ObjectId__id.hex()}  # noqa: SLF001 - the property costs a Python call per id
+    elif kind is NonFiniteDouble:
+        return {"$numberDouble": float_text(value)}
     return json_util.default(value, RELAXED_OPTIONS)
 
 
@@ -230,48 +252,6 @@ def _non_finite_to_ejson(value: Any) -> Any:
     return value
 
 
-_RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
-
-
-def relaxed_json(value: Any) -> bytes:
-    """Relaxed Extended JSON, compact. orjson writes NaN and infinities as null, so a document whose
-    output holds a null is encoded again with those doubles spelled out as $numberDouble."""
-    out = orjson.dumps(value, default=_relaxed_default, option=_RELAXED_OPTS)
-    if b"null" in out:
-        out = orjson.dumps(_non_finite_to_ejson(value), default=_relaxed_default, option=_RELAXED_OPTS)
-    return out
-
-
-def canonical_json(value: Any) -> bytes:
-    """Canonical Extended JSON: every number typed, every date as $numberLong milliseconds."""
-    return orjson.dumps(json_util._json_convert(value, CANONICAL_OPTIONS))  # noqa: SLF001 - the converter dumps() uses
-
-
-# orjson escapes every control character inside strings, so in its output a raw newline is only ever this.
-_SEPARATOR = orjson.Fragment(b"\n")
-
-
-def _dumps_apart(values: Sequence[Any], **kwargs: Any) -> list[bytes]:
-    """orjson.dumps of each value, in one call for all: one output buffer per batch instead of one per
-    document, which measured about twice as fast. The values go out as one array with a raw newline
-    between them, which is then cut at those newlines."""
-    items: list[Any] = [_SEPARATOR] * (2 * len(values) - 1)
-    items[::2] = values
-    return orjson.dumps(items, **kwargs)[1:-1].split(b",\n,")
-
-
-def relaxed_json_many(values: Sequence[Any]) -> list[bytes]:
-    """[relaxed_json(value) for value in values], faster."""
-    if not values:
-        return []
-    parts = _dumps_apart(values, default=_relaxed_default, option=_RELAXED_OPTS)
-    for index, part in enumerate(parts):
-        # A null may be a non-finite double: look (cheaply) before encoding this one the careful way.
-        if b"null" in part and _has_non_finite(values[index]):
-            parts[index] = orjson.dumps(_non_finite_to_ejson(values[index]), default=_relaxed_default, option=_RELAXED_OPTS)
-    return parts
-
-
 def _has_non_finite(value: Any) -> bool:
     kind = type(value)
     if kind is float:
@@ -283,19 +263,46 @@ def _has_non_finite(value: Any) -> bool:
     return False
 
 
-def canonical_json_many(values: Sequence[Any]) -> list[bytes]:
-    """[canonical_json(value) for value in values], faster."""
-    if not values:
-        return []
-    return _dumps_apart([json_util._json_convert(value, CANONICAL_OPTIONS) for value in values])  # noqa: SLF001
+def mark_non_finite(value: Any) -> Any:
+    """value with every NaN or infinite float, however deep, as a NonFiniteDouble; value itself when it
+    holds none."""
+    if not _has_non_finite(value):
+        return value
+    kind = type(value)
+    if kind is float:
+        return NonFiniteDouble(value)
+    if kind is dict:
+        return {k: mark_non_finite(v) for k, v in value.items()}
+    return [mark_non_finite(v) for v in value]
+
+
+_RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def relaxed_json(value: Any) -> bytes:
+    """Relaxed Extended JSON, compact, of any value. orjson writes a NaN or infinite float as null, so a
+    value whose output holds a null and really holds such a float is encoded again with those doubles
+    spelled out as $numberDouble."""
+    out = orjson.dumps(value, default=_relaxed_default, option=_RELAXED_OPTS)
+    if b"null" in out and _has_non_finite(value):
+        out = orjson.dumps(_non_finite_to_ejson(value), default=_relaxed_default, option=_RELAXED_OPTS)
+    return out
+
+
+def relaxed_json_decoded(doc: Any) -> bytes:
+    """relaxed_json of a document as ExportPipeline decodes it: its non-finite doubles are NonFiniteDouble
+    already, so the output needs no second look (which costs as much as a third of the encoding)."""
+    return orjson.dumps(doc, default=_relaxed_default, option=_RELAXED_OPTS)
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical Extended JSON: every number typed, every date as $numberLong milliseconds."""
+    return orjson.dumps(json_util._json_convert(value, CANONICAL_OPTIONS))  # noqa: SLF001 - the converter dumps() uses
 
 
 def encoder_for(mode: str) -> Callable[[Any], bytes]:
-    return canonical_json if mode == "canonical" else relaxed_json
-
-
-def batch_encoder_for(mode: str) -> Callable[[Sequence[Any]], list[bytes]]:
-    return canonical_json_many if mode == "canonical" else relaxed_json_many
+    """The encoder of decoded documents for a json mode."""
+    return canonical_json if mode == "canonical" else relaxed_json_decoded
 
 
 # --- XLSX ------------------------------------------------------------------------------------------
