@@ -19,6 +19,7 @@ from .encoder import EncoderPool
 from .events import EventHub
 from .jobs import ACTIVE_VALUES, RUNNING_VALUES, JobStatus, new_job_doc, snapshot, now_ms
 from .metrics import Metrics
+from .pipeline import remove_partial
 from .query import ExportSpec, safe_filename
 from .runner import BatchSource, RunContext, execute, final_path
 from .settings import Settings
@@ -81,7 +82,8 @@ class JobManager:
         self.encoders.close()
 
     async def recover(self) -> None:
-        """Queue again the jobs a dead process left active, and remove stale .part files."""
+        """Queue again the jobs a dead process left active, and remove stale partial files (with their
+        scratch directories)."""
         now = now_ms()
         stale: dict[str, Any] = {"status": {"$in": RUNNING_VALUES}}
         if self.settings.redis_url:
@@ -91,9 +93,11 @@ class JobManager:
         if requeued:
             log.warning("queued %d interrupted export(s) again", requeued)
         running = {job["_id"] for job in await self.db.find_jobs({"status": {"$in": RUNNING_VALUES}})}
-        for part in Path(self.settings.export_dir).glob("*.part"):
+        export_dir = Path(self.settings.export_dir)
+        parts = {*export_dir.glob("*.part"), *(scratch.with_suffix("") for scratch in export_dir.glob("*.part.tmp"))}
+        for part in parts:
             if part.name.split(".", 1)[0] not in running:
-                part.unlink(missing_ok=True)
+                remove_partial(part)
                 log.info("removed stale partial file %s", part.name)
 
     # --- requests ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import gzip
 import io
 import logging
 import os
+import shutil
 import struct
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class ExportPipeline:
         self.discovered: set[str] | None = None  # columns found by sampling, when fields were not given
         self.leaf_keys: frozenset[str] = frozenset()  # top-level keys that are columns themselves
         self.missed: dict[str, None] = {}
+        self.scratch = scratch_dir(self.part_path)
+        self.scratch.mkdir(exist_ok=True)
         self.file: BinaryIO = open(self.part_path, "wb", buffering=1 << 20)
         self.stream: BinaryIO = (
             # GzipFile.write is Python code, so small writes are gathered first. No name and no time in the
@@ -68,7 +71,7 @@ class ExportPipeline:
             columns = discover_columns(first_docs)
             self.discovered = set(columns)
             self.leaf_keys = frozenset(c for c in columns if "." not in c)
-        self.writer = make_writer(self.stream, self.spec, columns, self.info)
+        self.writer = make_writer(self.stream, self.spec, columns, self.info, self.scratch)
         self.writer.write_header()
 
     def feed(self, raw: bytes) -> int:
@@ -118,6 +121,7 @@ class ExportPipeline:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
         warnings = self.writer.warnings()
         if self.missed:
             paths = list(self.missed)[:MAX_WARNED_PATHS]
@@ -129,14 +133,34 @@ class ExportPipeline:
         return PipelineResult(self.rows, self.part_path.stat().st_size, self.writer.columns, warnings)
 
     def abort(self) -> None:
-        """Discard the partial file. Closing flushes the buffer, which fails again on a full disk:
-        that cannot matter for a file about to be removed."""
+        """Discard the partial file and the writer's temporary files. Closing flushes the buffer, which
+        fails again on a full disk: that cannot matter for a file about to be removed."""
         try:
             self.file.close()
         except OSError as exc:
             log.debug("closing a discarded export file failed: %s", exc)
         finally:
-            self.part_path.unlink(missing_ok=True)
+            remove_partial(self.part_path)
+
+
+def scratch_dir(part_path: Path) -> Path:
+    """The directory for the writer's temporary files of an export (xlsxwriter keeps each sheet's rows in
+    one until the workbook is closed): beside the partial file, on the export volume."""
+    return part_path.with_name(part_path.name + ".tmp")
+
+
+def remove_partial(part_path: Path) -> None:
+    """Remove an unfinished export: its partial file and its scratch directory, whichever exist."""
+    remove_file(part_path)
+    shutil.rmtree(scratch_dir(part_path), ignore_errors=True)
+
+
+def remove_file(path: Path) -> None:
+    """Remove path if it is there; a directory that is gone or unreadable is not a second failure."""
+    try:
+        path.unlink(missing_ok=True)
+    except (NotADirectoryError, PermissionError) as exc:
+        log.warning("could not remove %s: %s", path, exc)
 
 
 def non_finite_suspects(raw: bytes) -> set[int]:

@@ -19,6 +19,7 @@ from .encoder import EncoderError, EncoderPool, EncoderSession
 from .events import EventHub
 from .jobs import ACTIVE, RUNNING, JobStatus, expiry, now_ms, snapshot
 from .metrics import Metrics
+from .pipeline import remove_file, remove_partial
 from .query import ExportSpec
 from .settings import Settings
 
@@ -130,7 +131,7 @@ class JobRun:
         }
         for stale in self.final_path.parent.glob(f"{self.final_path.name}.*.part"):
             if stale != self.part_path:
-                remove_file(stale)  # left by an instance that lost this job; we own it now
+                remove_partial(stale)  # left by an instance that lost this job; we own it now
         self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, info)
         processed = 0
         fed = False
@@ -198,11 +199,11 @@ class JobRun:
         )
 
     def discard(self) -> None:
-        """Stop the encoder and remove the partial file."""
+        """Stop the encoder and remove the partial file and the writer's temporary files."""
         if self.encoder is not None:
             self.encoder.kill()
             self.encoder = None
-        remove_file(self.part_path)
+        remove_partial(self.part_path)
 
     async def _record_later(self, query: dict[str, Any], fields: dict[str, Any]) -> None:
         for _ in range(RECORD_RETRIES):
@@ -236,14 +237,6 @@ class JobRun:
             await self._emit("export-failed", error=error)
         else:
             await self._emit("export-cancelled")
-
-
-def remove_file(path: Path) -> None:
-    """Remove path if it is there; a directory that is gone or unreadable is not a second failure."""
-    try:
-        path.unlink(missing_ok=True)
-    except (NotADirectoryError, PermissionError) as exc:
-        log.warning("could not remove %s: %s", path, exc)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -443,7 +443,7 @@ def test_any_numbers_survive_json_round_trip(docs: list[dict[str, Any]], fmt: st
         got = json_util.loads(text, json_options=LOAD_OPTIONS)
     else:  # not splitlines(): a string may hold U+0085 or U+2028, which JSON leaves as they are
         got = [json_util.loads(line, json_options=LOAD_OPTIONS) for line in text.split("\n")[:-1]]
-    assert_same(got, docs, strict_ints=False)
+    assert_same(got, bson.decode_all(raw(docs)), strict_ints=False)  # as stored: a top-level _id comes first
 
 
 def test_non_finite_doubles_found_across_a_batch_of_1001(tmp_path: Path) -> None:
@@ -603,6 +603,23 @@ def test_xlsx_new_sheet_every_max_rows_with_header_repeated(tmp_path: Path, coun
         assert sheet.auto_filter.ref == f"A1:B{size + 1}"
         seen += [seq for seq, _ in rows[1:]]
     assert seen == list(range(count)) and result.rows == count
+
+
+@pytest.mark.parametrize("finish", [True, False])
+def test_xlsx_sheet_data_waits_beside_the_partial_file_and_goes_with_it(tmp_path: Path, finish: bool) -> None:
+    part = tmp_path / "job.xlsx.here.part"
+    pipeline = ExportPipeline(ExportSpec(collection="golden", format="xlsx", fields=("n", "text")), part, {})
+    for start in range(0, 3000, 1000):
+        pipeline.feed(raw({"n": n, "text": f"row {n}"} for n in range(start, start + 1000)))
+    scratch = tmp_path / "job.xlsx.here.part.tmp"
+    assert sum(f.stat().st_size for f in scratch.iterdir()) > 3000 * 20  # the rows so far, not in /tmp
+    if finish:
+        assert pipeline.finish().rows == 3000
+        assert [p.name for p in tmp_path.iterdir()] == [part.name]
+        assert len(list(openpyxl.load_workbook(io.BytesIO(part.read_bytes()), read_only=True).active.values)) == 3001
+    else:
+        pipeline.abort()
+        assert list(tmp_path.iterdir()) == []
 
 
 # --- gzip --------------------------------------------------------------------------------------

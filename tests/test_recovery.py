@@ -60,9 +60,24 @@ async def test_killed_mid_export_the_job_completes_after_restart_with_a_whole_fi
             assert final["processed"] == clean["processed"] == 3000
             listing = await (await http.get(service.url + "/api/exports")).json()
             assert all(j["status"] == "completed" for j in listing["exports"])  # nothing left active
-        assert not list(Path(service_env["EXPORT_DIR"]).glob("*.part"))
+        assert not list(Path(service_env["EXPORT_DIR"]).glob("*.part*"))
     finally:
         service.stop()
+
+
+async def test_start_up_removes_partial_files_and_scratch_directories_of_dead_jobs(aiohttp_client: Any, mongo_url: str, tmp_path: Path) -> None:
+    export_dir = tmp_path / "exports"
+    export_dir.mkdir()
+    (export_dir / "0123abcd.csv.gone1.part").write_bytes(b"half a file")
+    (export_dir / "0123abcd.csv.gone1.part.tmp").mkdir()  # a scratch directory whose partial file is gone already
+    scratch = export_dir / "4567cdef.xlsx.gone2.part.tmp"
+    scratch.mkdir()
+    (scratch / "tmp8x9y").write_bytes(b"<row/>" * 1000)
+    (export_dir / "4567cdef.xlsx.gone2.part").write_bytes(b"PK")
+    (export_dir / "89abcdef.csv").write_bytes(b"a finished export\r\n")
+    client = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path)))
+    assert (await client.get("/healthz")).status == 200
+    assert sorted(p.name for p in export_dir.iterdir()) == ["89abcdef.csv"]
 
 
 async def test_start_up_with_unwritable_export_dir_stops_with_one_line(service_env: dict[str, str], tmp_path: Path) -> None:

@@ -40,7 +40,9 @@ async def test_cancel_running_job_within_a_second_and_remove_its_partial_file(sl
     assert snap["status"] == "processing", snap
     export_dir = Path(slow_api.server.app[MANAGER_KEY].settings.export_dir)
     manager = slow_api.server.app[MANAGER_KEY]
-    assert [p.name for p in export_dir.iterdir()] == [f"{job['id']}.xlsx.{manager.instance_id}.part"]
+    part = f"{job['id']}.xlsx.{manager.instance_id}.part"
+    assert sorted(p.name for p in export_dir.iterdir()) == [part, part + ".tmp"]
+    assert list((export_dir / (part + ".tmp")).iterdir())  # xlsxwriter's sheet data, on the export volume
 
     asked = time.monotonic()
     resp = await slow_api.delete(f"/api/exports/{job['id']}")
@@ -54,7 +56,7 @@ async def test_cancel_running_job_within_a_second_and_remove_its_partial_file(sl
     assert cancelled_at - asked < 1.0
     assert (await resp.json())["status"] == "cancelled"
     assert (await wait_status(slow_api, job["id"]))["status"] == "cancelled"
-    assert list(export_dir.iterdir()) == []  # the .part file is gone
+    assert list(export_dir.iterdir()) == []  # the .part file and its scratch directory are gone
     assert (await slow_api.get(f"/api/exports/{job['id']}/download")).status == 409
 
 

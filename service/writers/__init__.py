@@ -1,6 +1,7 @@
 """One writer per format behind one interface; make_writer() is the only place that looks at the format."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Sequence
 
 from ..query import ExportSpec
@@ -16,8 +17,10 @@ def writer_class(fmt: str) -> type[Writer]:
     return WRITERS[fmt]
 
 
-def make_writer(out: BinaryIO, spec: ExportSpec, columns: Sequence[str] | None, info: Mapping[str, Any]) -> Writer:
-    return WRITERS[spec.format](out, spec, columns, info)
+def make_writer(
+    out: BinaryIO, spec: ExportSpec, columns: Sequence[str] | None, info: Mapping[str, Any], scratch_dir: Path | None = None
+) -> Writer:
+    return WRITERS[spec.format](out, spec, columns, info, scratch_dir)
 
 
 __all__ = ["Writer", "make_writer", "writer_class", "WRITERS"]

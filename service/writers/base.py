@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Sequence
 
 from ..query import ExportSpec
@@ -15,11 +16,20 @@ class Writer(ABC):
 
     tabular = False
 
-    def __init__(self, out: BinaryIO, spec: ExportSpec, columns: Sequence[str] | None, info: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        out: BinaryIO,
+        spec: ExportSpec,
+        columns: Sequence[str] | None,
+        info: Mapping[str, Any],
+        scratch_dir: Path | None = None,
+    ) -> None:
         self.out = out
         self.spec = spec
         self.columns = list(columns) if columns is not None else None
         self.info = info
+        # For a writer's own temporary files; whoever made the writer creates and removes it.
+        self.scratch_dir = scratch_dir
 
     @abstractmethod
     def write_header(self) -> None: ...

@@ -37,6 +37,9 @@ class XlsxWriter(Writer):
                 "strings_to_urls": False,
                 "strings_to_numbers": False,
                 "in_memory": False,
+                # sheet data waits here until close(): on the export volume, and removed with the
+                # partial file if the export never gets that far
+                "tmpdir": str(self.scratch_dir) if self.scratch_dir else None,
             },
         )
         self.all_columns = len(self.columns or ())
