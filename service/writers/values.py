@@ -38,6 +38,8 @@ class NonFiniteDouble(float):
     float of that kind as null; a float subclass it hands to the default, which spells it $numberDouble."""
 
     __slots__ = ()
+
+
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 XLSX_MAX_CELL = 32_767
 RELAXED_OPTIONS = JSONOptions(json_mode=JSONMode.RELAXED, tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
@@ -216,8 +218,9 @@ _ISO_OPTS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
 
 
 def _relaxed_date(value: datetime) -> orjson.Fragment:
-    """{"$date": "...Z"} with exactly three fraction digits. orjson writes microseconds (BSON dates hold
-    whole milliseconds, so the last three digits are zeros) and no fraction at all for whole seconds."""
+    """{"$date": "...Z"} with exactly three fraction digits. orjson writes six, or none for whole seconds;
+    cutting the last three truncates to milliseconds as isoformat(timespec="milliseconds") does (a BSON
+    date holds whole milliseconds, so for documents they are zeros)."""
     text = orjson.dumps(value, option=_ISO_OPTS)  # b'"2024-01-01T19:53:44.475000Z"'
     if value.microsecond:
         return orjson.Fragment(b'{"$date":' + text[:-5] + b'Z"}')
