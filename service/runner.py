@@ -26,8 +26,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 MIN_EVENT_GAP = 0.1  # at most ten progress events a second
-PERSIST_EVERY = 1.0
-RECORD_RETRY_SECONDS, RECORD_RETRIES = 2.0, 900  # an end state waits up to half an hour for the database  # progress and lease written to the jobs collection at most once a second
+PERSIST_EVERY = 1.0  # progress and lease written to the jobs collection at most once a second
+RECORD_RETRY_SECONDS, RECORD_RETRIES = 2.0, 900  # an end state waits up to half an hour for the database
 
 
 class JobLost(RuntimeError):

@@ -151,9 +151,25 @@ def as_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+# orjson formats a datetime in C, several times faster than isoformat(); a naive one it takes as UTC.
+_ISO_OPTS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
+
+
+def iso_bytes(value: datetime) -> bytes:
+    """ISO 8601 in UTC with exactly three fraction digits and Z, years padded to four digits. orjson
+    writes six fraction digits, or none for whole seconds; cutting the last three truncates to
+    milliseconds as isoformat(timespec="milliseconds") does (a BSON date holds whole milliseconds)."""
+    if value.tzinfo is not None:
+        value = as_utc(value).replace(tzinfo=None)
+    text = orjson.dumps(value, option=_ISO_OPTS)  # b'"2024-01-01T19:53:44.475000Z"'
+    if value.microsecond:
+        return text[1:-5] + b"Z"
+    return text[1:-2] + b".000Z"
+
+
 def iso_datetime(value: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and Z; isoformat pads years before 1000 to four digits."""
-    return as_utc(value).isoformat(timespec="milliseconds")[:23] + "Z"
+    """ISO 8601 in UTC with milliseconds and Z (see iso_bytes)."""
+    return iso_bytes(value).decode("ascii")
 
 
 def float_text(value: float) -> str:
@@ -213,46 +229,20 @@ def csv_cell(value: Any, escape_formulas: bool) -> str:
 
 
 # --- Extended JSON ---------------------------------------------------------------------------------
-# orjson formats a datetime in C, several times faster than isoformat(); a naive one it takes as UTC.
-_ISO_OPTS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
-
-
-def _relaxed_date(value: datetime) -> orjson.Fragment:
-    """{"$date": "...Z"} with exactly three fraction digits. orjson writes six, or none for whole seconds;
-    cutting the last three truncates to milliseconds as isoformat(timespec="milliseconds") does (a BSON
-    date holds whole milliseconds, so for documents they are zeros)."""
-    text = orjson.dumps(value, option=_ISO_OPTS)  # b'"2024-01-01T19:53:44.475000Z"'
-    if value.microsecond:
-        return orjson.Fragment(b'{"$date":' + text[:-5] + b'Z"}')
-    return orjson.Fragment(b'{"$date":' + text[:-2] + b'.000Z"}')
-
-
 def _relaxed_default(value: Any) -> Any:
     """orjson calls this for the values it does not write itself: datetimes (passed through on purpose),
     ObjectId and the other BSON types. Subclasses of str and int are written natively, so Int64 costs
     nothing, and JavaScript code comes out as its plain code string."""
     kind = type(value)
     if kind is datetime:
-        if value.tzinfo is not None:
-            value = as_utc(value).replace(tzinfo=None)
-        if value.year >= _FIRST_ISO_YEAR:
-            return _relaxed_date(value)
+        utc = value if value.tzinfo is None else as_utc(value)
+        if utc.year >= _FIRST_ISO_YEAR:
+            return orjson.Fragment(b'{"$date":"' + iso_bytes(utc) + b'"}')
     elif kind is ObjectId:
         return {"$oid": value._ObjectId__id.hex()}  # noqa: SLF001 - the property costs a Python call per id
     elif kind is NonFiniteDouble:
         return {"$numberDouble": float_text(value)}
     return json_util.default(value, RELAXED_OPTIONS)
-
-
-def _non_finite_to_ejson(value: Any) -> Any:
-    kind = type(value)
-    if kind is float and value - value != 0.0:
-        return {"$numberDouble": float_text(value)}
-    if kind is dict:
-        return {k: _non_finite_to_ejson(v) for k, v in value.items()}
-    if kind is list:
-        return [_non_finite_to_ejson(v) for v in value]
-    return value
 
 
 def _has_non_finite(value: Any) -> bool:
@@ -285,10 +275,12 @@ _RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
 def relaxed_json(value: Any) -> bytes:
     """Relaxed Extended JSON, compact, of any value. orjson writes a NaN or infinite float as null, so a
     value whose output holds a null and really holds such a float is encoded again with those doubles
-    spelled out as $numberDouble."""
-    out = orjson.dumps(value, default=_relaxed_default, option=_RELAXED_OPTS)
-    if b"null" in out and _has_non_finite(value):
-        out = orjson.dumps(_non_finite_to_ejson(value), default=_relaxed_default, option=_RELAXED_OPTS)
+    marked, which spells them $numberDouble."""
+    out = relaxed_json_decoded(value)
+    if b"null" in out:
+        marked = mark_non_finite(value)
+        if marked is not value:
+            out = relaxed_json_decoded(marked)
     return out
 
 
