@@ -22,6 +22,8 @@ SEED = 20240101
 TASKS = 3000  # three batches and then some
 DATA_DB = "export_tests"
 END_STATES = ("completed", "failed", "cancelled", "expired")
+EVENTS = ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled")
+BIG_ROWS = 20_000
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +43,27 @@ def sync_db(mongo_url: str) -> Iterator[Any]:
     client.close()
 
 
+def replace_collection(db: Any, name: str, docs: list[dict[str, Any]]) -> None:
+    """db[name] holding exactly docs, inserted a batch at a time."""
+    db.drop_collection(name)
+    for start in range(0, len(docs), 1000):
+        db[name].insert_many(docs[start:start + 1000])
+
+
 @pytest.fixture(scope="session")
 def tasks(sync_db: Any) -> list[dict[str, Any]]:
     """The generator's tasks, TASKS of them, inserted once; returned in insertion order."""
     docs = list(make_documents(TASKS, SEED))
-    sync_db.drop_collection("tasks")
-    for start in range(0, len(docs), 1000):
-        sync_db.tasks.insert_many(docs[start:start + 1000])
+    replace_collection(sync_db, "tasks", docs)
+    return docs
+
+
+@pytest.fixture(scope="session")
+def big_tasks(sync_db: Any) -> list[dict[str, Any]]:
+    """BIG_ROWS generated tasks in tasks_big, inserted once: an export of them is surely still running a
+    few seconds in, even on a fast machine."""
+    docs = list(make_documents(BIG_ROWS, 20240607))
+    replace_collection(sync_db, "tasks_big", docs)
     return docs
 
 
@@ -88,11 +104,30 @@ async def sio_client(client: Any) -> AsyncIterator[socketio.AsyncClient]:
     await sio.disconnect()
 
 
-async def wait_status(api: Any, job_id: str, states: tuple[str, ...] = END_STATES, timeout: float = 30, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """Poll the job through the app until it reaches one of states; the last snapshot either way."""
+async def wait_status(
+    api: Any,
+    job_id: str,
+    states: tuple[str, ...] = END_STATES,
+    timeout: float = 30,
+    headers: dict[str, str] | None = None,
+    base: str = "",
+) -> dict[str, Any]:
+    """Poll the job until it reaches one of states; the last snapshot either way. api is the test client,
+    or an aiohttp session with base the URL of a service process."""
     deadline = time.monotonic() + timeout
     while True:
-        snap = await (await api.get(f"/api/exports/{job_id}", headers=headers)).json()
+        snap = await (await api.get(f"{base}/api/exports/{job_id}", headers=headers)).json()
         if snap["status"] in states or time.monotonic() > deadline:
             return snap
         await asyncio.sleep(0.05)
+
+
+async def subscribe(api: Any, job_id: str, seen: list[tuple[float, str, dict[str, Any]]], token: str | None = None) -> socketio.AsyncClient:
+    """A Socket.IO client subscribed to the job, appending (time, event, payload) for every export event."""
+    sio = socketio.AsyncClient(reconnection=False)
+    for name in EVENTS:
+        sio.on(name, lambda data, _n=name: seen.append((time.monotonic(), _n, data)))
+    await sio.connect(str(api.make_url("/")), transports=["websocket"], auth={"token": token} if token else None)
+    ack = await sio.call("subscribe", {"id": job_id})
+    assert ack["ok"], ack
+    return sio

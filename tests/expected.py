@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+from bson import ObjectId
+
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# Values the format and value tests share, with their renderings worked out by hand.
+NAN, INF = float("nan"), float("inf")
+OID = ObjectId("65a1b2c3d4e5f60718293a4b")
+UUID = uuid.UUID("0f8fad5b-d9cb-469f-a165-70867728950e")
+UUID_B64 = "D4+tW9nLRp+hZXCGdyiVDg=="
 
 
 def lookup(doc: dict[str, Any], path: str) -> Any:

@@ -6,16 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 from service.embedded_db import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-END_STATES = ("completed", "failed", "cancelled")
 
 
 class ServiceProcess:
@@ -56,17 +53,3 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-
-
-async def job_status(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
-    async with http.get(f"{url}/api/exports/{job_id}") as resp:
-        return await resp.json()
-
-
-async def wait_for(http: aiohttp.ClientSession, url: str, job_id: str, states: tuple[str, ...] = END_STATES, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        snap = await job_status(http, url, job_id)
-        if snap["status"] in states or time.monotonic() > deadline:
-            return snap
-        await asyncio.sleep(0.05)

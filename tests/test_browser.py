@@ -12,18 +12,16 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 import openpyxl
 import pytest
-from pymongo import MongoClient
 
-from scripts.generate_data import make_documents
 from service.app import create_app
 from service.settings import MANAGER_KEY, Settings
 
 from expected import csv_text, lookup
-from conftest import DATA_DB, make_settings
+from conftest import BIG_ROWS, make_settings
 
 from playwright.async_api import async_playwright, expect
 
@@ -34,9 +32,7 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-COLLECTION = "tasks_browser"
-ROWS = 20_000
-SEED = 20240607
+COLLECTION = "tasks_big"
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 FIELDS = ["seq", "title", "assignee.name", "createdAt", "estimate"]  # the column order the test builds in the page
 TOKEN = "browser-test-token"
@@ -77,25 +73,9 @@ PROGRESS_RECORDER = """
 """
 
 
-
 # --- fixtures --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser_docs(mongo_url: str) -> Iterator[list[dict[str, Any]]]:
-    """ROWS generated tasks in their own collection, inserted once for this module."""
-    docs = list(make_documents(ROWS, SEED))
-    client = MongoClient(mongo_url, tz_aware=True)
-    try:
-        db = client[DATA_DB]
-        db.drop_collection(COLLECTION)
-        for start in range(0, ROWS, 1000):
-            db[COLLECTION].insert_many(docs[start:start + 1000])
-    finally:
-        client.close()
-    yield docs
-
-
 @pytest.fixture
-def browser_settings(mongo_url: str, tmp_path: Path, browser_docs: list[dict[str, Any]]) -> Settings:
+def browser_settings(mongo_url: str, tmp_path: Path, big_tasks: list[dict[str, Any]]) -> Settings:
     return make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,))
 
 
@@ -184,7 +164,7 @@ async def choose_fields(page: Any) -> None:
 
 # --- tests -----------------------------------------------------------------------------------------
 async def test_export_progress_download_cancel_and_screenshot(
-    aiohttp_client: Any, browser_settings: Settings, browser: Any, browser_docs: list[dict[str, Any]], tmp_path: Path, output_dir: Path
+    aiohttp_client: Any, browser_settings: Settings, browser: Any, big_tasks: list[dict[str, Any]], tmp_path: Path, output_dir: Path
 ) -> None:
     client = await aiohttp_client(create_app(browser_settings))
     manager = client.server.app[MANAGER_KEY]
@@ -228,9 +208,9 @@ async def test_export_progress_download_cancel_and_screenshot(
     saved = tmp_path / "download.csv"
     await download.save_as(saved)
     rows = list(csv.reader(io.StringIO(saved.read_text("utf-8"), newline="")))
-    expected = sorted(browser_docs, key=lambda d: d["seq"], reverse=True)
+    expected = sorted(big_tasks, key=lambda d: d["seq"], reverse=True)
     assert rows[0] == FIELDS
-    assert len(rows) - 1 == ROWS
+    assert len(rows) - 1 == BIG_ROWS
     assert rows[1:] == [[csv_text(lookup(doc, f)) for f in FIELDS] for doc in expected]
 
     # 2. A second export, cancelled from the page while it runs.
@@ -247,7 +227,7 @@ async def test_export_progress_download_cancel_and_screenshot(
     await expect(cancel_item.locator(".badge")).to_have_text("Cancelled")
     await expect(cancel_item.get_by_role("button", name=re.compile("^Cancel"))).to_be_hidden()
     snap = await (await client.get(f"/api/exports/{cancel_id}")).json()
-    assert snap["status"] == "cancelled" and 0 < snap["processed"] < ROWS, snap
+    assert snap["status"] == "cancelled" and 0 < snap["processed"] < BIG_ROWS, snap
 
     # 4. A screenshot with a running, a queued and finished jobs.
     running_id = await start_export(page, "xlsx")
@@ -275,7 +255,7 @@ async def test_export_progress_download_cancel_and_screenshot(
 
 
 async def test_page_recovers_when_the_socket_is_killed_mid_export(
-    aiohttp_client: Any, mongo_url: str, tmp_path: Path, browser_docs: list[dict[str, Any]], browser: Any
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: list[dict[str, Any]], browser: Any
 ) -> None:
     """With API tokens: the page authenticates over HTTP and Socket.IO, survives a killed connection
     (reconnects, subscribes again, takes the state from the ack), and falls back to polling."""

@@ -15,13 +15,13 @@ from bson import json_util
 
 from service.settings import MANAGER_KEY
 
+from conftest import EVENTS
 from expected import csv_text, lookup
 
 FILTER = {"status": {"$in": ["open", "in_progress", "done"]}}
 SORT = {"createdAt": -1, "seq": 1}
 TABLE_FIELDS = ["seq", "title", "description", "assignee.name", "tags", "createdAt", "estimate", "points", "archived", "items.0.sku"]
 DOC_FIELDS = ["seq", "title", "assignee.name", "createdAt", "estimate", "tags"]
-EVENTS = ["export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed"]
 
 
 def expected_docs(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -43,14 +43,14 @@ def projected(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def run_export(client: Any, sio: Any, body: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+async def run_export(client: Any, sio: Any, body: dict[str, Any]) -> dict[str, Any]:
     resp = await client.post("/api/exports", json=body)
     assert resp.status == 202, await resp.text()
     job = await resp.json()
     assert resp.headers["Location"] == f"/api/exports/{job['id']}"
     ack = await sio.call("subscribe", {"id": job["id"]})
     assert ack["ok"] is True and ack["job"]["id"] == job["id"]
-    return job, []
+    return job
 
 
 async def test_export_all_formats_end_to_end(client: Any, sio_client: Any, tasks: list[dict[str, Any]]) -> None:
@@ -65,7 +65,7 @@ async def test_export_all_formats_end_to_end(client: Any, sio_client: Any, tasks
     for fmt in ("csv", "json", "ndjson", "xlsx"):
         fields = DOC_FIELDS if fmt in ("json", "ndjson") else TABLE_FIELDS
         body = {"collection": "tasks", "format": fmt, "filter": FILTER, "sort": SORT, "fields": fields, "filename": f"tasks {fmt}"}
-        job, _ = await run_export(client, sio_client, body)
+        job = await run_export(client, sio_client, body)
         assert job["status"] == "queued" and job["queue_position"] >= 1
         jobs[fmt] = job
     manager.resume()

@@ -6,37 +6,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import socketio
-
 from service.app import create_app
+from service.settings import MANAGER_KEY, Settings
 
-from conftest import make_settings, wait_status
-
-
-async def listen(api: Any, job_id: str, seen: list[tuple[str, dict[str, Any]]]) -> socketio.AsyncClient:
-    sio = socketio.AsyncClient(reconnection=False)
-    for name in ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed"):
-        sio.on(name, lambda data, _n=name: seen.append((_n, data)))
-    await sio.connect(str(api.make_url("/")), transports=["websocket"])
-    ack = await sio.call("subscribe", {"id": job_id})
-    assert ack["ok"], ack
-    return sio
+from conftest import make_settings, subscribe, wait_status
 
 
-async def test_unwritable_export_directory_fails_the_job_cleanly(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, driver: str) -> None:
-    settings = make_settings(mongo_url, tmp_path, driver)
-    api = await aiohttp_client(create_app(settings))
+async def test_unwritable_export_directory_fails_the_job_cleanly(client: Any, settings: Settings) -> None:
+    api = client
     export_dir = Path(settings.export_dir)
     # The directory disappears behind the service's back and a file takes its name.
     shutil.rmtree(export_dir)
     export_dir.write_text("not a directory")
-    from service.settings import MANAGER_KEY
-
     manager = api.server.app[MANAGER_KEY]
     manager.pause()
     job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
-    seen: list[tuple[str, dict[str, Any]]] = []
-    sio = await listen(api, job["id"], seen)
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    sio = await subscribe(api, job["id"], seen)
     manager.resume()
     snap = await wait_status(api, job["id"])
     await asyncio.sleep(0.2)
@@ -46,8 +32,8 @@ async def test_unwritable_export_directory_fails_the_job_cleanly(aiohttp_client:
     assert snap["error"]["code"] == "disk_error"
     assert "cannot write export file" in snap["error"]["message"]
     assert snap["download_url"] is None
-    assert [n for n, _ in seen][-1] == "export-failed"
-    assert seen[-1][1]["error"]["code"] == "disk_error"
+    assert [n for _, n, _ in seen][-1] == "export-failed"
+    assert seen[-1][2]["error"]["code"] == "disk_error"
     export_dir.unlink()
     export_dir.mkdir()
     assert list(export_dir.iterdir()) == []
@@ -58,8 +44,6 @@ async def test_unwritable_export_directory_fails_the_job_cleanly(aiohttp_client:
 
 
 async def test_full_disk_fails_the_job_with_a_clear_message(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
-    from service.settings import MANAGER_KEY
-
     settings = make_settings(mongo_url, tmp_path)
     api = await aiohttp_client(create_app(settings))
     manager = api.server.app[MANAGER_KEY]

@@ -12,8 +12,6 @@ import io
 import json
 import math
 import tempfile
-import uuid
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,16 +30,12 @@ from openpyxl.utils import get_column_letter
 from openpyxl.utils.escape import unescape
 
 from service.api import content_disposition
-from service.manager import JobManager
 from scripts.generate_data import make_documents
 from service.pipeline import ExportPipeline, PipelineResult, non_finite_suspects
 from service.query import CsvOptions, ExportSpec, JsonOptions, safe_filename
 
-NAN, INF = float("nan"), float("inf")
-OID = ObjectId("65a1b2c3d4e5f60718293a4b")
-UUID = uuid.UUID("0f8fad5b-d9cb-469f-a165-70867728950e")
-UUID_B64 = "D4+tW9nLRp+hZXCGdyiVDg=="
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+from expected import FORMULA_START, INF, NAN, OID, UUID, UUID_B64
+
 LOAD_OPTIONS = JSONOptions(tz_aware=True, tzinfo=utc, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 
 # One document with every row of the value table.
@@ -683,10 +677,3 @@ def test_content_disposition(name: str, header: str) -> None:
     assert content_disposition(name) == header
 
 
-def test_file_name_from_collection_and_time_or_from_filename() -> None:
-    created = {"created_at": 1709214330123}  # 2024-02-29T13:45:30.123Z
-    spec = ExportSpec(collection="tasks", format="csv")
-    assert JobManager.file_name(spec, created) == "tasks-20240229-134530.csv"
-    assert JobManager.file_name(replace(spec, compress="gzip"), created) == "tasks-20240229-134530.csv.gz"
-    assert JobManager.file_name(replace(spec, format="xlsx", filename="Q1/report"), created) == "Q1-report.xlsx"
-    assert JobManager.file_name(replace(spec, filename="done.csv"), created) == "done.csv"

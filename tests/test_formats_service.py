@@ -3,7 +3,6 @@ warnings and download file names. Value-by-value rendering is covered at the pip
 test_formats.py (the embedded server cannot store every BSON type)."""
 from __future__ import annotations
 
-import asyncio
 import csv
 import gzip
 import io
@@ -18,7 +17,7 @@ import pytest
 
 from service.app import create_app
 
-from conftest import make_settings
+from conftest import make_settings, wait_status
 
 ROWS_PER_SHEET = 1000
 BATCH_SIZE = 250
@@ -37,13 +36,9 @@ async def create(api: Any, body: dict[str, Any]) -> str:
 
 
 async def finished(api: Any, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    for _ in range(int(timeout / 0.05)):
-        snap = await (await api.get(f"/api/exports/{job_id}")).json()
-        if snap["status"] in ("completed", "failed", "cancelled"):
-            assert snap["status"] == "completed", snap
-            return snap
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"export {job_id} did not finish")
+    snap = await wait_status(api, job_id, timeout=timeout)
+    assert snap["status"] == "completed", snap
+    return snap
 
 
 async def download(api: Any, snap: dict[str, Any]) -> tuple[bytes, Any]:

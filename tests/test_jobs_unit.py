@@ -87,6 +87,11 @@ def test_file_names_are_sanitized_and_keep_one_extension(manager: JobManager) ->
     assert manager.file_name(spec(filename="../../etc/passwd"), doc) == "etc-passwd.csv"
     assert manager.file_name(spec(filename="Café 東京"), doc) == "Café 東京.csv"
     assert manager.file_name(spec(filename="con"), doc) == "_con.csv"
+    created = {"created_at": 1709214330123}  # 2024-02-29T13:45:30.123Z
+    assert manager.file_name(spec(), created) == "tasks-20240229-134530.csv"
+    assert manager.file_name(spec(options={"compress": "gzip"}), created) == "tasks-20240229-134530.csv.gz"
+    assert manager.file_name(spec(format="xlsx", filename="Q1/report"), created) == "Q1-report.xlsx"
+    assert manager.file_name(spec(filename="done.csv"), created) == "done.csv"
 
 
 def test_snapshot_of_a_completed_job_has_a_download_url() -> None:

@@ -17,8 +17,8 @@ from scripts.generate_data import make_documents
 from service.app import create_app
 from service.embedded_db import EmbeddedMongo, free_port
 
-from conftest import DATA_DB, make_settings
-from service_process import ROOT, ServiceProcess, wait_for
+from conftest import DATA_DB, make_settings, replace_collection, wait_status
+from service_process import ROOT, ServiceProcess
 
 @pytest.fixture
 def service_env(mongo_url: str, tmp_path: Path, tasks: Any) -> Iterator[dict[str, str]]:
@@ -41,20 +41,20 @@ async def test_killed_mid_export_the_job_completes_after_restart_with_a_whole_fi
         async with aiohttp.ClientSession() as http:
             async with http.post(service.url + "/api/exports", json=spec) as resp:
                 job = await resp.json()
-            snap = await wait_for(http, service.url, job["id"], ("processing", "completed"))
+            snap = await wait_status(http, job["id"], ("processing", "completed"), timeout=60, base=service.url)
             assert snap["status"] == "processing" and 0 < snap["processed"] < snap["total"], snap
             service.kill()
 
             service = ServiceProcess(service_env)
             await service.start()
-            final = await wait_for(http, service.url, job["id"], ("completed", "failed", "cancelled"))
+            final = await wait_status(http, job["id"], ("completed", "failed", "cancelled"), timeout=60, base=service.url)
             assert final["status"] == "completed", final
             async with http.get(service.url + final["download_url"]) as resp:
                 recovered = await resp.read()
             # A clean export of the same spec, from the restarted service.
             async with http.post(service.url + "/api/exports", json=spec) as resp:
                 clean_job = await resp.json()
-            clean = await wait_for(http, service.url, clean_job["id"], ("completed", "failed"))
+            clean = await wait_status(http, clean_job["id"], ("completed", "failed"), timeout=60, base=service.url)
             async with http.get(service.url + clean["download_url"]) as resp:
                 assert recovered == await resp.read()
             assert final["processed"] == clean["processed"] == 3000
@@ -100,9 +100,7 @@ async def test_database_outage_fails_the_job_then_service_recovers(aiohttp_clien
     server = EmbeddedMongo(tmp_path / "db").start()
     try:
         with MongoClient(server.url) as sync:
-            docs = list(make_documents(3000, 7))
-            for start in range(0, 3000, 1000):
-                sync[DATA_DB].tasks.insert_many(docs[start:start + 1000])
+            replace_collection(sync[DATA_DB], "tasks", list(make_documents(3000, 7)))
         settings = make_settings(server.url, tmp_path, batch_size=10)
         api = await aiohttp_client(create_app(settings))
         events: list[tuple[str, dict[str, Any]]] = []
@@ -113,11 +111,7 @@ async def test_database_outage_fails_the_job_then_service_recovers(aiohttp_clien
         await sio.connect(str(api.make_url("/")), transports=["websocket"])
         job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson"})).json()
         assert (await sio.call("subscribe", {"id": job["id"]}))["ok"]
-        for _ in range(200):
-            snap = await (await api.get(f"/api/exports/{job['id']}")).json()
-            if snap["status"] == "processing":
-                break
-            await asyncio.sleep(0.02)
+        snap = await wait_status(api, job["id"], ("processing",), timeout=4)
         assert snap["status"] == "processing", snap
 
         server.kill()
@@ -140,18 +134,10 @@ async def test_database_outage_fails_the_job_then_service_recovers(aiohttp_clien
                 break
             await asyncio.sleep(0.2)
         assert (await api.get("/healthz")).status == 200
-        for _ in range(100):  # the failed state is recorded once the database is back
-            snap = await (await api.get(f"/api/exports/{job['id']}")).json()
-            if snap["status"] == "failed":
-                break
-            await asyncio.sleep(0.1)
+        snap = await wait_status(api, job["id"], ("failed",), timeout=10)  # recorded once the database is back
         assert snap["status"] == "failed" and snap["error"]["code"] == "database_unavailable"
         job2 = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 100})).json()
-        for _ in range(200):
-            snap2 = await (await api.get(f"/api/exports/{job2['id']}")).json()
-            if snap2["status"] in ("completed", "failed"):
-                break
-            await asyncio.sleep(0.05)
+        snap2 = await wait_status(api, job2["id"], ("completed", "failed"), timeout=10)
         assert snap2["status"] == "completed" and snap2["processed"] == 100
         await sio.disconnect()
     finally:

@@ -14,16 +14,7 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 from service.app import create_app
 from service.settings import MANAGER_KEY
 
-from conftest import END_STATES, make_settings, wait_status
-
-async def subscribe(api: Any, job_id: str, seen: list[tuple[float, str, dict[str, Any]]], token: str | None = None) -> socketio.AsyncClient:
-    sio = socketio.AsyncClient(reconnection=False)
-    for name in ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled"):
-        sio.on(name, lambda data, _n=name: seen.append((time.monotonic(), _n, data)))
-    await sio.connect(str(api.make_url("/")), transports=["websocket"], auth={"token": token} if token else None)
-    ack = await sio.call("subscribe", {"id": job_id})
-    assert ack["ok"], ack
-    return sio
+from conftest import END_STATES, make_settings, subscribe, wait_status
 
 
 @pytest.fixture

@@ -13,15 +13,11 @@ from typing import Any, Iterator
 import aiohttp
 import pytest
 import socketio
-from pymongo import MongoClient
 
-from scripts.generate_data import make_documents
 from service.embedded_db import free_port
 
-from conftest import DATA_DB
-from service_process import ServiceProcess, wait_for
-
-EVENTS = ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled")
+from conftest import BIG_ROWS, DATA_DB, EVENTS, wait_status
+from service_process import ServiceProcess
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +44,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.wait(10)
 
 
-BIG_ROWS = 20_000
-
-
-@pytest.fixture(scope="module")
-def big_tasks(sync_db: Any) -> str:
-    """A collection large enough that an export of it is surely still running a few seconds in."""
-    if sync_db.tasks_big.estimated_document_count() != BIG_ROWS:
-        sync_db.drop_collection("tasks_big")
-        docs = list(make_documents(BIG_ROWS, 99))
-        for start in range(0, BIG_ROWS, 1000):
-            sync_db.tasks_big.insert_many(docs[start:start + 1000])
-    return "tasks_big"
-
-
 @pytest.fixture
-def cluster_env(mongo_url: str, redis_url: str, tmp_path: Path, tasks: Any, big_tasks: str) -> dict[str, str]:
+def cluster_env(mongo_url: str, redis_url: str, tmp_path: Path, tasks: Any, big_tasks: Any) -> dict[str, str]:
     return {
         "EXPORT_MONGO_URL": mongo_url,
         "EXPORT_DB": DATA_DB,
@@ -77,12 +59,11 @@ def cluster_env(mongo_url: str, redis_url: str, tmp_path: Path, tasks: Any, big_
     }
 
 
-def job_docs(mongo_url: str, env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    with MongoClient(mongo_url) as client:
-        return {d["_id"]: d for d in client[DATA_DB][env["EXPORT_JOBS_COLLECTION"]].find()}
+def job_docs(sync_db: Any, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    return {d["_id"]: d for d in sync_db[env["EXPORT_JOBS_COLLECTION"]].find()}
 
 
-async def test_jobs_created_on_one_instance_run_once_across_both_and_events_reach_the_other(cluster_env: dict[str, str], mongo_url: str) -> None:
+async def test_jobs_created_on_one_instance_run_once_across_both_and_events_reach_the_other(cluster_env: dict[str, str], sync_db: Any) -> None:
     a = await ServiceProcess(cluster_env).start()
     b = await ServiceProcess(cluster_env).start()
     sio = socketio.AsyncClient(reconnection=False)
@@ -99,7 +80,7 @@ async def test_jobs_created_on_one_instance_run_once_across_both_and_events_reac
                 async with http.post(a.url + "/api/exports", json={"collection": "tasks_big", "format": "xlsx"}) as resp:
                     blockers.append((await resp.json())["id"])
             for blocker in blockers:
-                assert (await wait_for(http, a.url, blocker, ("processing",)))["status"] == "processing"
+                assert (await wait_status(http, blocker, ("processing",), timeout=60, base=a.url))["status"] == "processing"
             jobs = []
             for fmt in ("csv", "json", "ndjson", "xlsx", "csv", "ndjson"):
                 async with http.post(a.url + "/api/exports", json={"collection": "tasks", "format": fmt, "limit": 1000, "sort": {"seq": 1}}) as resp:
@@ -111,10 +92,10 @@ async def test_jobs_created_on_one_instance_run_once_across_both_and_events_reac
             for blocker in blockers:
                 async with http.delete(f"{a.url}/api/exports/{blocker}") as resp:
                     assert resp.status == 200
-            finals = [await wait_for(http, a.url, j, timeout=90) for j in jobs]
+            finals = [await wait_status(http, j, timeout=90, base=a.url) for j in jobs]
             assert all(f["status"] == "completed" and f["processed"] == 1000 for f in finals), finals
             await asyncio.sleep(0.5)  # let the last events cross Redis
-        docs = job_docs(mongo_url, cluster_env)
+        docs = job_docs(sync_db, cluster_env)
         assert all(docs[j]["attempts"] == 1 for j in jobs)  # each ran exactly once
         assert {docs[j]["instance"] for j in jobs} == {a.instance, b.instance}  # and both instances worked
         for job_id in jobs:
@@ -130,7 +111,7 @@ async def test_jobs_created_on_one_instance_run_once_across_both_and_events_reac
         b.stop()
 
 
-async def test_a_killed_instance_job_is_finished_by_the_other_after_its_lease(cluster_env: dict[str, str], mongo_url: str) -> None:
+async def test_a_killed_instance_job_is_finished_by_the_other_after_its_lease(cluster_env: dict[str, str], sync_db: Any) -> None:
     a = await ServiceProcess(cluster_env).start()
     b = await ServiceProcess(cluster_env).start()
     instances = {a.instance: a, b.instance: b}
@@ -139,14 +120,14 @@ async def test_a_killed_instance_job_is_finished_by_the_other_after_its_lease(cl
             spec = {"collection": "tasks_big", "format": "csv", "sort": {"seq": 1}, "fields": ["seq", "title", "createdAt"]}
             async with http.post(a.url + "/api/exports", json=spec) as resp:
                 job_id = (await resp.json())["id"]
-            snap = await wait_for(http, a.url, job_id, ("processing", "completed"))
+            snap = await wait_status(http, job_id, ("processing", "completed"), timeout=60, base=a.url)
             assert snap["status"] == "processing"
-            runner = instances[job_docs(mongo_url, cluster_env)[job_id]["instance"]]
+            runner = instances[job_docs(sync_db, cluster_env)[job_id]["instance"]]
             survivor = b if runner is a else a
             runner.kill()
-            final = await wait_for(http, survivor.url, job_id, timeout=60)
+            final = await wait_status(http, job_id, timeout=60, base=survivor.url)
             assert final["status"] == "completed", final
-            doc = job_docs(mongo_url, cluster_env)[job_id]
+            doc = job_docs(sync_db, cluster_env)[job_id]
             assert doc["instance"] == survivor.instance and doc["attempts"] == 2
             async with http.get(survivor.url + final["download_url"]) as resp:
                 rows = list(csv.reader(io.StringIO((await resp.read()).decode("utf-8"), newline="")))

@@ -4,12 +4,11 @@ Every expected value below is written out by hand; none is computed by the code 
 """
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from bson import Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from bson import Code, DBRef, Decimal128, Int64, MaxKey, MinKey, Regex, Timestamp
 from bson.binary import Binary
 from bson.datetime_ms import DatetimeMS
 from bson.tz_util import utc
@@ -31,10 +30,8 @@ from service.writers.values import (
     scalar_text,
 )
 
-NAN, INF = float("nan"), float("inf")
-UUID = uuid.UUID("0f8fad5b-d9cb-469f-a165-70867728950e")
-UUID_B64 = "D4+tW9nLRp+hZXCGdyiVDg=="
-OID = ObjectId("65a1b2c3d4e5f60718293a4b")
+from expected import INF, NAN, OID, UUID, UUID_B64
+
 DOC = {
     "a": 1,
     "b": {"c": {"d": "deep"}, "e": None},
