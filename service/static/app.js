@@ -19,7 +19,8 @@ const ACTIVE = new Set(["queued", "fetching", "processing", "finalizing"]);
 const TERMINAL = new Set(["completed", "failed", "cancelled", "expired"]);
 // Later states win; within a state the larger processed count wins, so a stale snapshot never rolls progress back.
 const RANK = { queued: 0, fetching: 1, processing: 2, finalizing: 3, completed: 4, failed: 4, cancelled: 4, expired: 5 };
-// Fields that describe the request, not its progress: always taken from a snapshot.
+// Fields that describe the request, not its progress: always taken from a snapshot. They are also the only
+// ones the meta line and the warnings read, so an update without any of them leaves those untouched.
 const STATIC_KEYS = new Set([
   "collection", "format", "filter", "fields", "sort", "limit", "options", "file_name", "created_at", "expires_at", "warnings",
 ]);
@@ -51,7 +52,6 @@ class ApiError extends Error {
   constructor(status, error) {
     super(error?.message || `request failed (${status})`);
     this.status = status;
-    this.code = error?.code || "error";
     this.field = error?.field || null;
   }
 }
@@ -244,7 +244,7 @@ function merge(data, source) {
     job.seenAt = Date.now();
     if (source === "snapshot" && job.status !== "queued") delete job.queue_position;
   }
-  renderJob(job);
+  renderJob(job, Object.keys(data));
   afterChange(job, previous, source);
 }
 
@@ -309,7 +309,7 @@ async function pollActive() {
   const now = Date.now();
   for (const job of [...state.jobs.values()]) {
     if (!ACTIVE.has(job.status) || state.fetching.has(job.id)) continue;
-    if (state.socket?.connected && !state.subscribed.has(job.id)) subscribe(job.id);
+    subscribe(job.id);
     const live = state.socket?.connected && state.subscribed.has(job.id);
     if (live && now - job.seenAt < STALE_MS) continue;
     debug.polls += 1;
@@ -347,14 +347,17 @@ function updateListChrome() {
   $("#jobs-empty").hidden = count > 0 || !state.listLoaded;
 }
 
-function renderJob(job) {
+// Without `changed` (a new element) everything is drawn. Progress events arrive up to ten times a second per job
+// and carry no static key, so they skip the meta line and the warnings.
+function renderJob(job, changed) {
   const li = state.elements.get(job.id);
   if (!li) return;
+  const full = !changed || changed.some((key) => STATIC_KEYS.has(key));
   const name = job.file_name || `${job.collection}.${job.format}`;
   li.dataset.status = job.status;
   $(".job-title", li).textContent = name;
   $(".badge", li).textContent = STATUS_LABEL[job.status] || job.status;
-  renderMeta(job, $(".job-meta", li));
+  if (full) renderMeta(job, $(".job-meta", li));
 
   const bar = $(".progress", li);
   const pct = progressPercent(job);
@@ -362,12 +365,11 @@ function renderJob(job) {
   if (pct === null) {
     bar.removeAttribute("aria-valuenow");
     bar.dataset.indeterminate = String(job.status === "fetching");
-    $(".progress-fill", bar).style.width = "0%";
   } else {
     bar.setAttribute("aria-valuenow", String(pct));
     bar.dataset.indeterminate = "false";
-    $(".progress-fill", bar).style.width = `${pct}%`;
   }
+  $(".progress-fill", bar).style.width = `${pct ?? 0}%`;
   const { parts, valueText } = progressText(job, pct);
   bar.setAttribute("aria-valuetext", valueText);
   const text = $(".progress-text", li);
@@ -385,14 +387,7 @@ function renderJob(job) {
     errorBox.hidden = true;
   }
 
-  const warnings = $(".job-warnings", li);
-  const list = Array.isArray(job.warnings) ? job.warnings : [];
-  warnings.hidden = list.length === 0;
-  warnings.replaceChildren(...list.map((warning) => {
-    const item = document.createElement("li");
-    item.textContent = typeof warning === "string" ? warning : warning?.message || JSON.stringify(warning);
-    return item;
-  }));
+  if (full) renderWarnings(job, $(".job-warnings", li));
 
   const download = $(".download", li);
   const downloadable = job.status === "completed" && job.download_url;
@@ -416,6 +411,20 @@ function renderJob(job) {
   remove.setAttribute("aria-label", `Remove export ${name}${job.status === "completed" ? " and its file" : ""}`);
 }
 
+function renderWarnings(job, warnings) {
+  const list = Array.isArray(job.warnings) ? job.warnings : [];
+  warnings.hidden = list.length === 0;
+  warnings.replaceChildren(...list.map((warning) => {
+    const item = document.createElement("li");
+    item.textContent = typeof warning === "string" ? warning : warning?.message || JSON.stringify(warning);
+    return item;
+  }));
+}
+
+function metaSeparator() {
+  return Object.assign(document.createElement("span"), { className: "sep", textContent: "·" });
+}
+
 function renderMeta(job, meta) {
   const items = [job.collection, (job.format || "").toUpperCase()];
   if (job.options?.compress === "gzip") items[1] += " · gzip";
@@ -427,14 +436,14 @@ function renderMeta(job, meta) {
   if (Array.isArray(job.fields)) items.push(`${job.fields.length} field${job.fields.length === 1 ? "" : "s"}`);
   const nodes = [];
   items.filter(Boolean).forEach((item, index) => {
-    if (index) nodes.push(Object.assign(document.createElement("span"), { className: "sep", textContent: "·" }));
+    if (index) nodes.push(metaSeparator());
     const span = document.createElement("span");
     if (item.startsWith("filter ")) span.className = "filter";
     span.textContent = item;
     nodes.push(span);
   });
   if (job.created_at) {
-    nodes.push(Object.assign(document.createElement("span"), { className: "sep", textContent: "·" }));
+    nodes.push(metaSeparator());
     const time = document.createElement("time");
     time.dateTime = job.created_at;
     time.title = new Date(job.created_at).toLocaleString();
@@ -659,8 +668,16 @@ function onCollectionChange(reset = true) {
   }
   if (reset) state.chosen = state.chosen.filter((path) => paths.includes(path));
   $("#paths-list").replaceChildren(...paths.map((path) => new Option(path)));
+  renderFields();
+}
+
+function renderFields() {
   renderAvailable();
   renderChosen();
+}
+
+function choose(path) {
+  if (!state.chosen.includes(path)) state.chosen.push(path);
 }
 
 function renderAvailable() {
@@ -684,8 +701,8 @@ function renderAvailable() {
     box.id = `avail-${index}`;
     box.checked = state.chosen.includes(path);
     box.addEventListener("change", () => {
-      if (box.checked && !state.chosen.includes(path)) state.chosen.push(path);
-      if (!box.checked) state.chosen = state.chosen.filter((p) => p !== path);
+      if (box.checked) choose(path);
+      else state.chosen = state.chosen.filter((p) => p !== path);
       renderChosen();
     });
     label.append(box, document.createTextNode(path));
@@ -706,8 +723,7 @@ function renderChosen(focus) {
       tinyButton("↓", `Move ${path} down`, index === state.chosen.length - 1, () => moveChosen(index, 1)),
       tinyButton("✕", `Remove ${path}`, false, () => {
         state.chosen.splice(index, 1);
-        renderChosen();
-        renderAvailable();
+        renderFields();
         $("#field-add").focus();
       }));
     return item;
@@ -749,11 +765,10 @@ function addCustomField() {
     setFieldError("fields", `“${path}” is not a field path. Use names joined by dots, such as assignee.name.`, input);
     return;
   }
-  if (!state.chosen.includes(path)) state.chosen.push(path);
+  choose(path);
   input.value = "";
   input.removeAttribute("aria-invalid");
-  renderChosen();
-  renderAvailable();
+  renderFields();
 }
 
 function isPath(path) {
@@ -932,8 +947,9 @@ function buildRequest() {
 
   if ($("#fields-some").checked) {
     if (!state.chosen.length) {
-      setFieldError("fields", "Choose at least one field, or pick “All fields”.");
-      return { error: "Choose at least one field, or pick “All fields”.", field: "fields" };
+      const message = "Choose at least one field, or pick “All fields”.";
+      setFieldError("fields", message);
+      return { error: message, field: "fields" };
     }
     body.fields = [...state.chosen];
   }
@@ -1011,14 +1027,12 @@ function initForm() {
   }
   $("#field-search").addEventListener("input", renderAvailable);
   $("#fields-select-all").addEventListener("click", () => {
-    for (const path of currentCollection()?.fields || []) if (!state.chosen.includes(path)) state.chosen.push(path);
-    renderAvailable();
-    renderChosen();
+    for (const path of currentCollection()?.fields || []) choose(path);
+    renderFields();
   });
   $("#fields-select-none").addEventListener("click", () => {
     state.chosen = [];
-    renderAvailable();
-    renderChosen();
+    renderFields();
   });
   $("#field-add-btn").addEventListener("click", addCustomField);
   $("#field-add").addEventListener("keydown", (event) => {
