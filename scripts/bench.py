@@ -68,6 +68,7 @@ E2E_ROWS = 100_000
 BENCH_DIR = ROOT / "var" / "bench"
 REPORT = ROOT / "var" / "bench.md"
 END_EVENTS = ("export-completed", "export-failed", "export-cancelled")
+END_STATUSES = ("completed", "failed", "cancelled")
 EVENTS = ("export-fetching", "export-processing", "export-finalizing") + END_EVENTS
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -168,6 +169,10 @@ def _doc_offsets(raw: bytes) -> list[int]:
 
 
 # --- machine --------------------------------------------------------------------------------------------
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def machine_info() -> dict[str, str]:
     model = "unknown"
     try:
@@ -183,7 +188,7 @@ def machine_info() -> dict[str, str]:
         "cpu": model,
         "nproc": str(os.cpu_count()),
         "python": platform.python_version(),
-        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load": load_average(),
     }
 
 
@@ -376,7 +381,6 @@ class EncoderPeakWatcher:
         self.service_pid = service_pid
         self.interval = interval
         self.peak_kib = 0
-        self.seen: set[int] = set()
         self.task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
@@ -384,7 +388,6 @@ class EncoderPeakWatcher:
             server = forkserver_of(self.service_pid)
             if server is not None:
                 for pid in children(server):
-                    self.seen.add(pid)
                     self.peak_kib = max(self.peak_kib, vm_hwm_kib(pid))
             await asyncio.sleep(self.interval)
 
@@ -427,7 +430,6 @@ async def serve_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)
     await runner.cleanup()
-    print(json.dumps({"maxrss_kib": vm_hwm_kib(os.getpid())}), flush=True)
 
 
 def child_command() -> list[str]:
@@ -452,7 +454,6 @@ class ServiceChild:
         ] + (["--inproc"] if inproc else [])
         self.proc: asyncio.subprocess.Process | None = None
         self.pid = 0
-        self.maxrss_kib = 0
 
     async def __aenter__(self) -> "ServiceChild":
         self.proc = await asyncio.create_subprocess_exec(
@@ -469,10 +470,8 @@ class ServiceChild:
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.close()
         try:
-            out = await asyncio.wait_for(self.proc.stdout.read(), timeout=60)
-            for line in out.splitlines():
-                if line.startswith(b"{"):
-                    self.maxrss_kib = json.loads(line).get("maxrss_kib", 0)
+            # Read to EOF, not just wait: the child cannot then block on a full pipe while it shuts down.
+            await asyncio.wait_for(self.proc.stdout.read(), timeout=60)
             await asyncio.wait_for(self.proc.wait(), timeout=30)
         except asyncio.TimeoutError:
             self.proc.kill()
@@ -483,6 +482,7 @@ class JobFailed(RuntimeError):
     def __init__(self, job_id: str, event: str, data: dict[str, Any]) -> None:
         error = data.get("error") or {}
         super().__init__(f"job {job_id} ended with {event}: {error.get('code')}: {error.get('message')}")
+        self.job_id = job_id
         self.code = str(error.get("code") or event)
 
 
@@ -517,7 +517,7 @@ class Watcher:
         ack = await self.sio.call("subscribe", {"id": job_id}, timeout=30)
         if not ack.get("ok"):
             raise RuntimeError(f"cannot follow job {job_id}: {ack}")
-        if ack["job"]["status"] in ("completed", "failed", "cancelled"):
+        if ack["job"]["status"] in END_STATUSES:
             self.done[job_id].set()
 
     async def wait(self, job_id: str, timeout: float = 900) -> dict[str, Any]:
@@ -540,6 +540,17 @@ async def create_job(http: aiohttp.ClientSession, url: str, body: dict[str, Any]
 async def delete_job(http: aiohttp.ClientSession, url: str, job_id: str) -> None:
     async with http.delete(f"{url}/api/exports/{job_id}") as resp:
         await resp.read()
+
+
+async def run_jobs(http: aiohttp.ClientSession, url: str, watcher: Watcher, bodies: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(job id, end-event data) of each body, in order. Every job is created before any is waited for, so they
+    run at once; the caller deletes them, after whatever it measures. Raises JobFailed on a failed job."""
+    ids = []
+    for body in bodies:
+        job = await create_job(http, url, body)
+        await watcher.follow(job["id"])
+        ids.append(job["id"])
+    return [(job_id, await watcher.wait(job_id)) for job_id in ids]
 
 
 def job_body(fmt: str, columns: Sequence[str], limit: int = 0, collection: str = DATA_COLLECTION) -> dict[str, Any]:
@@ -571,7 +582,7 @@ async def rss_case_main(args: argparse.Namespace) -> None:
                 while True:
                     async with http.get(f"{url}/api/exports/{job['id']}") as resp:
                         snap = await resp.json()
-                    if snap["status"] in ("completed", "failed", "cancelled"):
+                    if snap["status"] in END_STATUSES:
                         break
                     await asyncio.sleep(0.2)
                 seconds = time.monotonic() - started
@@ -585,7 +596,7 @@ async def rss_case_main(args: argparse.Namespace) -> None:
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report the
         # benchmark's own size whenever that is larger.
         "service_kib": vm_hwm_kib(os.getpid()),
-        "encoder_kib": watcher.peak_kib, "encoders_seen": len(watcher.seen),
+        "encoder_kib": watcher.peak_kib,
     }), flush=True)
 
 
@@ -615,7 +626,7 @@ async def run_rss_case(mongo_url: str, export_dir: Path, fmt: str, rows: int) ->
 
 async def stage_rss(sizes: Sizes, mongo_url: str, work: Path) -> list[RssFigure]:
     # Two cases at a time, one per core: peaks are per process, so running side by side does not change them.
-    cases = [(fmt, rows) for rows in reversed(sizes.rss_rows) for fmt in FORMATS]
+    cases = [(fmt, rows) for rows in sizes.rss_rows for fmt in FORMATS]
     cases.sort(key=lambda case: (case[0] != "xlsx", -case[1]))  # the longest first, so the pair ends together
     gate = asyncio.Semaphore(2)
 
@@ -690,18 +701,13 @@ async def stage_live(sizes: Sizes, mongo_url: str, work: Path, columns: Sequence
             poller = asyncio.create_task(poll_health(service.url, stop, latencies, errors))
             await asyncio.sleep(1.0)  # a baseline before the exports start
             started = time.monotonic()
-            jobs = []
-            for fmt, rows in plan:
-                job = await create_job(http, service.url, job_body(fmt, columns, rows))
-                await watcher.follow(job["id"])
-                jobs.append((f"{fmt}-{len(jobs) + 1}", job["id"]))
-            for _, job_id in jobs:
-                await watcher.wait(job_id)
+            done = await run_jobs(http, service.url, watcher, [job_body(fmt, columns, rows) for fmt, rows in plan])
             seconds = time.monotonic() - started
             stop.set()
             await poller
             gaps, first_gaps = {}, {}
-            for label, job_id in jobs:
+            labels = [f"{fmt}-{number}" for number, (fmt, _) in enumerate(plan, 1)]
+            for label, (job_id, _) in zip(labels, done):
                 gaps[label], first_gaps[label] = flowing_gap(watcher.events.get(job_id, []), watcher.subscribed_at[job_id])
                 await delete_job(http, service.url, job_id)
     figure = LiveFigure(latencies, len(errors), gaps, first_gaps, seconds)
@@ -729,16 +735,10 @@ async def timed_exports(service: ServiceChild, watcher: Watcher, http: aiohttp.C
     """(seconds from the first request to the last completion, CPU seconds the service spent meanwhile)."""
     cpu_before = sum(service_cpu(service.pid))
     started = time.monotonic()
-    ids = []
-    for body in bodies:
-        job = await create_job(http, service.url, body)
-        await watcher.follow(job["id"])
-        ids.append(job["id"])
-    for job_id in ids:
-        await watcher.wait(job_id)
+    done = await run_jobs(http, service.url, watcher, bodies)
     seconds = time.monotonic() - started
     cpu = sum(service_cpu(service.pid)) - cpu_before
-    for job_id in ids:
+    for job_id, _ in done:
         await delete_job(http, service.url, job_id)
     return seconds, cpu
 
@@ -836,17 +836,16 @@ async def stage_e2e(mongo_url: str, work: Path, rows: int) -> list[E2eFigure]:
                 figure: E2eFigure | None = None
                 while figure is None and len(failures) < E2E_ATTEMPTS:
                     server_before, encoder_before = service_cpu(service.pid)
-                    job = await create_job(http, service.url, job_body(fmt, [], 0 if rows == E2E_ROWS else rows))
-                    await watcher.follow(job["id"])
                     try:
-                        done = await watcher.wait(job["id"])
+                        [(job_id, done)] = await run_jobs(http, service.url, watcher, [job_body(fmt, [], 0 if rows == E2E_ROWS else rows)])
                     except JobFailed as exc:
+                        await delete_job(http, service.url, exc.job_id)
                         log(f"e2e {fmt}: {exc}")
                         failures.append(exc.code)
                         continue
-                    finally:
-                        await delete_job(http, service.url, job["id"])
+                    # Read before the deletion, whose request, unlink and database delete are no part of the export.
                     server_after, encoder_after = service_cpu(service.pid)
+                    await delete_job(http, service.url, job_id)
                     figure = E2eFigure(fmt, done.get("processed") or rows, float(done["duration_seconds"]),
                                        server_after - server_before, encoder_after - encoder_before, failures)
                     log(f"e2e {fmt}: {figure.rate:,.0f} rows/s, CPU {figure.server_cpu:.2f} s server + "
@@ -1042,7 +1041,7 @@ async def main_async(args: argparse.Namespace) -> int:
         (work / "exports").mkdir()
         await run_stages(args, results, work)
     results.seconds = time.monotonic() - started
-    results.load_at_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results.load_at_end = load_average()
     report = render(results)
     print(report)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
