@@ -155,21 +155,20 @@ def as_utc(value: datetime) -> datetime:
 _ISO_OPTS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
 
 
-def iso_bytes(value: datetime) -> bytes:
-    """ISO 8601 in UTC with exactly three fraction digits and Z, years padded to four digits. orjson
-    writes six fraction digits, or none for whole seconds; cutting the last three truncates to
-    milliseconds as isoformat(timespec="milliseconds") does (a BSON date holds whole milliseconds)."""
+def _iso_head(value: datetime) -> bytes:
+    """value's ISO 8601 text in UTC as a JSON string cut after the milliseconds, with the opening quote and
+    no Z: b'"2024-01-01T19:53:44.475' (years padded to four digits). orjson writes six fraction digits, or
+    none for whole seconds; cutting the last three truncates to milliseconds as
+    isoformat(timespec="milliseconds") does (a BSON date holds whole milliseconds)."""
     if value.tzinfo is not None:
         value = as_utc(value).replace(tzinfo=None)
     text = orjson.dumps(value, option=_ISO_OPTS)  # b'"2024-01-01T19:53:44.475000Z"'
-    if value.microsecond:
-        return text[1:-5] + b"Z"
-    return text[1:-2] + b".000Z"
+    return text[:-5] if value.microsecond else text[:-2] + b".000"
 
 
 def iso_datetime(value: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and Z (see iso_bytes)."""
-    return iso_bytes(value).decode("ascii")
+    """ISO 8601 in UTC with milliseconds and Z."""
+    return _iso_head(value)[1:].decode("ascii") + "Z"
 
 
 def float_text(value: float) -> str:
@@ -237,7 +236,7 @@ def _relaxed_default(value: Any) -> Any:
     if kind is datetime:
         utc = value if value.tzinfo is None else as_utc(value)
         if utc.year >= _FIRST_ISO_YEAR:
-            return orjson.Fragment(b'{"$date":"' + iso_bytes(utc) + b'"}')
+            return orjson.Fragment(b'{"$date":' + _iso_head(utc) + b'Z"}')
     elif kind is ObjectId:
         return {"$oid": value._ObjectId__id.hex()}  # noqa: SLF001 - the property costs a Python call per id
     elif kind is NonFiniteDouble:
