@@ -65,6 +65,7 @@ class JobManager:
         self.claiming = asyncio.Event()  # cleared by pause(): workers finish their job and claim no other
         self.claiming.set()
         self.last_order = 0
+        self.stopping = False
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -73,8 +74,20 @@ class JobManager:
         for n in range(self.settings.max_concurrent):
             self.tasks.append(asyncio.create_task(self._worker(), name=f"export-worker-{n}"))
         self.tasks.append(asyncio.create_task(self._maintenance(), name="export-maintenance"))
+        for task in self.tasks:
+            task.add_done_callback(self._report_end)
+
+    def _report_end(self, task: "asyncio.Task[None]") -> None:
+        """Workers and maintenance run until stop(); any other end is a defect, and said loudly."""
+        if self.stopping:
+            return
+        if task.cancelled():
+            log.error("%s was cancelled", task.get_name())
+        elif task.exception() is not None:
+            log.error("%s stopped", task.get_name(), exc_info=task.exception())
 
     async def stop(self) -> None:
+        self.stopping = True
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -239,6 +252,12 @@ class JobManager:
         try:
             await asyncio.shield(task)  # a user's cancel ends the task, not this worker
         except asyncio.CancelledError:
+            worker = asyncio.current_task()
+            if worker is not None and not worker.cancelling():
+                # Only the job's task ended cancelled (its lease ran out as it finished): the job is someone
+                # else's now, and this worker goes on.
+                log.warning("job %s: its run ended cancelled after the job was taken over", job_id)
+                return
             # The service is stopping: the job goes back to the queue for the next start.
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -294,3 +313,4 @@ class JobManager:
 
 def _plausible_id(job_id: str) -> bool:
     return len(job_id) == 24 and all(c in "0123456789abcdef" for c in job_id)
+

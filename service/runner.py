@@ -255,7 +255,12 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
     assert this_task is not None
     renewer = asyncio.create_task(run.keep_lease(this_task), name=f"lease-{run.id}")
     try:
-        await run.run()
+        try:
+            await run.run()
+        finally:
+            # Stopped before any outcome is handled: a lease check that finds the job gone (as the run's own
+            # JobLost may have just done) must not cancel the handling below halfway.
+            renewer.cancel()
         return JobStatus.COMPLETED
     except asyncio.CancelledError:
         if run.lost:
@@ -280,8 +285,6 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
     except Exception as exc:  # a defect must not leave the job active forever: fail it, loudly
         log.exception("job %s failed unexpectedly", run.id)
         return await _fail(ctx, run, "internal_error", f"internal error: {exc.__class__.__name__}")
-    finally:
-        renewer.cancel()
 
 
 async def _fail(ctx: RunContext, run: JobRun, code: str, message: str) -> JobStatus:
