@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import functools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,7 +80,7 @@ RSS_GROWTH_LIMIT_MIB = 50
 HEALTH_P99_LIMIT_MS = 100
 EVENT_GAP_LIMIT_S = 1.5
 SCALE_TARGET = 1.6
-SCALE_REPEATS = 3
+SCALE_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ FULL = Sizes(
     writer_repeats=5,
     rss_rows=(100_000, 1_000_000),
     live_rows={"csv": 250_000, "xlsx": 60_000},
-    scale_rows=150_000,
+    scale_rows=100_000,
     e2e_rows=E2E_ROWS,
 )
 QUICK = Sizes(
@@ -119,6 +121,12 @@ def raw_batches(rows: int, seed: int = SEED) -> list[bytes]:
         b"".join(bson.encode(doc) for doc in make_documents(min(BATCH_ROWS, rows - start), seed, start))
         for start in range(0, rows, BATCH_ROWS)
     ]
+
+
+@functools.cache
+def replay_batches() -> list[bytes]:
+    """The batches the in-process source and the floor processes cycle through."""
+    return raw_batches(10 * BATCH_ROWS)
 
 
 def top_level_columns(batches: Sequence[bytes]) -> list[str]:
@@ -423,7 +431,7 @@ async def start_site(app: web.Application, port: int) -> web.AppRunner:
 
 async def serve_main(args: argparse.Namespace) -> None:
     """--serve: the service in this process until stdin closes; prints one JSON line when ready."""
-    source = InProcessSource(raw_batches(10 * BATCH_ROWS), BATCH_ROWS) if args.inproc else None
+    source = InProcessSource(replay_batches(), BATCH_ROWS) if args.inproc else None
     settings = bench_settings(args.mongo_url, Path(args.export_dir), args.jobs_collection, args.max_concurrent, args.port)
     runner = await start_site(create_app(settings, source=source), args.port)
     print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
@@ -723,42 +731,99 @@ class ScaleFigure:
     rows: int
     one: float  # rows/s of one export alone
     two: float  # aggregate rows/s of two at once
-    one_cores: float  # CPU seconds of the service and its encoders per wall second
-    two_cores: float
+    one_cores: tuple[float, float]  # CPU seconds of the service process and of its encoders per wall second
+    two_cores: tuple[float, float]
+    floor_ratio: float  # the floor's own: one process against two, same rows, same run
 
     @property
     def ratio(self) -> float:
         return self.two / self.one
 
 
-async def timed_exports(service: ServiceChild, watcher: Watcher, http: aiohttp.ClientSession, bodies: list[dict[str, Any]]) -> tuple[float, float]:
-    """(seconds from the first request to the last completion, CPU seconds the service spent meanwhile)."""
-    cpu_before = sum(service_cpu(service.pid))
+def per_second(timed: tuple[float, tuple[float, float]]) -> tuple[float, float]:
+    seconds, (server, encoders) = timed
+    return server / seconds, encoders / seconds
+
+
+def cores_text(cores: tuple[float, float]) -> str:
+    return f"{cores[0]:.2f} + {cores[1]:.2f}"
+
+
+async def timed_exports(service: ServiceChild, watcher: Watcher, http: aiohttp.ClientSession, bodies: list[dict[str, Any]]) -> tuple[float, tuple[float, float]]:
+    """(seconds from the first request to the last completion, (CPU seconds of the service process, of its
+    encoders) meanwhile)."""
+    server_before, encoders_before = service_cpu(service.pid)
     started = time.monotonic()
     done = await run_jobs(http, service.url, watcher, bodies)
     seconds = time.monotonic() - started
-    cpu = sum(service_cpu(service.pid)) - cpu_before
+    server_after, encoders_after = service_cpu(service.pid)
     for job_id, _ in done:
         await delete_job(http, service.url, job_id)
-    return seconds, cpu
+    return seconds, (server_after - server_before, encoders_after - encoders_before)
+
+
+def floor_export(fmt: str, columns: Sequence[str], rows: int, path: Path) -> int:
+    """One export by the floor alone, in a pool process, from the batches the service replays; returns the
+    process id, so the caller can tell which processes did the work."""
+    batches = replay_batches()
+    floor = FLOORS[fmt](path, columns)
+    for index in range(rows // BATCH_ROWS):
+        floor.feed(batches[index % len(batches)])
+    floor.finish()
+    return os.getpid()
+
+
+class FloorPool:
+    """Two processes that run the floor: what the bare libraries gain from a second core on this machine,
+    measured beside the service so that both meet the same neighbours."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.pool = ProcessPoolExecutor(max_workers=2, initializer=replay_batches)
+
+    async def __aenter__(self) -> "FloorPool":
+        # Until two processes have answered, each with its batches made: none of that is timed later.
+        seen: set[int] = set()
+        while len(seen) < 2:
+            seen.update(await self._run("csv", [], [BATCH_ROWS, BATCH_ROWS]))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    async def _run(self, fmt: str, columns: Sequence[str], exports: list[int]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(
+            loop.run_in_executor(self.pool, floor_export, fmt, columns, rows, self.work / f"floor-{n}.{fmt}")
+            for n, rows in enumerate(exports)
+        )))
+
+    async def timed(self, fmt: str, columns: Sequence[str], exports: list[int]) -> float:
+        started = time.monotonic()
+        await self._run(fmt, columns, exports)
+        return time.monotonic() - started
 
 
 async def stage_scale(sizes: Sizes, mongo_url: str, work: Path, columns: Sequence[str], formats: Sequence[str]) -> list[ScaleFigure]:
     figures = []
     rows = sizes.scale_rows
-    async with ServiceChild(mongo_url, work, max_concurrent=2, inproc=True) as service:
+    async with ServiceChild(mongo_url, work, max_concurrent=2, inproc=True) as service, FloorPool(work) as floor:
         async with Watcher(service.url) as watcher, aiohttp.ClientSession() as http:
             for fmt in formats:
                 n = rows if fmt != "xlsx" else rows // 4
                 body = job_body(fmt, columns, n)
                 await timed_exports(service, watcher, http, [job_body(fmt, columns, 2 * BATCH_ROWS)])  # warm-up
-                one = two = (float("inf"), 0.0)
+                one = two = (float("inf"), (0.0, 0.0))
+                floor_one = floor_two = float("inf")
                 for _ in range(SCALE_REPEATS):  # alternating, best of each: the machine may be shared
                     one = min(one, await timed_exports(service, watcher, http, [body]))
                     two = min(two, await timed_exports(service, watcher, http, [body, body]))
-                figure = ScaleFigure(fmt, n, n / one[0], 2 * n / two[0], one[1] / one[0], two[1] / two[0])
-                log(f"scale {fmt}: one {figure.one:,.0f} rows/s ({figure.one_cores:.2f} cores), "
-                    f"two {figure.two:,.0f} rows/s ({figure.two_cores:.2f} cores), ratio {figure.ratio:.2f}")
+                    floor_one = min(floor_one, await floor.timed(fmt, columns, [n]))
+                    floor_two = min(floor_two, await floor.timed(fmt, columns, [n, n]))
+                figure = ScaleFigure(fmt, n, n / one[0], 2 * n / two[0], per_second(one), per_second(two), 2 * floor_one / floor_two)
+                log(f"scale {fmt}: one {figure.one:,.0f} rows/s ({cores_text(figure.one_cores)} cores), "
+                    f"two {figure.two:,.0f} rows/s ({cores_text(figure.two_cores)} cores), ratio {figure.ratio:.2f}; "
+                    f"floor: one {n / floor_one:,.0f} rows/s, ratio {figure.floor_ratio:.2f}")
                 figures.append(figure)
     return figures
 
@@ -955,15 +1020,18 @@ def render(results: Results) -> str:
         out += [
             "### One export against two at once (rows from an in-process source)",
             "",
-            "| format | rows per export | 1 export (rows/s) | 2 exports (aggregate rows/s) | cores used (1 / 2) | ratio | target |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| format | rows per export | 1 export (rows/s) | 2 exports (aggregate rows/s) | cores used, 1 export | cores used, 2 exports | ratio | floor's ratio | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in results.scale:
-            out.append(f"| {s.fmt} | {s.rows:,} | {s.one:,.0f} | {s.two:,.0f} | {s.one_cores:.2f} / {s.two_cores:.2f} | {s.ratio:.2f} | "
-                       f"≥ {SCALE_TARGET} {verdict(s.ratio >= SCALE_TARGET)} |")
-            accept.append(f"4. two concurrent {s.fmt} exports: {s.ratio:.2f}× one (target ≥ {SCALE_TARGET}) — {verdict(s.ratio >= SCALE_TARGET)}")
+            out.append(f"| {s.fmt} | {s.rows:,} | {s.one:,.0f} | {s.two:,.0f} | {cores_text(s.one_cores)} | {cores_text(s.two_cores)} | {s.ratio:.2f} | "
+                       f"{s.floor_ratio:.2f} | ≥ {SCALE_TARGET} {verdict(s.ratio >= SCALE_TARGET)} |")
+            accept.append(f"4. two concurrent {s.fmt} exports: {s.ratio:.2f}× one (target ≥ {SCALE_TARGET}; the floor's own ratio "
+                          f"in this run {s.floor_ratio:.2f}) — {verdict(s.ratio >= SCALE_TARGET)}")
         out += ["", f"Wall time from the first request to the last `export-completed` event, best of {SCALE_REPEATS}; cores used = CPU "
-                "seconds of the service process and its encoders per wall second.", ""]
+                "seconds per wall second of the service process + of its encoders. The floor's ratio: the writer floor "
+                "(the bare libraries, as in the first table) run as one process against two, over the same rows, "
+                "between the service's runs: what a second core gives on this machine at the time.", ""]
     if results.e2e:
         out += [
             "### End to end against the embedded server",
