@@ -10,6 +10,7 @@ import inspect
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Sequence
+from urllib.parse import parse_qs, urlsplit
 
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.tz_util import utc
@@ -63,8 +64,18 @@ async def _aggregate_count(collection: Any, pipeline: list[dict[str, Any]]) -> i
     return int(rows[0]["n"]) if rows else 0
 
 
+def url_options(url: str) -> set[str]:
+    """The option names a connection string sets, lower-cased (MongoDB reads them case-insensitively)."""
+    return {name.lower() for name in parse_qs(urlsplit(url).query, keep_blank_values=True)}
+
+
 def make_client(url: str, driver: str = "pymongo", connect_timeout_ms: int = 5000) -> Any:
-    common = dict(serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, connectTimeoutMS=connect_timeout_ms, tz_aware=True)
+    """A client with the service's timeouts, except those the connection string sets itself (the driver
+    would let a keyword argument override the string)."""
+    given = url_options(url)
+    defaults = {"serverSelectionTimeoutMS": SERVER_SELECTION_TIMEOUT_MS, "connectTimeoutMS": connect_timeout_ms}
+    common: dict[str, Any] = {name: value for name, value in defaults.items() if name.lower() not in given}
+    common["tz_aware"] = True
     if driver == "motor":
         from motor.motor_asyncio import AsyncIOMotorClient
 

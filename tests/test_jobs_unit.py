@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from mongomock_motor import AsyncMongoMockClient
 
-from service.db import Database
+from service.db import SERVER_SELECTION_TIMEOUT_MS, Database, make_client
 from service.events import EventHub
 from service.jobs import JobStatus, eta, percent, snapshot
 from service.manager import JobManager, JobNotFound, TooManyJobs
@@ -100,3 +100,19 @@ def test_snapshot_of_a_completed_job_has_a_download_url() -> None:
     snap = snapshot(doc)
     assert snap["download_url"] == f"/api/exports/{'a' * 24}/download"
     assert snap["percent"] == 100.0 and snap["finished_at"] == "1970-01-01T00:00:01.000Z"
+
+
+@pytest.mark.parametrize("driver", ["pymongo", "motor"])
+async def test_timeouts_in_the_connection_string_win_over_the_defaults(driver: str) -> None:
+    given = make_client("mongodb://127.0.0.1:1/?connectTimeoutMS=30000&serverSelectionTimeoutMS=45000", driver)
+    default = make_client("mongodb://127.0.0.1:1/", driver, connect_timeout_ms=7000)
+    try:
+        assert given.options.pool_options.connect_timeout == 30
+        assert given.options.server_selection_timeout == 45
+        assert default.options.pool_options.connect_timeout == 7
+        assert default.options.server_selection_timeout == SERVER_SELECTION_TIMEOUT_MS / 1000
+    finally:
+        for client in (given, default):
+            closed = client.close()
+            if closed is not None:
+                await closed
