@@ -13,6 +13,8 @@ Stages:
   in a fresh process (`bench.py --rss-case FORMAT ROWS`).
 - live: /healthz latency and Socket.IO progress-event gaps while four exports run at once.
 - scale: aggregate throughput of one export against two at once.
+- instructions (only with --only): the writer stage's work counted in instructions under valgrind, a figure
+  that does not move with the machine's load.
 The rss, live and scale stages feed the real runner from an in-process source of raw BSON batches, so the
 database is not the bottleneck; the embedded server then only stores the jobs.
 
@@ -27,7 +29,9 @@ import csv
 import functools
 import json
 import os
+import pickle
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -326,6 +330,71 @@ def stage_writers(sizes: Sizes, work: Path) -> list[WriterFigure]:
             leftover.unlink()
         figure = WriterFigure(fmt, rows, rows / sum(best["service"]), rows / sum(best["floor"]))
         log(f"writers {fmt}: service {figure.service:,.0f} rows/s, floor {figure.floor:,.0f} rows/s, ratio {figure.ratio:.2f}")
+        figures.append(figure)
+    return figures
+
+
+# --- stage on request: instructions of the writer pipeline against its floor ----------------------------
+INSTRUCTION_ROWS = {"csv": 5_000, "json": 5_000, "ndjson": 5_000, "xlsx": 2_000}
+
+
+@dataclass
+class InstructionFigure:
+    fmt: str
+    rows: int
+    service: float  # instructions per row
+    floor: float
+
+    @property
+    def ratio(self) -> float:
+        """As a rows/s ratio would be, were instructions all that took time."""
+        return self.floor / self.service
+
+
+def instructions_case_main(args: argparse.Namespace) -> None:
+    """--instructions-case FORMAT SIDE BATCHES: the batches pickled in BATCHES through one side, once; the
+    side 'none' only loads them, so its count is what the other two have in common."""
+    fmt, side, batches_file = args.instructions_case
+    batches: list[bytes] = pickle.loads(Path(batches_file).read_bytes())
+    columns = top_level_columns(batches)
+    path = Path(args.export_dir) / f"{side}.{fmt}"
+    if side == "none":
+        return
+    target = service_pipeline(fmt, path, columns) if side == "service" else FLOORS[fmt](path, columns)
+    for raw in batches:
+        target.feed(raw)
+    target.finish()
+
+
+def count_instructions(fmt: str, side: str, batches_file: Path, work: Path) -> int:
+    # A fixed hash seed: dict and set layouts, and so the count, are then the same from one run to the next.
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *child_command(),
+               "--instructions-case", fmt, side, str(batches_file), "--export-dir", str(work)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "0"})
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count from valgrind: {done.stderr[-500:]}")
+    return int(found.group(1))
+
+
+def stage_instructions(work: Path) -> list[InstructionFigure]:
+    """Instructions the service's writer pipeline and its floor execute per row, counted by valgrind: the same
+    figure in every run, whatever else the machine is doing. Time also depends on caches and memory, which
+    this does not weigh; the writer stage measures time."""
+    if shutil.which("valgrind") is None:
+        log("instructions: valgrind is not installed (Debian package valgrind); stage skipped")
+        return []
+    figures = []
+    baselines: dict[int, int] = {}  # by rows: loading the batches is the same work whatever the format
+    for fmt in FORMATS:
+        rows = INSTRUCTION_ROWS[fmt]
+        batches_file = work / f"batches-{rows}.pickle"
+        if rows not in baselines:
+            batches_file.write_bytes(pickle.dumps(replay_batches()[: rows // BATCH_ROWS]))
+            baselines[rows] = count_instructions(fmt, "none", batches_file, work)
+        service, floor = (count_instructions(fmt, side, batches_file, work) - baselines[rows] for side in ("service", "floor"))
+        figure = InstructionFigure(fmt, rows, service / rows, floor / rows)
+        log(f"instructions {fmt}: service {figure.service:,.0f} per row, floor {figure.floor:,.0f} per row, ratio {figure.ratio:.2f}")
         figures.append(figure)
     return figures
 
@@ -959,6 +1028,7 @@ class Results:
     info: dict[str, str]
     sizes: Sizes
     writers: list[WriterFigure] = field(default_factory=list)
+    instructions: list[InstructionFigure] = field(default_factory=list)
     rss: list[RssFigure] = field(default_factory=list)
     live: LiveFigure | None = None
     scale: list[ScaleFigure] = field(default_factory=list)
@@ -997,6 +1067,21 @@ def render(results: Results) -> str:
             "fsync); csv/xlsx with the generator's top-level keys as `fields`, json/ndjson whole documents. "
             "Floor: `bson.decode_all(raw)` plus `csv.writer.writerow(str(...))`, `orjson.dumps(doc, default=str)` + newline, "
             "xlsxwriter `constant_memory` `write_row(str(...))`, with the file flushed and fsynced as the service does.",
+            "",
+        ]
+    if results.instructions:
+        out += [
+            "### Instructions per row, writer pipeline against the bare libraries (valgrind callgrind)",
+            "",
+            "| format | rows | service pipeline | floor | ratio |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        out += [f"| {i.fmt} | {i.rows:,} | {i.service:,.0f} | {i.floor:,.0f} | {i.ratio:.2f} |" for i in results.instructions]
+        out += [
+            "",
+            "The same work as the table above, counted in instructions executed rather than timed: the same figure in "
+            "every run, whatever else the machine does. Time also depends on caches and memory, which this does not "
+            "weigh; the targets are judged on the timed table.",
             "",
         ]
     if results.rss:
@@ -1094,6 +1179,7 @@ def log(message: str) -> None:
 
 # --- main -------------------------------------------------------------------------------------------------
 STAGES = ("writers", "e2e", "rss", "live", "scale")
+ON_REQUEST = ("instructions",)  # run by --only, not by default: it needs valgrind and takes minutes more
 
 
 async def run_stages(args: argparse.Namespace, results: Results, work: Path) -> None:
@@ -1102,6 +1188,9 @@ async def run_stages(args: argparse.Namespace, results: Results, work: Path) -> 
     if "writers" in stages:
         log("writer pipeline against the floors")
         results.writers = await asyncio.to_thread(stage_writers, sizes, work / "writers")
+    if "instructions" in stages:
+        log("instructions of the writer pipeline against the floors, under valgrind")
+        results.instructions = await asyncio.to_thread(stage_instructions, work / "writers")
     if not stages & {"e2e", "rss", "live", "scale"}:
         return
     columns = top_level_columns(raw_batches(BATCH_ROWS))
@@ -1137,6 +1226,9 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.rss_case:
         await rss_case_main(args)
         return 0
+    if args.instructions_case:
+        instructions_case_main(args)
+        return 0
     started = time.monotonic()
     results = Results(machine_info(), QUICK if args.quick else FULL)
     with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
@@ -1157,12 +1249,14 @@ async def main_async(args: argparse.Namespace) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark the export service and print a markdown report.")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", default="", help=f"comma-separated stages among {', '.join(STAGES)}")
+    parser.add_argument("--only", default="", help=f"comma-separated stages among {', '.join(STAGES + ON_REQUEST)} "
+                        f"({', '.join(ON_REQUEST)} only when asked for)")
     parser.add_argument("--scale-formats", default="csv,xlsx", help="formats of the one-against-two stage")
     parser.add_argument("--db-dir", default=str(BENCH_DIR / "db"), help="where the bench's embedded database keeps its file")
     # Internal modes: the benchmark starts itself in these.
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rss-case", nargs=2, metavar=("FORMAT", "ROWS"), help=argparse.SUPPRESS)
+    parser.add_argument("--instructions-case", nargs=3, metavar=("FORMAT", "SIDE", "BATCHES"), help=argparse.SUPPRESS)
     parser.add_argument("--mongo-url", help=argparse.SUPPRESS)
     parser.add_argument("--export-dir", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
