@@ -313,4 +313,3 @@ class JobManager:
 
 def _plausible_id(job_id: str) -> bool:
     return len(job_id) == 24 and all(c in "0123456789abcdef" for c in job_id)
-
