@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.tz_util import utc
+import pymongo
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo import errors as pymongo_errors
 
@@ -22,6 +23,9 @@ CODEC_OPTIONS: CodecOptions = CodecOptions(
     tz_aware=True, tzinfo=utc, datetime_conversion=DatetimeConversion.DATETIME_AUTO
 )
 SERVER_SELECTION_TIMEOUT_MS = 5000
+# Closing ends the server sessions and kills open cursors, round trips with no time limit of their own (the
+# driver sets no socket timeout): a server that drops one of those replies must not keep the service from stopping.
+CLOSE_TIMEOUT_SECONDS = 10.0
 
 
 class DatabaseError(RuntimeError):
@@ -110,7 +114,10 @@ class Database:
         return cls(make_client(url, driver, connect_timeout_ms), name, jobs_collection)
 
     async def close(self) -> None:
-        await _resolve(self.client.close())
+        # A client-side operation timeout covers the round trips inside close() for both drivers (Motor closes
+        # synchronously, where no asyncio timeout could reach), and they give up quietly when it runs out.
+        with pymongo.timeout(CLOSE_TIMEOUT_SECONDS):
+            await _resolve(self.client.close())
 
     def collection(self, name: str) -> Any:
         return self.db.get_collection(name, codec_options=CODEC_OPTIONS)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0  # how often idle workers look for jobs queued by other instances
 MAX_ATTEMPTS = 3  # a job that killed its instance this often is failed, not retried forever
+STOP_TIMEOUT_SECONDS = 15.0  # workers put their jobs back in the queue on stop; a silent database must not hang it
 REQUEUE = {"$set": {"status": JobStatus.QUEUED.value, "owner": None}}  # back in line, claimable by any instance
 
 
@@ -90,7 +91,12 @@ class JobManager:
         self.stopping = True
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), STOP_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            # Their jobs stay running in the database and are queued again at the next start (recover()).
+            stuck = [task.get_name() for task in self.tasks if not task.done()]
+            log.error("stopped without %s: still waiting for the database after %.0f s", ", ".join(stuck), STOP_TIMEOUT_SECONDS)
         self.tasks.clear()
         self.encoders.close()
 

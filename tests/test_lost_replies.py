@@ -1,0 +1,73 @@
+"""A database that drops replies, through a proxy in front of the real server: the service still stops within
+its limits, and a job it could not put back in the queue is run again, whole, at the next start."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from service import db as db_module
+from service import manager as manager_module
+from service.app import create_app
+
+from conftest import make_settings, wait_status
+from wire_proxy import WireProxy
+
+CLOSE_LIMIT = 1.0
+SPEC = {"collection": "tasks", "format": "csv", "sort": {"seq": 1}, "fields": ["seq", "title"]}
+
+
+@pytest.fixture
+def proxy(mongo_url: str) -> Iterator[WireProxy]:
+    upstream = urlsplit(mongo_url)
+    wire = WireProxy(upstream.hostname or "127.0.0.1", upstream.port or 27017).start()
+    yield wire
+    wire.close()
+
+
+async def timed_close(client: Any, limit: float) -> float:
+    started = time.monotonic()
+    await asyncio.wait_for(client.close(), limit)
+    return time.monotonic() - started
+
+
+async def test_a_lost_reply_while_closing_does_not_keep_the_service_from_stopping(
+    aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db_module, "CLOSE_TIMEOUT_SECONDS", CLOSE_LIMIT)
+    client = await aiohttp_client(create_app(make_settings(proxy.url(), tmp_path, driver)))
+    job = await (await client.post("/api/exports", json={**SPEC, "limit": 10})).json()
+    assert (await wait_status(client, job["id"]))["status"] == "completed"
+
+    proxy.lose_replies_to(["endSessions"])
+    elapsed = await timed_close(client, 30)
+    assert proxy.lost == ["endSessions"]  # the fault was met, and closing went past it
+    assert elapsed < CLOSE_LIMIT + 5, elapsed
+
+
+async def test_a_job_that_could_not_be_queued_again_on_stop_runs_again_at_the_next_start(
+    aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "STOP_TIMEOUT_SECONDS", CLOSE_LIMIT)
+    monkeypatch.setattr(db_module, "CLOSE_TIMEOUT_SECONDS", CLOSE_LIMIT)
+    settings = make_settings(proxy.url(), tmp_path, driver, batch_size=10)  # many round trips: surely mid-way
+    client = await aiohttp_client(create_app(settings))
+    job = await (await client.post("/api/exports", json=SPEC)).json()
+    snap = await wait_status(client, job["id"], ("processing", "completed"), timeout=30)
+    assert snap["status"] == "processing", snap
+
+    proxy.lose_replies_to(["update"])  # the stop's "back to the queue", and any lease renewal
+    elapsed = await timed_close(client, 30)
+    assert "update" in proxy.lost
+    assert elapsed < 2 * CLOSE_LIMIT + 5, elapsed
+
+    proxy.lose_replies_to([])
+    client = await aiohttp_client(create_app(settings))  # the same jobs collection, as after a restart
+    final = await wait_status(client, job["id"], ("completed", "failed", "cancelled"), timeout=60)
+    assert final["status"] == "completed" and final["processed"] == len(tasks), final
+    rows = (await (await client.get(final["download_url"])).text()).splitlines()
+    assert rows[0] == "seq,title" and [int(r.split(",", 1)[0]) for r in rows[1:]] == sorted(t["seq"] for t in tasks)

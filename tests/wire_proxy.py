@@ -1,0 +1,100 @@
+"""A TCP proxy in front of a MongoDB wire-protocol server that can lose replies: the server stays healthy
+(the driver's monitor still hears from it) while chosen commands never get an answer, as when a reply is
+dropped on the way. Messages are forwarded whole, so a lost reply never leaves half a message behind.
+
+It runs its own event loop on its own thread, like a device on the network: a client that blocks the test's
+loop (Motor closes synchronously) still gets its replies, or loses them, as it would in production."""
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+from typing import Iterable
+
+HEADER = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
+OP_MSG = 2013
+
+
+async def _read_message(reader: asyncio.StreamReader) -> bytes:
+    header = await reader.readexactly(HEADER.size)
+    length = HEADER.unpack(header)[0]
+    return header + await reader.readexactly(length - HEADER.size)
+
+
+class WireProxy:
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="wire-proxy", daemon=True)
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.lose: frozenset[bytes] = frozenset()  # command names whose replies are dropped
+        self.lost: list[str] = []  # the commands whose replies were dropped, in order
+
+    def url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def lose_replies_to(self, commands: Iterable[str]) -> None:
+        self.lose = frozenset(name.encode() for name in commands)
+
+    def start(self) -> "WireProxy":
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop
+        ).result(timeout=10)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+    async def _shutdown(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        connections = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+
+    def _lost_command(self, message: bytes) -> bytes | None:
+        """The command this OP_MSG runs (its body's first key) if its reply is to be lost."""
+        if HEADER.unpack_from(message)[3] != OP_MSG or message[20] != 0:  # a body section comes first
+            return None
+        name_start = HEADER.size + 4 + 1 + 4 + 1  # flag bits, section kind, document length, element type
+        name = message[name_start:message.index(b"\0", name_start)]
+        return name if name in self.lose else None
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
+        dropped: set[int] = set()  # request ids whose replies are not passed on
+
+        async def requests() -> None:
+            while True:
+                message = await _read_message(client_reader)
+                name = self._lost_command(message)
+                if name is not None:
+                    dropped.add(HEADER.unpack_from(message)[1])
+                    self.lost.append(name.decode())
+                upstream_writer.write(message)
+                await upstream_writer.drain()
+
+        async def replies() -> None:
+            while True:
+                message = await _read_message(upstream_reader)
+                if HEADER.unpack_from(message)[2] not in dropped:
+                    client_writer.write(message)
+                    await client_writer.drain()
+
+        pumps = [asyncio.create_task(requests()), asyncio.create_task(replies())]
+        try:
+            # Either side closing ends both directions (the other pump then fails on a closed stream).
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            client_writer.close()
+            upstream_writer.close()
