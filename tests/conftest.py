@@ -3,8 +3,11 @@ seeded tasks, and the real app built with create_app(settings) for each driver."
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -24,6 +27,36 @@ DATA_DB = "export_tests"
 END_STATES = ("completed", "failed", "cancelled", "expired")
 EVENTS = ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled")
 BIG_ROWS = 20_000
+HANG_REPORT_SECONDS = 240  # before pytest-timeout's 300 s, whose report shows threads but not coroutines
+
+
+def _await_chain(awaitable: Any) -> Iterator[str]:
+    """file:line and function of each coroutine down the chain a task is suspended in (a task's own stack
+    shows only the outermost)."""
+    while awaitable is not None:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is not None:
+            yield f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "ag_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+
+
+def _report_pending_tasks(nodeid: str) -> None:
+    # From a watchdog thread: the loop is stuck awaiting something, and its tasks' await chains say what.
+    lines = [f"{nodeid} still running after {HANG_REPORT_SECONDS} s; pending asyncio tasks:"]
+    for task in [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task) and not obj.done()]:
+        lines += [f"--- {task.get_name()}", *_await_chain(task.get_coro())]
+    print("\n".join(lines), file=sys.stderr)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    watchdog = threading.Timer(HANG_REPORT_SECONDS, _report_pending_tasks, args=(item.nodeid,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return (yield)
+    finally:
+        watchdog.cancel()
 
 
 @pytest.fixture(scope="session")
