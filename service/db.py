@@ -23,6 +23,10 @@ CODEC_OPTIONS: CodecOptions = CodecOptions(
     tz_aware=True, tzinfo=utc, datetime_conversion=DatetimeConversion.DATETIME_AUTO
 )
 SERVER_SELECTION_TIMEOUT_MS = 5000
+# The longest wait for any one reply. The driver's default is forever: a reply lost on the way would then hold a
+# job in "processing" (and its worker) for good. Five minutes outlasts a getMore that scans a large collection
+# for sparse matches; a connection string that sets socketTimeoutMS (0 = no limit) wins.
+SOCKET_TIMEOUT_MS = 300_000
 # Closing ends the server sessions and kills open cursors, round trips with no time limit of their own (the
 # driver sets no socket timeout): a server that drops one of those replies must not keep the service from stopping.
 CLOSE_TIMEOUT_SECONDS = 10.0
@@ -77,7 +81,11 @@ def make_client(url: str, driver: str = "pymongo", connect_timeout_ms: int = 500
     """A client with the service's timeouts, except those the connection string sets itself (the driver
     would let a keyword argument override the string)."""
     given = url_options(url)
-    defaults = {"serverSelectionTimeoutMS": SERVER_SELECTION_TIMEOUT_MS, "connectTimeoutMS": connect_timeout_ms}
+    defaults = {
+        "serverSelectionTimeoutMS": SERVER_SELECTION_TIMEOUT_MS,
+        "connectTimeoutMS": connect_timeout_ms,
+        "socketTimeoutMS": SOCKET_TIMEOUT_MS,
+    }
     common: dict[str, Any] = {name: value for name, value in defaults.items() if name.lower() not in given}
     common["tz_aware"] = True
     if driver == "motor":

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from mongomock_motor import AsyncMongoMockClient
 
-from service.db import SERVER_SELECTION_TIMEOUT_MS, Database, make_client
+from service.db import SERVER_SELECTION_TIMEOUT_MS, SOCKET_TIMEOUT_MS, Database, make_client
 from service.events import EventHub
 from service.jobs import JobStatus, eta, percent, snapshot
 from service.manager import JobManager, JobNotFound, TooManyJobs
@@ -104,13 +104,15 @@ def test_snapshot_of_a_completed_job_has_a_download_url() -> None:
 
 @pytest.mark.parametrize("driver", ["pymongo", "motor"])
 async def test_timeouts_in_the_connection_string_win_over_the_defaults(driver: str) -> None:
-    given = make_client("mongodb://127.0.0.1:1/?connectTimeoutMS=30000&serverSelectionTimeoutMS=45000", driver)
+    given = make_client("mongodb://127.0.0.1:1/?connectTimeoutMS=30000&serverSelectionTimeoutMS=45000&socketTimeoutMS=0", driver)
     default = make_client("mongodb://127.0.0.1:1/", driver, connect_timeout_ms=7000)
     try:
         assert given.options.pool_options.connect_timeout == 30
         assert given.options.server_selection_timeout == 45
+        assert given.options.pool_options.socket_timeout is None  # 0: no limit
         assert default.options.pool_options.connect_timeout == 7
         assert default.options.server_selection_timeout == SERVER_SELECTION_TIMEOUT_MS / 1000
+        assert default.options.pool_options.socket_timeout == SOCKET_TIMEOUT_MS / 1000
     finally:
         for client in (given, default):
             closed = client.close()

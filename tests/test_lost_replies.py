@@ -71,3 +71,25 @@ async def test_a_job_that_could_not_be_queued_again_on_stop_runs_again_at_the_ne
     assert final["status"] == "completed" and final["processed"] == len(tasks), final
     rows = (await (await client.get(final["download_url"])).text()).splitlines()
     assert rows[0] == "seq,title" and [int(r.split(",", 1)[0]) for r in rows[1:]] == sorted(t["seq"] for t in tasks)
+
+
+async def test_a_lost_reply_mid_export_fails_the_job_after_the_socket_timeout(
+    aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any
+) -> None:
+    settings = make_settings(proxy.url() + "&socketTimeoutMS=2000", tmp_path, driver, batch_size=10)
+    client = await aiohttp_client(create_app(settings))
+    job = await (await client.post("/api/exports", json=SPEC)).json()
+    snap = await wait_status(client, job["id"], ("processing", "completed"), timeout=30)
+    assert snap["status"] == "processing", snap
+
+    proxy.lose_replies_to(["getMore"])
+    snap = await wait_status(client, job["id"], timeout=30)
+    assert proxy.lost[:1] == ["getMore"]
+    assert snap["status"] == "failed" and snap["error"]["code"] == "database_unavailable", snap
+    assert "timed out" in snap["error"]["message"], snap
+    assert not list(Path(settings.export_dir).glob("*.part*"))
+
+    proxy.lose_replies_to([])  # the same service goes on with the next export
+    job = await (await client.post("/api/exports", json={**SPEC, "limit": 25})).json()
+    snap = await wait_status(client, job["id"], timeout=30)
+    assert snap["status"] == "completed" and snap["processed"] == 25, snap
