@@ -27,8 +27,8 @@ SERVER_SELECTION_TIMEOUT_MS = 5000
 # job in "processing" (and its worker) for good. Five minutes outlasts a getMore that scans a large collection
 # for sparse matches; a connection string that sets socketTimeoutMS (0 = no limit) wins.
 SOCKET_TIMEOUT_MS = 300_000
-# Closing ends the server sessions and kills open cursors, round trips with no time limit of their own (the
-# driver sets no socket timeout): a server that drops one of those replies must not keep the service from stopping.
+# Closing ends the server sessions and kills open cursors: if the server drops one of those replies, stopping
+# the service waits this long, not the whole socket timeout.
 CLOSE_TIMEOUT_SECONDS = 10.0
 
 
