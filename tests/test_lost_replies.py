@@ -6,7 +6,6 @@ import asyncio
 import time
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,8 +22,9 @@ SPEC = {"collection": "tasks", "format": "csv", "sort": {"seq": 1}, "fields": ["
 
 @pytest.fixture
 def proxy(mongo_url: str) -> Iterator[WireProxy]:
-    upstream = urlsplit(mongo_url)
-    wire = WireProxy(upstream.hostname or "127.0.0.1", upstream.port or 27017).start()
+    if mongo_url.startswith("mongodb+srv:"):
+        pytest.skip("a proxy stands in for one host and port, which an SRV connection string does not name")
+    wire = WireProxy(mongo_url).start()
     yield wire
     wire.close()
 
@@ -76,7 +76,7 @@ async def test_a_job_that_could_not_be_queued_again_on_stop_runs_again_at_the_ne
 async def test_a_lost_reply_mid_export_fails_the_job_after_the_socket_timeout(
     aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any
 ) -> None:
-    settings = make_settings(proxy.url() + "&socketTimeoutMS=2000", tmp_path, driver, batch_size=10)
+    settings = make_settings(proxy.url(socketTimeoutMS="2000"), tmp_path, driver, batch_size=10)
     client = await aiohttp_client(create_app(settings))
     job = await (await client.post("/api/exports", json=SPEC)).json()
     snap = await wait_status(client, job["id"], ("processing", "completed"), timeout=30)

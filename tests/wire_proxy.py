@@ -10,6 +10,7 @@ import asyncio
 import struct
 import threading
 from typing import Iterable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 HEADER = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
 OP_MSG = 2013
@@ -22,8 +23,13 @@ async def _read_message(reader: asyncio.StreamReader) -> bytes:
 
 
 class WireProxy:
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream = (upstream_host, upstream_port)
+    def __init__(self, upstream_url: str) -> None:
+        """upstream_url: a mongodb:// connection string; the proxy stands in for its first host."""
+        self.upstream_url = urlsplit(upstream_url)
+        if self.upstream_url.scheme != "mongodb":
+            raise ValueError("only a mongodb:// connection string names a host and port to stand in for")
+        first_host = urlsplit("//" + self.upstream_url.netloc.rpartition("@")[2].split(",")[0])
+        self.upstream = (first_host.hostname or "127.0.0.1", first_host.port or 27017)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="wire-proxy", daemon=True)
         self.server: asyncio.AbstractServer | None = None
@@ -31,8 +37,16 @@ class WireProxy:
         self.lose: frozenset[bytes] = frozenset()  # command names whose replies are dropped
         self.lost: list[str] = []  # the commands whose replies were dropped, in order
 
-    def url(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+    def url(self, **options: str) -> str:
+        """The upstream connection string (credentials and options kept) pointed at the proxy, plus options."""
+        userinfo, at, _ = self.upstream_url.netloc.rpartition("@")
+        query = [
+            (name, value) for name, value in parse_qsl(self.upstream_url.query, keep_blank_values=True)
+            if name.lower() not in ("directconnection", "replicaset")  # one host now, whatever it was
+        ]
+        query += [("directConnection", "true"), *options.items()]
+        netloc = f"{userinfo}{at}127.0.0.1:{self.port}"
+        return urlunsplit(("mongodb", netloc, self.upstream_url.path or "/", urlencode(query), ""))
 
     def lose_replies_to(self, commands: Iterable[str]) -> None:
         self.lose = frozenset(name.encode() for name in commands)
