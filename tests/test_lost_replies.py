@@ -18,6 +18,7 @@ from wire_proxy import WireProxy
 
 CLOSE_LIMIT = 1.0
 SPEC = {"collection": "tasks", "format": "csv", "sort": {"seq": 1}, "fields": ["seq", "title"]}
+LONG_SPEC = {**SPEC, "collection": "tasks_big"}  # with batches of 10, still running when the fault starts
 
 
 @pytest.fixture
@@ -50,13 +51,13 @@ async def test_a_lost_reply_while_closing_does_not_keep_the_service_from_stoppin
 
 
 async def test_a_job_that_could_not_be_queued_again_on_stop_runs_again_at_the_next_start(
-    aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, big_tasks: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(manager_module, "STOP_TIMEOUT_SECONDS", CLOSE_LIMIT)
     monkeypatch.setattr(db_module, "CLOSE_TIMEOUT_SECONDS", CLOSE_LIMIT)
-    settings = make_settings(proxy.url(), tmp_path, driver, batch_size=10)  # many round trips: surely mid-way
+    settings = make_settings(proxy.url(), tmp_path, driver, batch_size=10)
     client = await aiohttp_client(create_app(settings))
-    job = await (await client.post("/api/exports", json=SPEC)).json()
+    job = await (await client.post("/api/exports", json=LONG_SPEC)).json()
     snap = await wait_status(client, job["id"], ("processing", "completed"), timeout=30)
     assert snap["status"] == "processing", snap
 
@@ -66,16 +67,20 @@ async def test_a_job_that_could_not_be_queued_again_on_stop_runs_again_at_the_ne
     assert elapsed < 2 * CLOSE_LIMIT + 5, elapsed
 
     proxy.lose_replies_to([])
-    client = await aiohttp_client(create_app(settings))  # the same jobs collection, as after a restart
+    # A restart: the same jobs and export directory (full batches now, which the job does not depend on).
+    restarted = make_settings(proxy.url(), tmp_path, driver, jobs_collection=settings.jobs_collection)
+    client = await aiohttp_client(create_app(restarted))
     final = await wait_status(client, job["id"], ("completed", "failed", "cancelled"), timeout=60)
-    assert final["status"] == "completed" and final["processed"] == len(tasks), final
+    assert final["status"] == "completed" and final["processed"] == len(big_tasks), final
     rows = (await (await client.get(final["download_url"])).text()).splitlines()
-    assert rows[0] == "seq,title" and [int(r.split(",", 1)[0]) for r in rows[1:]] == sorted(t["seq"] for t in tasks)
+    assert rows[0] == "seq,title" and [int(r.split(",", 1)[0]) for r in rows[1:]] == sorted(t["seq"] for t in big_tasks)
 
 
 async def test_a_lost_reply_mid_export_fails_the_job_after_the_socket_timeout(
     aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any
 ) -> None:
+    # The embedded server builds a query's whole result before its first batch (seconds for tasks_big), and
+    # answers nothing else meanwhile: this timeout needs the smaller collection.
     settings = make_settings(proxy.url(socketTimeoutMS="2000"), tmp_path, driver, batch_size=10)
     client = await aiohttp_client(create_app(settings))
     job = await (await client.post("/api/exports", json=SPEC)).json()
