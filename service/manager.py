@@ -91,12 +91,15 @@ class JobManager:
         self.stopping = True
         for task in self.tasks:
             task.cancel()
-        try:
-            await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), STOP_TIMEOUT_SECONDS)
-        except asyncio.TimeoutError:
-            # Their jobs stay running in the database and are queued again at the next start (recover()).
-            stuck = [task.get_name() for task in self.tasks if not task.done()]
-            log.error("stopped without %s: still waiting for the database after %.0f s", ", ".join(stuck), STOP_TIMEOUT_SECONDS)
+        _, pending = await asyncio.wait(self.tasks, timeout=STOP_TIMEOUT_SECONDS) if self.tasks else (set(), set())
+        if pending:
+            # Cancelled again, they give up putting their jobs back in the queue: those jobs stay running in the
+            # database, and the next start queues them again (recover()).
+            names = ", ".join(sorted(task.get_name() for task in pending))
+            log.error("%s still waiting for the database after %.0f s; stopping without requeueing", names, STOP_TIMEOUT_SECONDS)
+            for task in pending:
+                task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks.clear()
         self.encoders.close()
 
