@@ -115,6 +115,4 @@ async def test_timeouts_in_the_connection_string_win_over_the_defaults(driver: s
         assert default.options.pool_options.socket_timeout == SOCKET_TIMEOUT_MS / 1000
     finally:
         for client in (given, default):
-            closed = client.close()
-            if closed is not None:
-                await closed
+            await Database(client, "unit").close()
