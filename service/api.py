@@ -1,7 +1,6 @@
 """HTTP handlers. Domain errors become JSON errors here: {"error": {"code", "message", "field"}}."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote
@@ -13,7 +12,8 @@ from .db import DatabaseError, DatabaseUnavailable
 from .jobs import JobStatus
 from .manager import JobConflict, JobNotFound, TooManyJobs
 from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, validate_collection_name, validate_request
-from .settings import DB_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY
+from .settings import DB_KEY, HEALTH_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, bearer_token
+from .signing import SignatureError
 from .writers.values import discover_columns
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,6 @@ CONTENT_TYPES = {
 }
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 500
 SAMPLE_SIZE = 100
-HEALTH_TIMEOUT = 2.0
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -52,6 +51,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except JobConflict as exc:
         status = 410 if exc.status == JobStatus.EXPIRED.value else 409
         return error_response(status, "expired" if status == 410 else "not_ready", str(exc), "id")
+    except SignatureError as exc:
+        return error_response(403, exc.code, exc.message, exc.field)
     except TooManyJobs as exc:
         return error_response(429, "too_many_active_exports", str(exc), None, {"Retry-After": "10"})
     except DatabaseUnavailable as exc:
@@ -73,8 +74,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     if not request.path.startswith("/api/") and request.path != "/metrics":
         return await handler(request)  # the page, static files, health and Socket.IO (which checks its own auth)
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header.startswith("Bearer ") else request.query.get("token")
+    if "sig" in request.query and request.method in ("GET", "HEAD") and request.path.endswith("/download"):
+        return await handler(request)  # a signed download link: the handler checks the signature
+    # Only the header: a token in a query string ends up in logs, histories and Referer headers.
+    token = bearer_token(request.headers.get("Authorization", ""))
     user = settings.api_tokens.get(token) if token else None
     if user is None:
         return error_response(401, "unauthorized", "a valid bearer token is required", "Authorization", {"WWW-Authenticate": "Bearer"})
@@ -140,7 +143,11 @@ def content_disposition(file_name: str) -> str:
 @routes.get("/api/exports/{id}/download", allow_head=True)
 async def download_export(request: web.Request) -> web.StreamResponse:
     manager = request.app[MANAGER_KEY]
-    doc = await manager.get_doc(request[USER_KEY], request.match_info["id"])
+    job_id = request.match_info["id"]
+    if USER_KEY in request and "sig" not in request.query:
+        doc = await manager.get_doc(request[USER_KEY], job_id)
+    else:
+        doc = await manager.get_signed_doc(job_id, request.query.get("exp", ""), request.query.get("sig", ""))
     status = doc["status"]
     if status != JobStatus.COMPLETED.value:
         message = "the export expired and its file was removed" if status == JobStatus.EXPIRED.value else f"the export is {status}, not completed"
@@ -176,15 +183,21 @@ async def list_collections(request: web.Request) -> web.Response:
     return json_response({"collections": result})
 
 
+def _probe(ok: bool, body: dict[str, Any], request: web.Request) -> web.Response:
+    body = {"status": "ok" if ok else "unavailable", "instance": request.app[MANAGER_KEY].instance_id, **body}
+    return json_response(body, 200 if ok else 503, {"Cache-Control": "no-store"})
+
+
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    try:
-        await asyncio.wait_for(request.app[DB_KEY].ping(), HEALTH_TIMEOUT)
-    except DatabaseError as exc:
-        return json_response({"status": "unavailable", "database": str(exc)}, 503)
-    except asyncio.TimeoutError:
-        return json_response({"status": "unavailable", "database": f"no answer within {HEALTH_TIMEOUT}s"}, 503)
-    return json_response({"status": "ok", "instance": request.app[MANAGER_KEY].instance_id})
+    """Liveness: the service's own state only, never the database (a busy database is not a dead service)."""
+    return _probe(*request.app[HEALTH_KEY].liveness(), request)
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: whether the database answered the background pinger lately; never waits for a ping."""
+    return _probe(*request.app[HEALTH_KEY].readiness(), request)
 
 
 @routes.get("/metrics")

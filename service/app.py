@@ -14,10 +14,13 @@ from . import api
 from .db import Database
 from .embedded_db import EmbeddedMongo
 from .events import EventHub
+from .health import Health
 from .manager import JobManager
 from .metrics import Metrics
 from .runner import BatchSource
-from .settings import SOURCE_KEY, DB_KEY, EMBEDDED_KEY, EVENTS_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, Settings, SettingsError
+from .settings import (
+    DB_KEY, EMBEDDED_KEY, EVENTS_KEY, HEALTH_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, SOURCE_KEY, Settings, SettingsError,
+)
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -83,7 +86,11 @@ async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.open_mode:
         log.warning("EXPORT_API_TOKENS is empty: the service runs OPEN, anyone who reaches it can export and download")
     await manager.start()
+    health = Health(app[DB_KEY], manager.encoders.usable)
+    app[HEALTH_KEY] = health
+    health.start()
     yield
+    await health.stop()
     await manager.stop()
 
 

@@ -44,7 +44,15 @@ class DatabaseUnavailable(DatabaseError):
     code = "database_unavailable"
 
 
+class QueryTimeout(DatabaseError):
+    """The server stopped a query at its time limit (maxTimeMS)."""
+
+    code = "timeout"
+
+
 def translate(exc: BaseException) -> DatabaseError:
+    if isinstance(exc, pymongo_errors.ExecutionTimeout):
+        return QueryTimeout(f"the query ran past its time limit: {str(exc)[:300]}")
     if isinstance(exc, (pymongo_errors.ConnectionFailure, pymongo_errors.ServerSelectionTimeoutError)):
         return DatabaseUnavailable(f"database unavailable: {exc.__class__.__name__}: {str(exc)[:300]}")
     return DatabaseError(f"database error: {str(exc)[:500]}")
@@ -64,10 +72,11 @@ async def _resolve(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-async def _aggregate_count(collection: Any, pipeline: list[dict[str, Any]]) -> int:
+async def _aggregate_count(collection: Any, pipeline: list[dict[str, Any]], max_time_ms: int = 0) -> int:
     """The documents pipeline leaves, counted by the server ($count), not by count_documents."""
+    options = {"maxTimeMS": max_time_ms} if max_time_ms else {}
     async with driver_errors():
-        cursor = await _resolve(collection.aggregate([*pipeline, {"$count": "n"}]))
+        cursor = await _resolve(collection.aggregate([*pipeline, {"$count": "n"}], **options))
         rows = [row async for row in cursor]
     return int(rows[0]["n"]) if rows else 0
 
@@ -106,6 +115,8 @@ class FindSpec:
     limit: int
     skip: int = 0
     batch_size: int = 1000
+    max_time_ms: int = 0  # the cursor's server-side time limit, over all its batches (0: none)
+    count_max_time_ms: int = 0  # the pre-count's (0: none)
 
 
 class Database:
@@ -134,6 +145,15 @@ class Database:
     def jobs(self) -> Any:
         # Job documents hold no dates (times are epoch milliseconds): the client's defaults suffice.
         return self.db[self.jobs_collection]
+
+    def server_state(self) -> tuple[bool, str | None]:
+        """Whether the driver's server monitoring knows a server that takes writes, and what went wrong if
+        not: read from its last heartbeats, without a round trip."""
+        description = self.client.topology_description
+        if description.has_writable_server():
+            return True, None
+        errors = [str(server.error) for server in description.server_descriptions().values() if server.error]
+        return False, "; ".join(errors)[:500] or "no server that takes writes is known yet"
 
     async def ping(self) -> None:
         async with driver_errors():
@@ -164,15 +184,16 @@ class Database:
             pipeline.append({"$skip": spec.skip})
         if spec.limit:
             pipeline.append({"$limit": spec.limit})
-        return await _aggregate_count(self.collection(spec.collection), pipeline)
+        return await _aggregate_count(self.collection(spec.collection), pipeline, spec.count_max_time_ms)
 
     async def raw_batches(self, spec: FindSpec) -> AsyncIterator[bytes]:
         """Yield the matching documents as raw BSON batches (concatenated documents), unparsed.
 
         The server-side cursor is closed when the iteration ends, fails or is abandoned.
         """
+        options = {"max_time_ms": spec.max_time_ms} if spec.max_time_ms else {}
         cursor = self.collection(spec.collection).find_raw_batches(
-            dict(spec.filter), dict(spec.projection) if spec.projection else None, batch_size=spec.batch_size
+            dict(spec.filter), dict(spec.projection) if spec.projection else None, batch_size=spec.batch_size, **options
         )
         if spec.sort:
             cursor = cursor.sort(list(spec.sort))
@@ -212,22 +233,12 @@ class Database:
     async def count_jobs(self, query: Mapping[str, Any]) -> int:
         return await _aggregate_count(self.jobs, [{"$match": dict(query)}])
 
-    async def update_job(self, query: Mapping[str, Any], update: Mapping[str, Any]) -> bool:
-        """Apply update to the job matching query; False when nothing matched (the job moved on)."""
-        async with driver_errors():
-            result = await self.jobs.update_one(dict(query), dict(update))
-        return result.matched_count > 0
-
-    async def update_jobs(self, query: Mapping[str, Any], update: Mapping[str, Any]) -> int:
-        async with driver_errors():
-            result = await self.jobs.update_many(dict(query), dict(update))
-        return result.modified_count
-
-    async def claim_job(self, query: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Atomically move the oldest job matching query, returning it as updated."""
+    async def change_job(self, query: Mapping[str, Any], update: Mapping[str, Any], oldest_first: bool = False) -> dict[str, Any] | None:
+        """Atomically update the job matching query (the oldest in queue order with oldest_first), returning it
+        as updated; None when none matches. Only service.jobs.transition calls this."""
         async with driver_errors():
             return await self.jobs.find_one_and_update(
-                dict(query), dict(update), sort=[("order", ASCENDING)], return_document=ReturnDocument.AFTER
+                dict(query), dict(update), sort=[("order", ASCENDING)] if oldest_first else None, return_document=ReturnDocument.AFTER
             )
 
     async def delete_job(self, job_id: str) -> None:

@@ -89,6 +89,10 @@ class EncoderPool:
         # The fork server is a fresh interpreter importing the writers (a few hundred ms): start it now, in the
         # background, instead of in the first export's time.
         self.executor.submit(multiprocessing.forkserver.ensure_running)
+        self.closed = False
+
+    def usable(self) -> bool:
+        return not self.closed
 
     async def open(self, spec: ExportSpec, part_path: Path, info: Mapping[str, Any]) -> "EncoderSession":
         session = EncoderSession(self, spec, part_path, info)
@@ -96,6 +100,7 @@ class EncoderPool:
         return session
 
     def close(self) -> None:
+        self.closed = True
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import socketio
 from aiohttp import web
 
-from .settings import Settings
+from .settings import Settings, bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class EventHub:
             # Clients that cannot send auth may send the bearer header instead.
             request = environ.get("aiohttp.request")
             header = request.headers.get("Authorization", "") if request is not None else ""
-            token = header[7:] if header.startswith("Bearer ") else None
+            token = bearer_token(header)
         user = self.user_for_token(token)
         if user is None:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized: a valid token is required")

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import orjson
 from bson import json_util
 
 from .query import CANONICAL, RELAXED, ExportSpec
+
+if TYPE_CHECKING:  # jobs.py is imported by the encoder processes, which need no driver
+    from .db import Database
 
 
 class JobStatus(str, Enum):
@@ -37,13 +39,57 @@ RUNNING = frozenset({JobStatus.FETCHING, JobStatus.PROCESSING, JobStatus.FINALIZ
 ACTIVE = RUNNING | {JobStatus.QUEUED}
 ACTIVE_VALUES = [s.value for s in ACTIVE]
 RUNNING_VALUES = [s.value for s in RUNNING]
-FINISHED_VALUES = [JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value, JobStatus.EXPIRED.value]
+
+# Every state change a job may make. A running job goes back to the queue when its instance stops or its lease
+# runs out; a finished job changes only by expiring.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.FETCHING, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.FETCHING: frozenset({JobStatus.PROCESSING, JobStatus.FINALIZING, JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.PROCESSING: frozenset({JobStatus.FINALIZING, JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.FINALIZING: frozenset({JobStatus.COMPLETED, JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.COMPLETED: frozenset({JobStatus.EXPIRED}),
+}
 
 
-@dataclass(frozen=True)
-class JobError:
-    code: str
-    message: str
+class _Anyone:
+    def __repr__(self) -> str:
+        return "ANYONE"
+
+
+ANYONE: Any = _Anyone()  # transition(owner=ANYONE): whoever owns the job, or nobody
+
+
+async def transition(
+    db: "Database",
+    expected: Iterable[JobStatus],
+    to: JobStatus | None = None,
+    *,
+    job_id: str | None = None,
+    owner: str | None = ANYONE,
+    fields: Mapping[str, Any] | None = None,
+    inc: Mapping[str, int] | None = None,
+    guard: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """The one way a job document changes: atomically, and only if it is still in one of the expected states,
+    held by owner (None: by no one; ANYONE: not checked) and matching guard. Returns the document as updated,
+    or None when the job moved on first (a concurrent cancel, another instance's claim): the caller lost.
+
+    to=None writes fields without a change of state (progress, the lease). Without job_id the oldest job in
+    queue order that matches is taken (a claim)."""
+    expected = frozenset(expected)
+    if to is not None:
+        illegal = [s.value for s in expected if to not in TRANSITIONS.get(s, frozenset())]
+        if illegal:
+            raise ValueError(f"no transition from {', '.join(sorted(illegal))} to {to.value}")
+    query: dict[str, Any] = {"status": {"$in": sorted(s.value for s in expected)}, **(guard or {})}
+    if job_id is not None:
+        query["_id"] = job_id
+    if owner is not ANYONE:
+        query["owner"] = owner
+    update: dict[str, Any] = {"$set": {**(fields or {}), **({"status": to.value} if to is not None else {})}}
+    if inc:
+        update["$inc"] = dict(inc)
+    return await db.change_job(query, update, oldest_first=job_id is None)
 
 
 def now_ms() -> int:
@@ -99,8 +145,8 @@ def eta(processed: int, total: int | None, rate: float | None) -> float | None:
     return round(max(0, total - processed) / rate, 1)
 
 
-def snapshot(doc: Mapping[str, Any], queue_position: int | None = None) -> dict[str, Any]:
-    """The job as the API and the events show it."""
+def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, download_url: str | None = None) -> dict[str, Any]:
+    """The job as the API and the events show it; download_url (a signed link) is shown once completed."""
     spec = ExportSpec.from_doc(doc["spec"])
     status = JobStatus(doc["status"])
     processed = int(doc.get("processed") or 0)
@@ -132,7 +178,7 @@ def snapshot(doc: Mapping[str, Any], queue_position: int | None = None) -> dict[
         "eta_seconds": eta(processed, total, rate) if status.running else None,
         "bytes": int(doc.get("bytes") or 0),
         "file_name": doc.get("file_name"),
-        "download_url": f"/api/exports/{doc['_id']}/download" if status == JobStatus.COMPLETED else None,
+        "download_url": download_url if status == JobStatus.COMPLETED else None,
         "error": doc.get("error"),
         "warnings": list(doc.get("warnings") or []),
         "created_at": iso(doc.get("created_at")),

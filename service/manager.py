@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from datetime import datetime, timezone
@@ -17,19 +18,23 @@ from typing import Any
 from .db import Database, DatabaseError
 from .encoder import EncoderPool
 from .events import EventHub
-from .jobs import ACTIVE_VALUES, RUNNING_VALUES, JobStatus, new_job_doc, snapshot, now_ms
+from .jobs import ACTIVE, ACTIVE_VALUES, RUNNING, RUNNING_VALUES, JobStatus, new_job_doc, now_ms, snapshot, transition
 from .metrics import Metrics
-from .pipeline import remove_partial
+from .pipeline import remove_file, remove_partial
 from .query import ExportSpec, safe_filename
 from .runner import BatchSource, RunContext, execute, final_path
 from .settings import Settings
+from .signing import UrlSigner, load_key
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0  # how often idle workers look for jobs queued by other instances
 MAX_ATTEMPTS = 3  # a job that killed its instance this often is failed, not retried forever
 STOP_TIMEOUT_SECONDS = 15.0  # workers put their jobs back in the queue on stop; a silent database must not hang it
-REQUEUE = {"$set": {"status": JobStatus.QUEUED.value, "owner": None}}  # back in line, claimable by any instance
+RECORD_STOP_SECONDS = 5.0  # on stop, end states the database has not taken yet get this long
+# Files in the export directory that are neither partial files nor scratch directories: <24 hex digits>.<ext>
+FINAL_FILE = re.compile(r"^([0-9a-f]{24})\.[a-z.]+$")
+FILE_KEEPING_STATES = frozenset(s.value for s in ACTIVE | {JobStatus.COMPLETED})
 
 
 class JobNotFound(LookupError):
@@ -58,7 +63,8 @@ class JobManager:
         self.metrics = metrics
         self.instance_id = secrets.token_hex(6)
         self.encoders = EncoderPool(settings.max_concurrent)
-        self.ctx = RunContext(settings, db, events, self.encoders, metrics, self.instance_id, source or db)
+        self.signer = UrlSigner(load_key(settings.secret_key, settings.export_dir), settings.download_url_seconds)
+        self.ctx = RunContext(settings, db, events, self.encoders, metrics, self.instance_id, source or db, self.signer)
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.running: dict[str, asyncio.Task[JobStatus]] = {}
@@ -89,6 +95,7 @@ class JobManager:
 
     async def stop(self) -> None:
         self.stopping = True
+        self.wake.set()
         for task in self.tasks:
             task.cancel()
         _, pending = await asyncio.wait(self.tasks, timeout=STOP_TIMEOUT_SECONDS) if self.tasks else (set(), set())
@@ -101,19 +108,25 @@ class JobManager:
                 task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks.clear()
+        await self._settle_records()
         self.encoders.close()
 
+    async def _settle_records(self) -> None:
+        """End states still waiting for the database get one last chance, then stop: their jobs keep their
+        lease, which runs out, and whichever instance sees that first runs them again."""
+        pending = set(self.ctx.background)
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=RECORD_STOP_SECONDS)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if late:
+            log.error("%d job end(s) could not be recorded before stopping; those jobs run again later", len(late))
+
     async def recover(self) -> None:
-        """Queue again the jobs a dead process left active, and remove stale partial files (with their
-        scratch directories)."""
-        now = now_ms()
-        stale: dict[str, Any] = {"status": {"$in": RUNNING_VALUES}}
-        if self.settings.redis_url:
-            # Other live instances may be running jobs: only those whose lease ran out are orphans.
-            stale["lease_until"] = {"$lt": now}
-        requeued = await self.db.update_jobs(stale, REQUEUE)
-        if requeued:
-            log.warning("queued %d interrupted export(s) again", requeued)
+        """At start-up: queue again the jobs whose lease ran out, and remove files no job needs any more."""
+        await self.requeue_expired_leases()
         running = {job["_id"] for job in await self.db.find_jobs({"status": {"$in": RUNNING_VALUES}})}
         export_dir = Path(self.settings.export_dir)
         parts = {*export_dir.glob("*.part"), *(scratch.with_suffix("") for scratch in export_dir.glob("*.part.tmp"))}
@@ -121,6 +134,38 @@ class JobManager:
             if part.name.split(".", 1)[0] not in running:
                 remove_partial(part)
                 log.info("removed stale partial file %s", part.name)
+        await self.remove_unowned_files()
+
+    async def requeue_expired_leases(self) -> int:
+        """Queue again the running jobs whose instance stopped renewing their lease. The lease is the only
+        truth: a job whose lease still runs belongs to a live instance, whether instances share Redis or not."""
+        requeued = 0
+        for job in await self.db.find_jobs({"status": {"$in": RUNNING_VALUES}, "lease_until": {"$lt": now_ms()}}):
+            # Guarded by the lease as read: an owner that renews it meanwhile keeps its job.
+            if await transition(
+                self.db, RUNNING, JobStatus.QUEUED, job_id=job["_id"], owner=job.get("owner"),
+                fields={"owner": None}, guard={"lease_until": job["lease_until"]},
+            ):
+                requeued += 1
+                log.warning("job %s: its lease ran out on instance %s; queued again", job["_id"], job.get("owner"))
+        if requeued:
+            self.wake.set()
+        return requeued
+
+    async def remove_unowned_files(self) -> int:
+        """Remove export files that no active or completed job names (a job that failed or was cancelled after
+        its file was renamed, a deleted job whose instance died before removing the file)."""
+        files = {m.group(1): path for path in Path(self.settings.export_dir).iterdir() if (m := FINAL_FILE.match(path.name))}
+        if not files:
+            return 0
+        kept = {job["_id"] for job in await self.db.find_jobs({"_id": {"$in": list(files)}, "status": {"$in": sorted(FILE_KEEPING_STATES)}})}
+        removed = 0
+        for job_id, path in files.items():
+            if job_id not in kept and path.is_file():
+                remove_file(path)
+                removed += 1
+                log.info("removed %s: no completed export names it", path.name)
+        return removed
 
     # --- requests ----------------------------------------------------------------------------
     async def create(self, spec: ExportSpec, user: str) -> dict[str, Any]:
@@ -148,12 +193,24 @@ class JobManager:
         position = None
         if doc["status"] == JobStatus.QUEUED.value:
             position = 1 + await self.db.count_jobs({"status": JobStatus.QUEUED.value, "order": {"$lt": doc["order"]}})
-        return snapshot(doc, position)
+        return self.snapshot(doc, position)
+
+    def snapshot(self, doc: dict[str, Any], queue_position: int | None = None) -> dict[str, Any]:
+        return snapshot(doc, queue_position, self.signer.download_url(doc["_id"], doc["user"]))
 
     async def get_doc(self, user: str, job_id: str) -> dict[str, Any]:
         doc = await self.db.get_job(job_id) if _plausible_id(job_id) else None
         if doc is None or doc.get("user") != user:
             raise JobNotFound(job_id)  # another user's job answers as if it did not exist
+        return doc
+
+    async def get_signed_doc(self, job_id: str, expires: str, signature: str) -> dict[str, Any]:
+        """The job a signed download link names; a SignatureError unless the link is valid for its owner."""
+        doc = await self.db.get_job(job_id) if _plausible_id(job_id) else None
+        # An unknown job answers like a bad signature: a link tells nothing about jobs it does not sign.
+        self.signer.verify(job_id, doc["user"] if doc else "", expires, signature)
+        if doc is None:
+            raise JobNotFound(job_id)
         return doc
 
     async def get(self, user: str, job_id: str) -> dict[str, Any]:
@@ -182,7 +239,7 @@ class JobManager:
         if not status.active:
             self.path_of(doc).unlink(missing_ok=True)
             await self.db.delete_job(job_id)
-            return {**snapshot(doc), "deleted": True}
+            return {**self.snapshot(doc), "deleted": True}
         task = self.running.get(job_id)
         if task is not None:
             # Running here: the runner records the cancel, kills its encoder and removes the .part file.
@@ -190,33 +247,27 @@ class JobManager:
             task.cancel()
             await asyncio.wait([task], timeout=5)
             return await self.get(user, job_id)
-        fields = {"status": JobStatus.CANCELLED.value, "finished_at": now_ms(), "owner": None}
-        # Queued, or running on another instance, which sees the change at its next progress write.
-        if await self.db.update_job({"_id": job_id, "status": {"$in": ACTIVE_VALUES}}, {"$set": fields}):
-            doc.update(fields)
+        # Queued, or running on another instance, which sees the change at its next write.
+        cancelled = await transition(self.db, ACTIVE, JobStatus.CANCELLED, job_id=job_id, fields={"finished_at": now_ms(), "owner": None})
+        if cancelled is not None:
             self.metrics.job_ended("cancelled")
-            await self.events.emit("export-cancelled", snapshot(doc))
-            return snapshot(doc)
+            await self.events.emit("export-cancelled", self.snapshot(cancelled))
+            return self.snapshot(cancelled)
         return await self.get(user, job_id)
 
     # --- workers -----------------------------------------------------------------------------
     async def _claim(self) -> dict[str, Any] | None:
         now = now_ms()
-        return await self.db.claim_job(
-            {"status": JobStatus.QUEUED.value},
-            {
-                "$set": {
-                    "status": JobStatus.FETCHING.value,
-                    "owner": self.instance_id,
-                    "instance": self.instance_id,  # kept after the end, to tell which instance ran it
-                    "lease_until": now + int(self.settings.lease_seconds * 1000),
-                    "started_at": now,
-                    "processed": 0,
-                    "error": None,
-                },
-                "$inc": {"attempts": 1},
-            },
-        )
+        fields = {
+            "owner": self.instance_id,
+            "instance": self.instance_id,  # kept after the end, to tell which instance ran it
+            "lease_until": now + int(self.settings.lease_seconds * 1000),
+            "started_at": now,
+            "processed": 0,
+            "total": None,
+            "error": None,
+        }
+        return await transition(self.db, [JobStatus.QUEUED], JobStatus.FETCHING, fields=fields, inc={"attempts": 1})
 
     def _next_order(self) -> int:
         """Microseconds, bumped on ties: jobs created in the same millisecond keep their order and queue
@@ -234,18 +285,26 @@ class JobManager:
         self.wake.set()
 
     async def _worker(self) -> None:
-        while True:
+        # The flag as well as the cancel: a cancel that lands inside the driver can be swallowed there.
+        while not self.stopping:
             await self.claiming.wait()
             try:
                 job = await self._claim()
             except DatabaseError as exc:
                 log.warning("cannot claim jobs: %s", exc)
                 job = None
+            if self.stopping:  # the stop came while claiming
+                if job is not None:
+                    await self._requeue(job["_id"])
+                return
             if job is None:
                 self.wake.clear()
+                # asyncio.timeout, not wait_for: wait_for can turn a stop's cancel that meets its own time-out into
+                # a plain time-out, and the worker would go on.
                 try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=POLL_SECONDS)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(POLL_SECONDS):
+                        await self.wake.wait()
+                except TimeoutError:
                     pass
                 continue
             if job.get("attempts", 1) > MAX_ATTEMPTS:
@@ -279,45 +338,45 @@ class JobManager:
 
     async def _requeue(self, job_id: str) -> None:
         try:
-            await self.db.update_job(
-                {"_id": job_id, "owner": self.instance_id, "status": {"$in": RUNNING_VALUES}},
-                REQUEUE,
-            )
+            await transition(self.db, RUNNING, JobStatus.QUEUED, job_id=job_id, owner=self.instance_id, fields={"owner": None})
         except DatabaseError:
             log.warning("job %s could not be queued again; its lease will expire", job_id)
 
     async def _give_up(self, job: dict[str, Any]) -> None:
         error = {"code": "too_many_attempts", "message": f"the export was interrupted {MAX_ATTEMPTS} times"}
-        await self.db.update_job({"_id": job["_id"]}, {"$set": {"status": JobStatus.FAILED.value, "error": error, "finished_at": now_ms(), "owner": None}})
-        job.update(status=JobStatus.FAILED.value, error=error)
+        # Guarded like any end: a cancel that came first stays a cancel.
+        failed = await transition(
+            self.db, [JobStatus.FETCHING], JobStatus.FAILED, job_id=job["_id"], owner=self.instance_id,
+            fields={"error": error, "finished_at": now_ms(), "owner": None},
+        )
+        if failed is None:
+            log.info("job %s: not given up, it changed first (now %s)", job["_id"], (await self.db.get_job(job["_id"]) or {}).get("status"))
+            return
         self.metrics.job_ended("too_many_attempts")
-        await self.events.emit("export-failed", snapshot(job), error=error)
+        await self.events.emit("export-failed", self.snapshot(failed), error=error)
 
     # --- maintenance -------------------------------------------------------------------------
     async def _maintenance(self) -> None:
-        while True:
+        while not self.stopping:
             await asyncio.sleep(min(self.settings.sweep_interval_seconds, self.settings.lease_seconds / 2))
             try:
                 await self.sweep()
-                if self.settings.redis_url:
-                    await self.recover_orphans()
+                await self.requeue_expired_leases()
             except DatabaseError as exc:
                 log.warning("maintenance skipped: %s", exc)
 
-    async def recover_orphans(self) -> None:
-        """Queue again running jobs whose instance stopped renewing their lease."""
-        orphaned = {"status": {"$in": RUNNING_VALUES}, "lease_until": {"$lt": now_ms()}}
-        if await self.db.update_jobs(orphaned, REQUEUE):
-            self.wake.set()
-
     async def sweep(self) -> int:
         """Retention: completed files past expires_at are removed and their jobs marked expired."""
-        expired = await self.db.find_jobs({"status": JobStatus.COMPLETED.value, "expires_at": {"$lt": now_ms()}})
-        for doc in expired:
-            self.path_of(doc).unlink(missing_ok=True)
-            await self.db.update_job({"_id": doc["_id"], "status": JobStatus.COMPLETED.value}, {"$set": {"status": JobStatus.EXPIRED.value}})
-            log.info("job %s expired; its file was removed", doc["_id"])
-        return len(expired)
+        expired = 0
+        for doc in await self.db.find_jobs({"status": JobStatus.COMPLETED.value, "expires_at": {"$lt": now_ms()}}):
+            # The state first: a crash between the two leaves a file no completed job names, which the next
+            # sweep removes, never a completed job without its file.
+            if await transition(self.db, [JobStatus.COMPLETED], JobStatus.EXPIRED, job_id=doc["_id"]):
+                remove_file(self.path_of(doc))
+                expired += 1
+                log.info("job %s expired; its file was removed", doc["_id"])
+        await self.remove_unowned_files()
+        return expired
 
 
 def _plausible_id(job_id: str) -> bool:

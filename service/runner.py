@@ -12,22 +12,32 @@ import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncGenerator, Callable, Protocol
+from typing import Any, AsyncGenerator, Callable, Iterable, Protocol
 
 from .db import Database, DatabaseError, FindSpec
 from .encoder import EncoderError, EncoderPool, EncoderSession
 from .events import EventHub
-from .jobs import ACTIVE, RUNNING, JobStatus, expiry, now_ms, snapshot
+from .jobs import ACTIVE, RUNNING, JobStatus, expiry, now_ms, snapshot, transition
 from .metrics import Metrics
 from .pipeline import remove_file, remove_partial
 from .query import ExportSpec
 from .settings import Settings
+from .signing import UrlSigner
 
 log = logging.getLogger(__name__)
 
 MIN_EVENT_GAP = 0.1  # at most ten progress events a second
 PERSIST_EVERY = 1.0  # progress and lease written to the jobs collection at most once a second
 RECORD_RETRY_SECONDS, RECORD_RETRIES = 2.0, 900  # an end state waits up to half an hour for the database
+# While nothing else is said, the current state is sent again this often: the page never looks frozen for
+# a second, whatever the database or the encoder is doing.
+HEARTBEAT_SECONDS = 0.75
+COUNT_GRACE_SECONDS = 5.0  # a server that ignores maxTimeMS gets this long past it before the count is abandoned
+STATUS_EVENTS = {
+    JobStatus.FETCHING: "export-fetching",
+    JobStatus.PROCESSING: "export-processing",
+    JobStatus.FINALIZING: "export-finalizing",
+}
 
 
 class JobLost(RuntimeError):
@@ -37,7 +47,7 @@ class JobLost(RuntimeError):
 class BatchSource(Protocol):
     """Where rows come from: the database in service, an in-process generator in the benchmark."""
 
-    async def count(self, spec: FindSpec) -> int: ...
+    async def count(self, spec: FindSpec) -> int: ...  # may honour spec.count_max_time_ms
 
     def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]: ...
 
@@ -51,6 +61,7 @@ class RunContext:
     metrics: Metrics
     instance_id: str
     source: BatchSource
+    signer: UrlSigner
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -71,18 +82,19 @@ class JobRun:
         self.started = time.monotonic()
         self.last_event = 0.0
         self.last_persist = 0.0
+        self.waiting_since: float | None = None  # when the run began waiting for the database, while it waits
+        self.total_known = False  # the count arrived and is not persisted yet
+        self.renamed = False  # the final file is ours: it goes if the job does not end completed
         self.lost = False  # set when the lease shows the job was cancelled or claimed elsewhere
 
     # --- persistence -------------------------------------------------------------------------
-    def _owned(self, *statuses: JobStatus) -> dict[str, Any]:
-        return {"_id": self.id, "owner": self.ctx.instance_id, "status": {"$in": [s.value for s in statuses]}}
-
-    async def _set(self, fields: dict[str, Any], *expected: JobStatus) -> None:
-        """Write fields if the job is still ours and in an expected state; else the job was taken from us."""
+    async def _change(self, fields: dict[str, Any], expected: Iterable[JobStatus], to: JobStatus | None = None) -> None:
+        """Write fields (and move to `to`) if the job is still ours and in an expected state; else it was taken."""
         fields = {**fields, "lease_until": self._lease()}
-        if not await self.ctx.db.update_job(self._owned(*expected), {"$set": fields}):
+        doc = await transition(self.ctx.db, expected, to, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
+        if doc is None:
             raise JobLost(self.id)
-        self.job.update(fields)
+        self.job.update(doc)
 
     async def keep_lease(self, task: asyncio.Task[Any]) -> None:
         """Renew the lease while the job runs, even when no batch arrives (a slow count or cursor);
@@ -91,10 +103,12 @@ class JobRun:
         while True:
             await asyncio.sleep(interval)
             try:
-                still_ours = await self.ctx.db.update_job(self._owned(*RUNNING), {"$set": {"lease_until": self._lease()}})
+                still_ours = await transition(
+                    self.ctx.db, RUNNING, job_id=self.id, owner=self.ctx.instance_id, fields={"lease_until": self._lease()}
+                )
             except DatabaseError:
                 continue  # an outage fails the run itself; the lease only matters once the database is back
-            if not still_ours:
+            if still_ours is None:
                 self.lost = True
                 task.cancel()
                 return
@@ -102,41 +116,102 @@ class JobRun:
     def _lease(self) -> int:
         return now_ms() + int(self.ctx.settings.lease_seconds * 1000)
 
-    async def _emit(self, event: str, **extra: Any) -> None:
-        await self.ctx.events.emit(event, snapshot(self.job), **extra)
-        self.last_event = time.monotonic()
+    def snapshot(self) -> dict[str, Any]:
+        return snapshot(self.job, download_url=self.ctx.signer.download_url(self.id, self.job["user"]))
+
+    async def emit(self, event: str, **extra: Any) -> None:
+        """Tell the job's room; every event says what the run is doing (phase) and how long it has waited."""
+        now = time.monotonic()
+        extra.setdefault("phase", self._phase())
+        extra.setdefault("waiting_seconds", round(now - self.waiting_since, 1) if self.waiting_since is not None else None)
+        await self.ctx.events.emit(event, self.snapshot(), **extra)
+        self.last_event = now
+
+    def _phase(self) -> str:
+        if self.job["status"] == JobStatus.FINALIZING.value:
+            return "finalizing"
+        return "waiting_for_database" if self.waiting_since is not None else "writing"
+
+    async def heartbeat(self) -> None:
+        """Progress is never quiet for long: while the run waits (for the database, the encoder, the file
+        system), the current state is sent again with its phase and the time waited so far."""
+        while True:
+            await asyncio.sleep(max(0.05, self.last_event + HEARTBEAT_SECONDS - time.monotonic()))
+            if time.monotonic() - self.last_event >= HEARTBEAT_SECONDS * 0.95:
+                await self.emit(STATUS_EVENTS[JobStatus(self.job["status"])])
 
     # --- the loop ----------------------------------------------------------------------------
-    async def run(self) -> None:
-        settings, source = self.ctx.settings, self.ctx.source
-        find = FindSpec(
+    def _find(self) -> FindSpec:
+        settings = self.ctx.settings
+        return FindSpec(
             collection=self.spec.collection,
             filter=self.spec.filter,
             projection=self.spec.projection(),
             sort=self.spec.sort,
             limit=self.spec.limit,
             batch_size=settings.batch_size,
+            max_time_ms=settings.query_max_time_ms,
+            count_max_time_ms=settings.count_max_time_ms,
         )
-        total = await source.count(find)
-        await self._set({"total": total, "processed": 0, "bytes": 0}, JobStatus.FETCHING)
-        await self._emit("export-fetching")
-        info = {
+
+    async def _count(self, find: FindSpec) -> int | None:
+        """The total, counted beside the cursor; None when the count runs out of time or fails (the export
+        goes on with an indeterminate bar, and the cursor reports a real problem itself)."""
+        limit = find.count_max_time_ms / 1000 + COUNT_GRACE_SECONDS if find.count_max_time_ms else None
+        try:
+            async with asyncio.timeout(limit):
+                total = await self.ctx.source.count(find)
+        except (DatabaseError, TimeoutError) as exc:
+            log.warning("job %s: no total, the count did not finish: %s", self.id, exc or "client-side time limit")
+            return None
+        self.job["total"] = total
+        self.total_known = True
+        return total
+
+    async def run(self) -> None:
+        find = self._find()
+        self.waiting_since = time.monotonic()
+        await self.emit("export-fetching")
+        counting = asyncio.create_task(self._count(find), name=f"count-{self.id}")
+        try:
+            if self.spec.json.envelope and self.spec.format == "json":
+                await asyncio.shield(counting)  # the envelope's header names the total
+            await self._clear_stale_parts()
+            self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, self._info())
+            processed = await self._copy_rows(find)
+        finally:
+            counting.cancel()
+        await self._finalize(processed)
+
+    def _info(self) -> dict[str, Any]:
+        return {
             "collection": self.spec.collection,
-            "filter": snapshot(self.job)["filter"],
+            "filter": self.snapshot()["filter"],
             "fields": list(self.spec.fields) if self.spec.fields else None,
             "sort": dict(self.spec.sort),
             "limit": self.spec.limit,
-            "total": total,
-            "xlsx_max_rows_per_sheet": settings.xlsx_max_rows_per_sheet,
+            "total": self.job.get("total"),
+            "xlsx_max_rows_per_sheet": self.ctx.settings.xlsx_max_rows_per_sheet,
         }
+
+    async def _clear_stale_parts(self) -> None:
         for stale in self.final_path.parent.glob(f"{self.final_path.name}.*.part"):
             if stale != self.part_path:
                 remove_partial(stale)  # left by an instance that lost this job; we own it now
-        self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, info)
+
+    async def _copy_rows(self, find: FindSpec) -> int:
+        assert self.encoder is not None
         processed = 0
         fed = False
-        async with aclosing(source.raw_batches(find)) as batches:
-            async for raw in batches:
+        async with aclosing(self.ctx.source.raw_batches(find)) as batches:
+            while True:
+                self.waiting_since = time.monotonic()
+                try:
+                    raw = await anext(batches)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self.waiting_since = None
                 # feed() returns once the encoder holds this batch; it encodes it while the progress is
                 # recorded and the next batch is fetched, so the database, the event loop and the encoder overlap.
                 done = await self.encoder.feed(raw)
@@ -147,34 +222,38 @@ class JobRun:
         if fed:
             processed += await self.encoder.drain()
             await self._progress(processed, force=True)
-        await self._finalize(processed)
+        return processed
 
     async def _progress(self, processed: int, force: bool = False) -> None:
         now = time.monotonic()
         elapsed = max(now - self.started, 1e-6)
-        fields = {"processed": processed, "rate": processed / elapsed}
+        fields: dict[str, Any] = {"processed": processed, "rate": processed / elapsed}
+        if self.total_known:
+            fields["total"] = self.job["total"]
         if self.job["status"] == JobStatus.FETCHING.value:
-            await self._set({**fields, "status": JobStatus.PROCESSING.value}, JobStatus.FETCHING)
-            self.last_persist = now
+            await self._change(fields, [JobStatus.FETCHING], JobStatus.PROCESSING)
         elif force or now - self.last_persist >= PERSIST_EVERY:
-            await self._set(fields, JobStatus.PROCESSING)
-            self.last_persist = now
+            await self._change(fields, [JobStatus.PROCESSING])
         else:
             self.job.update(fields)
+            fields = {}
+        if fields:
+            self.last_persist = now
+            self.total_known = False
         if force or now - self.last_event >= MIN_EVENT_GAP:
-            await self._emit("export-processing")
+            await self.emit("export-processing")
 
     async def _finalize(self, processed: int) -> None:
-        await self._set({"status": JobStatus.FINALIZING.value, "processed": processed}, JobStatus.PROCESSING, JobStatus.FETCHING)
-        await self._emit("export-finalizing")
+        await self._change({"processed": processed}, [JobStatus.PROCESSING, JobStatus.FETCHING], JobStatus.FINALIZING)
+        await self.emit("export-finalizing")
         assert self.encoder is not None
         result = await self.encoder.finish()
         self.encoder = None
         os.replace(self.part_path, self.final_path)
+        self.renamed = True
         _fsync_dir(self.final_path.parent)
         finished = now_ms()
         fields = {
-            "status": JobStatus.COMPLETED.value,
             "processed": result.rows,
             "total": result.rows,
             "bytes": result.bytes,
@@ -183,11 +262,12 @@ class JobRun:
             "expires_at": expiry(finished, self.ctx.settings.ttl_hours),
             "owner": None,
         }
-        await self._set(fields, JobStatus.FINALIZING)
+        await self._change(fields, [JobStatus.FINALIZING], JobStatus.COMPLETED)
+        self.renamed = False  # the completed job names the file now
         duration = time.monotonic() - self.started
         self.ctx.metrics.job_completed(self.spec.format, result.rows, result.bytes, duration)
-        snap = snapshot(self.job)
-        await self._emit(
+        snap = self.snapshot()
+        await self.emit(
             "export-completed",
             bytes=result.bytes,
             file_name=snap["file_name"],
@@ -196,47 +276,67 @@ class JobRun:
             finished_at=snap["finished_at"],
             expires_at=snap["expires_at"],
             warnings=snap["warnings"],
+            phase="done",
+            waiting_seconds=None,
         )
 
     def discard(self) -> None:
-        """Stop the encoder and remove the partial file and the writer's temporary files."""
+        """Stop the encoder and remove the partial file, the writer's temporary files, and the final file if
+        this run renamed it but the job did not end completed."""
         if self.encoder is not None:
             self.encoder.kill()
             self.encoder = None
         remove_partial(self.part_path)
+        if self.renamed:
+            remove_file(self.final_path)
+            self.renamed = False
 
-    async def _record_later(self, query: dict[str, Any], fields: dict[str, Any]) -> None:
+    async def _record_later(self, status: JobStatus, fields: dict[str, Any]) -> None:
         for _ in range(RECORD_RETRIES):
             await asyncio.sleep(RECORD_RETRY_SECONDS)
             try:
-                await self.ctx.db.update_job(query, {"$set": fields})
-                log.info("job %s: recorded %s once the database was back", self.id, fields["status"])
+                await transition(self.ctx.db, ACTIVE, status, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
+                log.info("job %s: recorded %s once the database was back", self.id, status.value)
                 return
             except DatabaseError:
                 continue
-        log.error("job %s: could not record %s; it is run again at the next start", self.id, fields["status"])
+        log.error("job %s: could not record %s; it is run again once its lease runs out", self.id, status.value)
 
     async def end(self, status: JobStatus, error: dict[str, str] | None = None) -> None:
         """Record a failed or cancelled end and tell the room."""
         self.discard()
-        fields: dict[str, Any] = {"status": status.value, "finished_at": now_ms(), "owner": None}
+        fields: dict[str, Any] = {"finished_at": now_ms(), "owner": None}
         if error is not None:
             fields["error"] = error
         # The job may already be cancelled by a DELETE; only an active job changes here.
         # Only while it is still ours: another instance may have claimed it after our lease ran out.
-        query = self._owned(*ACTIVE)
         try:
-            await self.ctx.db.update_job(query, {"$set": fields})
+            await transition(self.ctx.db, ACTIVE, status, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
         except DatabaseError:
             # The database is down (often the very reason for the failure): keep trying in the background.
-            task = asyncio.create_task(self._record_later(query, fields), name=f"record-{self.id}")
+            task = asyncio.create_task(self._record_later(status, fields), name=f"record-{self.id}")
             self.ctx.background.add(task)
             task.add_done_callback(self.ctx.background.discard)
-        self.job.update(fields)
+        self.job.update(fields, status=status.value)
+        self.waiting_since = None
         if status == JobStatus.FAILED:
-            await self._emit("export-failed", error=error)
+            await self.emit("export-failed", error=error, phase="done")
         else:
-            await self._emit("export-cancelled")
+            await self.emit("export-cancelled", phase="done")
+
+    async def taken_over(self) -> JobStatus:
+        """The job document says someone else decides now: a user cancelled it, or another instance claimed
+        it after our lease ran out. Stop without touching its state."""
+        current = await self.ctx.db.get_job(self.id)
+        status = JobStatus(current["status"]) if current else JobStatus.CANCELLED
+        if status == JobStatus.COMPLETED:
+            self.renamed = False  # completed by its new owner: the file is theirs
+        self.discard()
+        if status == JobStatus.CANCELLED:
+            self.job.update(current or {})
+            await self.emit("export-cancelled", phase="done", waiting_seconds=None)
+        log.info("job %s was taken over (now %s); this instance stops running it", self.id, status.value)
+        return status
 
 
 def _fsync_dir(path: Path) -> None:
@@ -253,26 +353,38 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
     run = JobRun(ctx, job)
     this_task = asyncio.current_task()
     assert this_task is not None
-    renewer = asyncio.create_task(run.keep_lease(this_task), name=f"lease-{run.id}")
+    helpers = [
+        asyncio.create_task(run.keep_lease(this_task), name=f"lease-{run.id}"),
+        asyncio.create_task(run.heartbeat(), name=f"heartbeat-{run.id}"),
+    ]
+    limit = ctx.settings.job_timeout_seconds or None
+    deadline = asyncio.timeout(limit)
     try:
         try:
-            await run.run()
+            async with deadline:
+                await run.run()
         finally:
             # Stopped before any outcome is handled: a lease check that finds the job gone (as the run's own
             # JobLost may have just done) must not cancel the handling below halfway.
-            renewer.cancel()
+            for helper in helpers:
+                helper.cancel()
         return JobStatus.COMPLETED
     except asyncio.CancelledError:
         if run.lost:
-            return await _taken_over(ctx, run)
+            return await run.taken_over()
         if cancelled():
             await run.end(JobStatus.CANCELLED)
             ctx.metrics.job_ended("cancelled")
             return JobStatus.CANCELLED
         run.discard()
         raise
+    except TimeoutError as exc:
+        if not deadline.expired():
+            return await _fail_unexpected(ctx, run, exc)
+        log.warning("job %s ran out of time after %s s", run.id, limit)
+        return await _fail(ctx, run, "timeout", f"the export did not finish within {limit:g} s (EXPORT_JOB_TIMEOUT_SECONDS)")
     except JobLost:
-        return await _taken_over(ctx, run)
+        return await run.taken_over()
     except DatabaseError as exc:
         log.warning("job %s failed: %s", run.id, exc)
         return await _fail(ctx, run, exc.code, str(exc))
@@ -283,25 +395,15 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
         log.exception("job %s failed writing its file", run.id)
         return await _fail(ctx, run, "disk_error", f"cannot write export file: {exc.strerror or exc}")
     except Exception as exc:  # a defect must not leave the job active forever: fail it, loudly
-        log.exception("job %s failed unexpectedly", run.id)
-        return await _fail(ctx, run, "internal_error", f"internal error: {exc.__class__.__name__}")
+        return await _fail_unexpected(ctx, run, exc)
+
+
+async def _fail_unexpected(ctx: RunContext, run: JobRun, exc: BaseException) -> JobStatus:
+    log.error("job %s failed unexpectedly", run.id, exc_info=exc)
+    return await _fail(ctx, run, "internal_error", f"internal error: {exc.__class__.__name__}")
 
 
 async def _fail(ctx: RunContext, run: JobRun, code: str, message: str) -> JobStatus:
     ctx.metrics.job_ended(code)
     await run.end(JobStatus.FAILED, {"code": code, "message": message})
     return JobStatus.FAILED
-
-
-async def _taken_over(ctx: RunContext, run: JobRun) -> JobStatus:
-    """The job document says someone else decides now: a user cancelled it, or another instance
-    claimed it after our lease ran out. Stop without touching its state."""
-    run.discard()
-    current = await ctx.db.get_job(run.id)
-    status = JobStatus(current["status"]) if current else JobStatus.CANCELLED
-    if status == JobStatus.CANCELLED:
-        remove_file(run.final_path)  # cancelled while finalizing: the file must not outlive the job
-        run.job.update(current or {})
-        await run._emit("export-cancelled")
-    log.info("job %s was taken over (now %s); this instance stops running it", run.id, status.value)
-    return status

@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # the keys name these types; importing them here would be cir
     from .db import Database
     from .embedded_db import EmbeddedMongo
     from .events import EventHub
+    from .health import Health
     from .manager import JobManager
     from .metrics import Metrics
     from .runner import BatchSource
@@ -44,6 +45,11 @@ class Settings:
     sweep_interval_seconds: float = 60.0
     xlsx_max_rows_per_sheet: int = 1_048_575
     seed_demo_rows: int = 0  # rows to generate into "tasks" at start-up when it is empty
+    query_max_time_ms: int = 600_000  # the export cursor's server-side time limit (0: none)
+    count_max_time_ms: int = 30_000  # the pre-count's; past it the export goes on without a total
+    job_timeout_seconds: int = 43_200  # a job's wall-clock limit (0: none)
+    secret_key: str | None = None  # signs download links; None: a key generated under export_dir
+    download_url_seconds: int = 300  # how long a signed download link works
 
     @property
     def open_mode(self) -> bool:
@@ -86,6 +92,12 @@ def _tokens(raw: str) -> dict[str, str]:
     return tokens
 
 
+def bearer_token(header: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    scheme, _, token = header.partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
 def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build settings from the environment; raises SettingsError with a one-line message."""
     env = os.environ if env is None else env
@@ -112,6 +124,11 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) ->
         sweep_interval_seconds=_float(env, "EXPORT_SWEEP_INTERVAL_SECONDS", 60.0),
         xlsx_max_rows_per_sheet=_int(env, "EXPORT_XLSX_MAX_ROWS", 1_048_575, minimum=1),
         seed_demo_rows=_int(env, "EXPORT_SEED_DEMO_ROWS", 0),
+        query_max_time_ms=_int(env, "EXPORT_QUERY_MAX_TIME_MS", 600_000),
+        count_max_time_ms=_int(env, "EXPORT_COUNT_MAX_TIME_MS", 30_000),
+        job_timeout_seconds=_int(env, "EXPORT_JOB_TIMEOUT_SECONDS", 43_200),
+        secret_key=env.get("EXPORT_SECRET_KEY") or None,
+        download_url_seconds=_int(env, "EXPORT_DOWNLOAD_URL_SECONDS", 300, minimum=1),
     )
     if values["port"] > 65535:
         raise SettingsError(f"EXPORT_PORT must be at most 65535, got {values['port']}")
@@ -129,3 +146,4 @@ EVENTS_KEY: web.AppKey["EventHub"] = web.AppKey("events")
 MANAGER_KEY: web.AppKey["JobManager"] = web.AppKey("manager")
 METRICS_KEY: web.AppKey["Metrics"] = web.AppKey("metrics")
 SOURCE_KEY: web.AppKey["BatchSource"] = web.AppKey("source")
+HEALTH_KEY: web.AppKey["Health"] = web.AppKey("health")

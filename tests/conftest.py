@@ -76,6 +76,11 @@ def sync_db(mongo_url: str) -> Iterator[Any]:
     client.close()
 
 
+def export_files(export_dir: Path) -> list[str]:
+    """The names in an export directory but the service's own hidden files (the signing key)."""
+    return sorted(p.name for p in Path(export_dir).iterdir() if not p.name.startswith("."))
+
+
 def replace_collection(db: Any, name: str, docs: list[dict[str, Any]]) -> None:
     """db[name] holding exactly docs, inserted a batch at a time."""
     db.drop_collection(name)

@@ -80,15 +80,18 @@ async def test_export_all_formats_end_to_end(client: Any, sio_client: Any, tasks
     for fmt, job in jobs.items():
         events = seen[job["id"]]
         names = [n for n, _ in events]
-        assert names[0] == "export-fetching", names
-        assert names[-2:] == ["export-finalizing", "export-completed"], names
-        assert set(names[1:-2]) == {"export-processing"} and len(names) >= 4, names
+        # The same state may be sent again while the run waits (a heartbeat); the order of states is fixed.
+        states = [name for i, name in enumerate(names) if i == 0 or names[i - 1] != name]
+        assert states == ["export-fetching", "export-processing", "export-finalizing", "export-completed"], names
         processed = [d["processed"] for _, d in events]
         assert processed == sorted(processed), "progress went backwards"
-        assert events[0][1]["total"] == len(expected)
+        # The count runs beside the cursor: the total is unknown at first, then known for good.
+        totals = [d["total"] for _, d in events]
+        assert totals[0] is None and set(totals) <= {None, len(expected)}, totals
+        assert None not in totals[totals.index(len(expected)):], totals
         done = events[-1][1]
         assert done["processed"] == done["total"] == len(expected) and done["percent"] == 100.0
-        assert done["download_url"] == f"/api/exports/{job['id']}/download" and done["bytes"] > 0
+        assert done["download_url"].startswith(f"/api/exports/{job['id']}/download?exp=") and done["bytes"] > 0
         for _, data in events:
             assert {"id", "status", "processed", "total", "percent", "ts"} <= set(data)
 

@@ -9,7 +9,7 @@ from typing import Any
 from service.app import create_app
 from service.settings import MANAGER_KEY, Settings
 
-from conftest import make_settings, subscribe, wait_status
+from conftest import export_files, make_settings, subscribe, wait_status
 
 
 async def test_unwritable_export_directory_fails_the_job_cleanly(client: Any, settings: Settings) -> None:
@@ -36,11 +36,11 @@ async def test_unwritable_export_directory_fails_the_job_cleanly(client: Any, se
     assert seen[-1][2]["error"]["code"] == "disk_error"
     export_dir.unlink()
     export_dir.mkdir()
-    assert list(export_dir.iterdir()) == []
+    assert export_files(export_dir) == []
     # The service is still up and the next job works once the directory is back.
     job2 = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson", "limit": 10})).json()
     assert (await wait_status(api, job2["id"]))["status"] == "completed"
-    assert sorted(p.name for p in export_dir.iterdir()) == [f"{job2['id']}.ndjson"]
+    assert export_files(export_dir) == [f"{job2['id']}.ndjson"]
 
 
 async def test_full_disk_fails_the_job_with_a_clear_message(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
@@ -57,4 +57,4 @@ async def test_full_disk_fails_the_job_with_a_clear_message(aiohttp_client: Any,
     assert snap["status"] == "failed"
     assert snap["error"]["code"] == "disk_error"
     assert "No space left on device" in snap["error"]["message"]
-    assert list(Path(settings.export_dir).iterdir()) == []  # nothing partial left behind
+    assert export_files(settings.export_dir) == []  # nothing partial left behind

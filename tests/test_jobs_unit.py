@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from mongomock_motor import AsyncMongoMockClient
@@ -14,6 +15,7 @@ from service.manager import JobManager, JobNotFound, TooManyJobs
 from service.metrics import Metrics
 from service.query import validate_request
 from service.settings import settings_from_env
+from service.signing import SignatureError, UrlSigner, load_key
 
 
 class RecordingHub(EventHub):
@@ -94,12 +96,38 @@ def test_file_names_are_sanitized_and_keep_one_extension(manager: JobManager) ->
     assert manager.file_name(spec(filename="done.csv"), created) == "done.csv"
 
 
-def test_snapshot_of_a_completed_job_has_a_download_url() -> None:
+def test_snapshot_of_a_completed_job_has_a_signed_download_url_bound_to_job_owner_and_time() -> None:
     doc = {"_id": "a" * 24, "status": "completed", "spec": spec().to_doc(), "processed": 10, "total": 10,
-           "created_at": 0, "finished_at": 1000, "file_name": "x.csv"}
-    snap = snapshot(doc)
-    assert snap["download_url"] == f"/api/exports/{'a' * 24}/download"
+           "created_at": 0, "finished_at": 1000, "file_name": "x.csv", "user": "alice"}
+    signer = UrlSigner(b"k" * 32, ttl_seconds=300)
+    snap = snapshot(doc, download_url=signer.download_url(doc["_id"], "alice", now=1_000_000))
     assert snap["percent"] == 100.0 and snap["finished_at"] == "1970-01-01T00:00:01.000Z"
+    url = urlsplit(snap["download_url"])
+    assert url.path == f"/api/exports/{'a' * 24}/download"
+    query = dict(parse_qsl(url.query))
+    assert set(query) == {"exp", "sig"} and query["exp"] == "1000300"
+    signer.verify("a" * 24, "alice", query["exp"], query["sig"], now=1_000_299)
+    refused = [
+        ("b" * 24, "alice", query["exp"], query["sig"], 1_000_000, "invalid_signature"),  # another job
+        ("a" * 24, "bob", query["exp"], query["sig"], 1_000_000, "invalid_signature"),  # another owner
+        ("a" * 24, "alice", "1000999", query["sig"], 1_000_000, "invalid_signature"),  # a longer life
+        ("a" * 24, "alice", query["exp"], query["sig"], 1_000_301, "link_expired"),
+        ("a" * 24, "alice", "soon", query["sig"], 1_000_000, "invalid_signature"),
+    ]
+    for job_id, user, exp, sig, now, code in refused:
+        with pytest.raises(SignatureError) as caught:
+            UrlSigner(b"k" * 32, 300).verify(job_id, user, exp, sig, now=now)
+        assert caught.value.code == code
+    with pytest.raises(SignatureError):
+        UrlSigner(b"another key", 300).verify("a" * 24, "alice", query["exp"], query["sig"], now=1_000_000)
+    assert snapshot({**doc, "status": "failed"}, download_url="/x")["download_url"] is None
+
+
+def test_the_signing_key_is_generated_once_and_shared_through_the_export_dir(tmp_path: Path) -> None:
+    first = load_key(None, tmp_path)
+    assert len(first) == 64 and load_key(None, tmp_path) == first
+    assert (tmp_path / ".signing-key").stat().st_mode & 0o077 == 0  # readable by the service alone
+    assert load_key("configured", tmp_path) == b"configured"
 
 
 @pytest.mark.parametrize("driver", ["pymongo", "motor"])

@@ -55,20 +55,21 @@ async def test_a_job_that_could_not_be_queued_again_on_stop_runs_again_at_the_ne
 ) -> None:
     monkeypatch.setattr(manager_module, "STOP_TIMEOUT_SECONDS", CLOSE_LIMIT)
     monkeypatch.setattr(db_module, "CLOSE_TIMEOUT_SECONDS", CLOSE_LIMIT)
-    settings = make_settings(proxy.url(), tmp_path, driver, batch_size=10)
+    # A short lease: the restarted service runs the job again once the lease the stopped one held runs out.
+    settings = make_settings(proxy.url(), tmp_path, driver, batch_size=10, lease_seconds=2.0)
     client = await aiohttp_client(create_app(settings))
     job = await (await client.post("/api/exports", json=LONG_SPEC)).json()
     snap = await wait_status(client, job["id"], ("processing", "completed"), timeout=30)
     assert snap["status"] == "processing", snap
 
-    proxy.lose_replies_to(["update"])  # the stop's "back to the queue", and any lease renewal
+    proxy.lose_replies_to(["findAndModify"])  # the stop's "back to the queue", and any lease renewal
     elapsed = await timed_close(client, 30)
-    assert "update" in proxy.lost
+    assert "findAndModify" in proxy.lost
     assert elapsed < 2 * CLOSE_LIMIT + 5, elapsed
 
     proxy.lose_replies_to([])
     # A restart: the same jobs and export directory (full batches now, which the job does not depend on).
-    restarted = make_settings(proxy.url(), tmp_path, driver, jobs_collection=settings.jobs_collection)
+    restarted = make_settings(proxy.url(), tmp_path, driver, jobs_collection=settings.jobs_collection, lease_seconds=2.0)
     client = await aiohttp_client(create_app(restarted))
     final = await wait_status(client, job["id"], ("completed", "failed", "cancelled"), timeout=60)
     assert final["status"] == "completed" and final["processed"] == len(big_tasks), final

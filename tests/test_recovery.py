@@ -17,7 +17,7 @@ from scripts.generate_data import make_documents
 from service.app import create_app
 from service.embedded_db import EmbeddedMongo, free_port
 
-from conftest import DATA_DB, make_settings, replace_collection, wait_status
+from conftest import DATA_DB, export_files, make_settings, replace_collection, wait_status
 from service_process import ROOT, ServiceProcess
 
 @pytest.fixture
@@ -30,6 +30,7 @@ def service_env(mongo_url: str, tmp_path: Path, tasks: Any) -> Iterator[dict[str
         "EXPORT_MAX_CONCURRENT": "1",
         "EXPORT_API_TOKENS": "",
         "EXPORT_JOBS_COLLECTION": f"jobs_{secrets.token_hex(4)}",
+        "EXPORT_LEASE_SECONDS": "3",  # a killed instance's job is run again once its lease runs out
     }
 
 
@@ -77,7 +78,7 @@ async def test_start_up_removes_partial_files_and_scratch_directories_of_dead_jo
     (export_dir / "89abcdef.csv").write_bytes(b"a finished export\r\n")
     client = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path)))
     assert (await client.get("/healthz")).status == 200
-    assert sorted(p.name for p in export_dir.iterdir()) == ["89abcdef.csv"]
+    assert export_files(export_dir) == ["89abcdef.csv"]
 
 
 async def test_start_up_with_unwritable_export_dir_stops_with_one_line(service_env: dict[str, str], tmp_path: Path) -> None:
@@ -92,6 +93,17 @@ async def test_start_up_with_unwritable_export_dir_stops_with_one_line(service_e
     proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.decode().strip() == "error: EXPORT_BATCH_SIZE must be an integer, got 'many'"
+
+
+async def poll_until(api: Any, path: str, status: int, timeout: float) -> dict[str, Any]:
+    """The body of the first answer of path with status, polled until timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        resp = await api.get(path)
+        if resp.status == status or asyncio.get_running_loop().time() > deadline:
+            assert resp.status == status, f"{path} still answers {resp.status}"
+            return await resp.json()
+        await asyncio.sleep(0.2)
 
 
 async def test_database_outage_fails_the_job_then_service_recovers(aiohttp_client: Any, tmp_path: Path) -> None:
@@ -120,8 +132,10 @@ async def test_database_outage_fails_the_job_then_service_recovers(aiohttp_clien
                 break
             await asyncio.sleep(0.05)
         assert events and events[0][1]["error"]["code"] == "database_unavailable", events
-        health = await api.get("/healthz")
-        assert health.status == 503
+        # Liveness is the service's own: it stays up; readiness follows the database, from the cached pings.
+        assert (await api.get("/healthz")).status == 200
+        ready = await poll_until(api, "/readyz", 503, timeout=20)
+        assert ready["status"] == "unavailable" and ready["database"] == "unavailable" and ready["error"], ready
         assert (await api.get("/")).status == 200  # the page is still served
         assert (await api.get("/metrics")).status == 200
         resp = await api.get(f"/api/exports/{job['id']}")
@@ -129,11 +143,7 @@ async def test_database_outage_fails_the_job_then_service_recovers(aiohttp_clien
         assert not list(Path(settings.export_dir).glob("*.part"))
 
         server = EmbeddedMongo(server.data_dir, port=server.port).start()
-        for _ in range(100):
-            if (await api.get("/healthz")).status == 200:
-                break
-            await asyncio.sleep(0.2)
-        assert (await api.get("/healthz")).status == 200
+        assert (await poll_until(api, "/readyz", 200, timeout=30))["database"] == "ok"
         snap = await wait_status(api, job["id"], ("failed",), timeout=10)  # recorded once the database is back
         assert snap["status"] == "failed" and snap["error"]["code"] == "database_unavailable"
         job2 = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 100})).json()

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 from service.app import create_app
 from service.settings import MANAGER_KEY
 
-from conftest import END_STATES, make_settings, subscribe, wait_status
+from conftest import END_STATES, export_files, make_settings, subscribe, wait_status
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ async def test_cancel_running_job_within_a_second_and_remove_its_partial_file(sl
     export_dir = Path(slow_api.server.app[MANAGER_KEY].settings.export_dir)
     manager = slow_api.server.app[MANAGER_KEY]
     part = f"{job['id']}.xlsx.{manager.instance_id}.part"
-    assert sorted(p.name for p in export_dir.iterdir()) == [part, part + ".tmp"]
+    assert export_files(export_dir) == [part, part + ".tmp"]
     assert list((export_dir / (part + ".tmp")).iterdir())  # xlsxwriter's sheet data, on the export volume
 
     asked = time.monotonic()
@@ -47,7 +47,7 @@ async def test_cancel_running_job_within_a_second_and_remove_its_partial_file(sl
     assert cancelled_at - asked < 1.0
     assert (await resp.json())["status"] == "cancelled"
     assert (await wait_status(slow_api, job["id"]))["status"] == "cancelled"
-    assert list(export_dir.iterdir()) == []  # the .part file and its scratch directory are gone
+    assert export_files(export_dir) == []  # the .part file and its scratch directory are gone
     assert (await slow_api.get(f"/api/exports/{job['id']}/download")).status == 409
 
 

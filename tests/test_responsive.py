@@ -1,0 +1,187 @@
+"""A service that stays responsive while the database is slow: liveness apart from readiness, progress that is
+never quiet for long, and bounded queries (server-side time limits, a count that may give up, a job deadline)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, AsyncGenerator, Iterator
+
+import bson
+import pytest
+from pymongo import monitoring
+from pymongo.errors import ExecutionTimeout
+
+from scripts.generate_data import make_documents
+from service.app import create_app
+from service.db import Database, FindSpec, QueryTimeout, make_client, translate
+
+from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, wait_status
+from wire_proxy import WireProxy
+
+ROWS = 2500  # three batches
+BATCH_SIZE = 1000
+QUIET_LIMIT = 1.0  # the longest the room may hear nothing while a job runs
+
+
+class SlowSource:
+    """A BatchSource whose database takes its time: the count takes count_delay (or raises count_error),
+    the first batch first_delay, every later one batch_delay."""
+
+    def __init__(self, first_delay: float = 0.0, batch_delay: float = 0.0, count_delay: float = 0.0, count_error: Exception | None = None) -> None:
+        self.first_delay, self.batch_delay = first_delay, batch_delay
+        self.count_delay, self.count_error = count_delay, count_error
+        self.docs = [bson.encode(doc) for doc in make_documents(ROWS, 99)]
+        self.count_done_at: float | None = None
+
+    async def count(self, spec: FindSpec) -> int:
+        await asyncio.sleep(self.count_delay)
+        self.count_done_at = time.monotonic()
+        if self.count_error is not None:
+            raise self.count_error
+        return len(self.docs)
+
+    async def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]:
+        await asyncio.sleep(self.first_delay)
+        for start in range(0, len(self.docs), BATCH_SIZE):
+            if start:
+                await asyncio.sleep(self.batch_delay)
+            yield b"".join(self.docs[start:start + BATCH_SIZE])
+
+
+async def run_watched(aiohttp_client: Any, tmp_path: Path, mongo_url: str, source: SlowSource, **settings: Any) -> tuple[dict[str, Any], list[tuple[float, str, dict[str, Any]]], float]:
+    """Create a csv export over source, watched over Socket.IO from before it starts; (final snapshot, events,
+    the time of subscription)."""
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, **settings), source=source))
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "fields": ["seq", "title"]})).json()
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    sio = await subscribe(api, job["id"], seen)
+    subscribed = time.monotonic()
+    try:
+        final = await wait_status(api, job["id"], END_STATES, timeout=60)
+        for _ in range(100):  # the end event may trail the state written before it
+            if seen and seen[-1][1] in ("export-completed", "export-failed", "export-cancelled"):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await sio.disconnect()
+    return final, seen, subscribed
+
+
+def longest_quiet(seen: list[tuple[float, str, dict[str, Any]]], since: float) -> float:
+    times = [since] + [t for t, _, _ in seen]
+    return max(b - a for a, b in zip(times, times[1:]))
+
+
+async def test_a_slow_first_batch_and_slow_batches_keep_the_room_informed(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    source = SlowSource(first_delay=3.0, batch_delay=2.0)
+    final, seen, subscribed = await run_watched(aiohttp_client, tmp_path, mongo_url, source)
+    assert final["status"] == "completed" and final["processed"] == ROWS, final
+    assert longest_quiet(seen, subscribed) <= QUIET_LIMIT, [(round(t - subscribed, 2), n) for t, n, _ in seen]
+    waiting = [data for _, _, data in seen if data.get("phase") == "waiting_for_database"]
+    # Honest waits: the time grows through the 3 s wait for the first batch, then starts again for each slow one.
+    waits = [d["waiting_seconds"] for d in waiting]
+    first = waits[: next((i for i in range(1, len(waits)) if waits[i] < waits[i - 1]), len(waits))]
+    assert first == sorted(first) and 2.5 <= first[-1] < 3.5, waits
+    assert len(first) < len(waits) and max(waits[len(first):]) >= 1.0, waits
+    assert seen[-1][1] == "export-completed" and seen[-1][2]["phase"] == "done"
+
+
+async def test_the_first_rows_do_not_wait_for_the_count(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    source = SlowSource(count_delay=2.5, batch_delay=1.5)
+    final, seen, _ = await run_watched(aiohttp_client, tmp_path, mongo_url, source)
+    assert final["status"] == "completed" and final["total"] == ROWS
+    assert source.count_done_at is not None
+    early = [data for t, name, data in seen if name == "export-processing" and t < source.count_done_at]
+    assert early and early[0]["processed"] > 0 and early[0]["total"] is None and early[0]["percent"] is None, early
+    # Once counted, the total is given with the rows (not only at the end).
+    assert any(data["total"] == ROWS and data["processed"] < ROWS for _, _, data in seen), seen
+
+
+async def test_a_count_past_its_time_limit_leaves_the_total_unknown_and_the_export_goes_on(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    source = SlowSource(count_error=QueryTimeout("the query ran past its time limit"), batch_delay=0.2)
+    final, seen, _ = await run_watched(aiohttp_client, tmp_path, mongo_url, source)
+    assert final["status"] == "completed" and final["processed"] == final["total"] == ROWS
+    running = [data for _, name, data in seen if name == "export-processing"]
+    assert running and all(data["total"] is None and data["percent"] is None for data in running[:-1]), running
+
+
+async def test_a_job_past_its_deadline_fails_with_timeout_and_leaves_no_file(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    final, seen, _ = await run_watched(aiohttp_client, tmp_path, mongo_url, SlowSource(batch_delay=3.0), job_timeout_seconds=2)
+    assert final["status"] == "failed" and final["error"]["code"] == "timeout", final
+    assert "EXPORT_JOB_TIMEOUT_SECONDS" in final["error"]["message"]
+    assert seen[-1][1] == "export-failed" and seen[-1][2]["error"]["code"] == "timeout"
+    assert export_files(tmp_path / "exports") == []
+
+
+class CommandLog(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.commands: list[dict[str, Any]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:  # type: ignore[override]
+        self.commands.append({"name": event.command_name, **event.command})
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        """Only the requests matter here."""
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        """Only the requests matter here."""
+
+
+async def test_every_user_query_carries_a_server_side_time_limit(mongo_url: str, driver: str, tasks: Any) -> None:
+    listener = CommandLog()
+    client = make_client(mongo_url, driver)
+    # make_client's own options, plus a listener: the same calls the service makes, seen on the wire.
+    watched = type(client)(mongo_url, event_listeners=[listener], tz_aware=True)
+    db = Database(watched, DATA_DB)
+    try:
+        spec = FindSpec("tasks", {"status": "open"}, None, (("seq", 1),), 0, batch_size=BATCH_SIZE, max_time_ms=600_000, count_max_time_ms=30_000)
+        total = await db.count(spec)
+        rows = 0
+        async for raw in db.raw_batches(spec):
+            rows += len(bson.decode_all(raw))
+        assert rows == total == sum(1 for doc in tasks if doc.get("status") == "open")
+        sent = {entry["name"]: entry for entry in listener.commands}
+        assert sent["aggregate"]["maxTimeMS"] == 30_000
+        assert sent["find"]["maxTimeMS"] == 600_000 and sent["find"]["batchSize"] == BATCH_SIZE
+    finally:
+        await Database(client, DATA_DB).close()
+        await db.close()
+
+
+def test_the_servers_time_limit_error_becomes_a_timeout() -> None:
+    error = translate(ExecutionTimeout("operation exceeded time limit", 50))
+    assert isinstance(error, QueryTimeout) and error.code == "timeout"
+
+
+@pytest.fixture
+def proxy(mongo_url: str) -> Iterator[WireProxy]:
+    if mongo_url.startswith("mongodb+srv:"):
+        pytest.skip("a proxy stands in for one host and port, which an SRV connection string does not name")
+    wire = WireProxy(mongo_url).start()
+    yield wire
+    wire.close()
+
+
+async def test_liveness_answers_at_once_while_the_database_answers_nothing(aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any) -> None:
+    url = proxy.url(heartbeatFrequencyMS="500", connectTimeoutMS="2000")
+    api = await aiohttp_client(create_app(make_settings(url, tmp_path, driver)))
+    assert (await api.get("/readyz")).status == 200
+    proxy.lose_replies_to(["hello", "ismaster", "isMaster", "ping", "find", "aggregate", "findAndModify", "update", "insert"])
+    deadline = time.monotonic() + 20
+    ready = None
+    slowest = 0.0
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        health = await api.get("/healthz")
+        slowest = max(slowest, time.monotonic() - started)
+        assert health.status == 200 and (await health.json())["event_loop"] == "ok"
+        ready = await api.get("/readyz")
+        if ready.status == 503:
+            break
+        await asyncio.sleep(0.1)
+    assert ready is not None and ready.status == 503, "readiness never noticed the silent database"
+    body = await ready.json()
+    assert body["status"] == "unavailable" and body["database"] == "unavailable" and body["error"]
+    # Nothing waited for the database: not the old 2 s ping, not a 5 s server selection.
+    assert slowest < 0.5, slowest
