@@ -123,6 +123,7 @@ def snapshot(doc: Mapping[str, Any], queue_position: int | None = None) -> dict[
                 "escape_formulas": spec.csv.escape_formulas,
             },
             "json": {"mode": spec.json.mode, "envelope": spec.json.envelope},
+            "parquet": {"row_group_size": spec.parquet.row_group_size, "compression": spec.parquet.compression},
             "compress": spec.compress,
         },
         "processed": processed,
