@@ -32,15 +32,16 @@ class ArrowReader:
     def __init__(self, columns: Sequence[Column]) -> None:
         self.guards: dict[str, re.Pattern[bytes] | None] = {}
         for column in columns:
-            if "." in column.name or not _covered(column):
-                continue
-            coerced = COERCED.get(column.kind)
-            key = re.escape(column.name.encode("utf-8")) + b"\x00"
-            self.guards[column.name] = re.compile(b"[" + re.escape(coerced) + b"]" + key) if coerced else None
+            self.update(column)
 
-    def forget(self, name: str) -> None:
-        """The column changed type: the decoded path handles it from now on."""
-        self.guards.pop(name, None)
+    def update(self, column: Column) -> None:
+        """Take the column's kind into account: it is new, or it was widened."""
+        self.guards.pop(column.name, None)
+        if "." in column.name or not _covered(column):
+            return
+        coerced = COERCED.get(column.kind)
+        key = re.escape(column.name.encode("utf-8")) + b"\x00"
+        self.guards[column.name] = re.compile(b"[" + re.escape(coerced) + b"]" + key) if coerced else None
 
     def read(self, raw: bytes, columns: Sequence[Column]) -> dict[str, pa.Array]:
         """Arrays of the covered columns whose values in raw PyMongoArrow reads exactly; {} when it cannot

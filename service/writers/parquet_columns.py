@@ -9,8 +9,9 @@ The rules (the README's value table is the contract):
 - everything else (documents, Decimal128, heterogeneous arrays, Regex, Code, Timestamp, ...) and a mix of
   types in the sample -> string, each value rendered as in a CSV cell (relaxed Extended JSON for documents
   and arrays, decimal text as stored for Decimal128); a column with no value in the sample is string too;
-- a later value that does not fit its column's type widens the column to string; the values written
-  before are rendered as text the same way. Nothing is dropped and every widening is a warning.
+- a later value that does not fit its column's type widens the column: an int64 column meeting doubles
+  becomes float64 while every integer in it is within +-2^53, any other to string, the values written
+  before rendered as text the same way. Nothing is dropped and every widening is a warning.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class Column:
     # For string columns: the value types of the sample; a later value of another type is reported.
     seen: frozenset[type] = frozenset({str, NONE})
     late: set[str] = field(default_factory=set)  # type names that arrived later in a string column
+    max_abs: int = 0  # of an int column's values so far: whether a double column could still hold them all
     get: Callable[[dict[str, Any]], Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -168,6 +170,27 @@ def _text_array(column: Column, values: list[Any]) -> pa.Array:
 
 
 # --- widening -------------------------------------------------------------------------------------------
+def wider_kind(column: Column, values: list[Any]) -> str:
+    """What a column becomes when values do not fit it."""
+    if column.kind == "int" and column.max_abs <= MAX_EXACT_INT and to_array(Column(column.name, "double"), values) is not None:
+        return "double"
+    return TEXT
+
+
+def convert(old_kind: str, new_kind: str, array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Values written as old_kind, as new_kind (one that wider_kind gives)."""
+    if new_kind == "double":
+        return pc.cast(array, pa.float64()).combine_chunks() if isinstance(array, pa.ChunkedArray) else pc.cast(array, pa.float64())
+    return as_text(old_kind, array)
+
+
+def note_range(column: Column, array: pa.Array) -> None:
+    """Keep an int column's largest magnitude up to date."""
+    low, high = pc.min_max(array).values()
+    if low.is_valid:
+        column.max_abs = max(column.max_abs, abs(low.as_py()), abs(high.as_py()))
+
+
 def as_text(kind: str, array: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Values of a column of kind as the text a string column holds for them (see scalar_text)."""
     if isinstance(array, pa.ChunkedArray):
@@ -204,9 +227,10 @@ _RENDER: dict[str, Callable[[Any], str]] = {
 
 def widening_warning(column: Column, old_kind: str, value_types: Iterable[type]) -> str:
     names = ", ".join(sorted({_type_name(t) for t in value_types} - {"null"}))
+    now = "as double" if column.kind == "double" else "as text"
     return (
         f"column {column.name} was {ARROW_TYPES[old_kind]} in the first documents; later values ({names}) do not fit, "
-        "so the whole column is written as text"
+        f"so the whole column is written {now}"
     )
 
 

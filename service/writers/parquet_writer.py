@@ -4,7 +4,8 @@ a set number of rows, zstd by default. At most one row group waits in memory.
 A Parquet file has one schema, fixed when its first row group is written. When a later value does not fit
 its column's type, the column becomes text: the row groups already written are copied, one at a time,
 into a new file in the scratch directory with that column rendered as text, and the export goes on there;
-the finished file is copied back into the export file at the end. Each column widens at most once.
+the finished file is copied back into the export file at the end. A column widens at most twice (int64 to
+float64, then to string).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 
 from .base import Writer
 from .parquet_arrow import ArrowReader
-from .parquet_columns import TEXT, Column, as_text, late_warning, plan_column, to_array, widening_warning
+from .parquet_columns import Column, convert, late_warning, note_range, plan_column, to_array, wider_kind, widening_warning
 
 COPY_CHUNK = 1 << 20
 
@@ -75,18 +76,20 @@ class ParquetWriter(Writer):
                 values = [column.get(doc) for doc in docs]
                 array = to_array(column, values)
                 if array is None:
-                    widened[index] = column.kind
-                    self._widen(index, column, values)
+                    widened[index] = (column.kind, self._widen(index, column, values))
                     array = to_array(column, values)
-                    assert array is not None  # text takes every value
+                    assert array is not None  # the wider kind takes every value
             arrays.append(array)
         if widened and self.groups:
             self._rewrite(widened)
         return self._append(arrays, len(docs))
 
     def _append(self, arrays: list[pa.Array], rows: int) -> int:
-        for chunks, array in zip(self.pending, arrays):
+        assert self.plan is not None
+        for column, chunks, array in zip(self.plan, self.pending, arrays):
             chunks.append(array)
+            if column.kind == "int":
+                note_range(column, array)
         self.pending_rows += rows
         while self.pending_rows >= self.group_rows:
             self._flush_group(self.group_rows)
@@ -113,16 +116,18 @@ class ParquetWriter(Writer):
         self.groups += 1
 
     # --- widening ------------------------------------------------------------------------------------------
-    def _widen(self, index: int, column: Column, values: list[Any]) -> None:
-        old = column.kind
+    def _widen(self, index: int, column: Column, values: list[Any]) -> str:
+        """Change the column to a kind that takes values, and what is pending with it; returns the new kind."""
+        old, new = column.kind, wider_kind(column, values)
         misfits = [type(v) for v in values if to_array(Column(column.name, old), [v]) is None]
+        column.kind, column.seen = new, frozenset(misfits) | column.seen
         self.notes[column.name] = widening_warning(column, old, misfits)
-        self.pending[index] = [as_text(old, chunk) for chunk in self.pending[index]]
-        column.kind, column.seen = TEXT, frozenset(misfits) | column.seen
+        self.pending[index] = [convert(old, new, chunk) for chunk in self.pending[index]]
         assert self.reader is not None
-        self.reader.forget(column.name)
+        self.reader.update(column)
+        return new
 
-    def _rewrite(self, widened: dict[int, str]) -> None:
+    def _rewrite(self, widened: dict[int, tuple[str, str]]) -> None:
         """Copy the row groups written so far into a new file with the widened columns as text."""
         assert self.sink is not None
         self.sink.close()
@@ -136,7 +141,7 @@ class ParquetWriter(Writer):
         try:
             for group in range(old.num_row_groups):
                 table = old.read_row_group(group)
-                columns = [as_text(widened[i], col) if i in widened else col for i, col in enumerate(table.columns)]
+                columns = [convert(*widened[i], col) if i in widened else col for i, col in enumerate(table.columns)]
                 sink.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_size=self.group_rows)
         finally:
             old.close()
@@ -157,9 +162,10 @@ class ParquetWriter(Writer):
     def write_footer(self) -> None:
         if self.plan is None:
             self._plan([])
-        if self.pending_rows or self.sink is None:
+        if self.pending_rows:
             self._flush_group(self.pending_rows)
-        assert self.sink is not None
+        if self.sink is None:  # no rows: a file with the columns and no row group
+            self.sink = self._open(self.out)
         self.sink.close()
         if self.target is not None:
             with open(self.target, "rb") as finished:
