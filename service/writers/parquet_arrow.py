@@ -4,13 +4,13 @@ PyMongoArrow reads a raw batch in C, without making a Python object per value. W
 TypeError on a value of another type, but some conversions it makes without a word: a double into an
 int64 column (truncated), an int or a bool into a double column, a bool into an int64 one, and a NaN into
 null. So a column takes this path for a batch only when the batch's bytes show none of those: no element
-of a coerced type under the column's key, and no NaN at all for double columns. The check looks at every
-place the key occurs followed by its terminating zero, so it never misses an element; text that merely
-looks like one only sends that batch down the decoded path, which gives the same values.
+of a coerced type under the column's key, and no NaN at all for double columns. The check looks for the
+bytes such an element starts with (type byte, key, terminating zero) anywhere in the batch, so it never
+misses one; other data that happens to hold those bytes only sends that batch down the decoded path,
+which gives the same values.
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import pyarrow as pa
@@ -30,7 +30,8 @@ class ArrowReader:
     """Reads the columns of a plan that PyMongoArrow covers from raw batches."""
 
     def __init__(self, columns: Sequence[Column]) -> None:
-        self.guards: dict[str, re.Pattern[bytes] | None] = {}
+        # per covered column, the byte strings (type byte, key, zero) of the elements PyMongoArrow would coerce
+        self.guards: dict[str, tuple[bytes, ...]] = {}
         for column in columns:
             self.update(column)
 
@@ -39,9 +40,8 @@ class ArrowReader:
         self.guards.pop(column.name, None)
         if "." in column.name or not _covered(column):
             return
-        coerced = COERCED.get(column.kind)
-        key = re.escape(column.name.encode("utf-8")) + b"\x00"
-        self.guards[column.name] = re.compile(b"[" + re.escape(coerced) + b"]" + key) if coerced else None
+        key = column.name.encode("utf-8") + b"\x00"
+        self.guards[column.name] = tuple(bytes([kind]) + key for kind in COERCED.get(column.kind, b""))
 
     def read(self, raw: bytes, columns: Sequence[Column]) -> dict[str, pa.Array]:
         """Arrays of the covered columns whose values in raw PyMongoArrow reads exactly; {} when it cannot
@@ -51,8 +51,7 @@ class ArrowReader:
         for column in columns:
             if column.name not in self.guards or not _covered(column):
                 continue
-            guard = self.guards[column.name]
-            if guard is not None and guard.search(raw):
+            if any(element in raw for element in self.guards[column.name]):
                 continue
             if column.kind == "double":
                 if suspect_nan is None:

@@ -166,7 +166,17 @@ def _text_array(column: Column, values: list[Any]) -> pa.Array:
         column.late.update(_type_name(t) for t in types - column.seen)
     if types <= {str, NONE}:
         return pa.array(values, pa.string())
-    return pa.array([v if v is None or type(v) is str else scalar_text(v) for v in values], pa.string())
+    return pa.array([_text(v) for v in values], pa.string())
+
+
+def _text(value: Any) -> str | None:
+    """A string column's cell: documents and arrays (the common case) straight to relaxed Extended JSON."""
+    kind = type(value)
+    if kind is str or value is None:
+        return value
+    if kind is dict or kind is list:
+        return relaxed_json(value).decode("utf-8")
+    return scalar_text(value)
 
 
 # --- widening -------------------------------------------------------------------------------------------
