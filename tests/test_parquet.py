@@ -143,7 +143,7 @@ def test_dotted_fields_take_the_type_of_the_value_they_reach(tmp_path: Path) -> 
     assert table.to_pylist() == [{"doc.a": 1, "doc.b.c": "x", "items.0.sku": "A-1", "items.1.qty": None, "nope": None}] * 2
 
 
-def test_pymongoarrow_reads_the_covered_columns_of_later_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pymongoarrow_reads_later_batches_when_it_covers_every_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     read: list[set[str]] = []
     original = parquet_arrow.ArrowReader.read
 
@@ -153,17 +153,23 @@ def test_pymongoarrow_reads_the_covered_columns_of_later_batches(tmp_path: Path,
         return arrays
 
     monkeypatch.setattr(parquet_arrow.ArrowReader, "read", spy)
-    docs = [{"_id": i, "n": i, "x": i / 2, "s": f"s{i}", "d": datetime(2024, 1, 1, tzinfo=utc), "b": i % 2 == 0, "doc": {"k": i}} for i in range(4)]
+    docs = [{"_id": i, "n": i, "x": i / 2, "s": f"s{i}", "d": datetime(2024, 1, 1, tzinfo=utc), "b": i % 2 == 0} for i in range(4)]
     # batch 3 carries a NaN (PyMongoArrow reads it as null) and batch 4 a bool in the int column (read as 1)
     batches = [docs[:1], docs[1:2], [{**docs[2], "x": NAN}], [{**docs[3], "n": True}]]
     path = tmp_path / "fast.parquet"
     result = export(path, batches)
-    assert read[0] == {"_id", "n", "x", "s", "d", "b"}  # the subdocument's column is decoded
+    assert read[0] == {"_id", "n", "x", "s", "d", "b"}  # the first batch is the sample, decoded; the rest are read
     assert "x" not in read[1] and "n" in read[1]
     table = pq.read_table(path)
+    assert table.column("s").to_pylist() == ["s0", "s1", "s2", "s3"]
+    assert table.column("d").to_pylist() == [datetime(2024, 1, 1, tzinfo=timezone.utc)] * 4
     assert math.isnan(table.column("x").to_pylist()[2])
     assert table.column("n").to_pylist() == ["0", "1", "2", "true"]  # widened, not read as 1
-    assert any("column n" in w for w in result.warnings)
+    assert len(result.warnings) == 1 and "column n " in result.warnings[0]
+
+    read.clear()  # a column PyMongoArrow does not cover: the batches are decoded, and read once only
+    export(tmp_path / "decoded.parquet", [[{**d, "doc": {"k": 1}} for d in docs[:2]], [{**docs[2], "doc": {"k": 2}}]])
+    assert read == []
 
 
 def test_a_later_value_that_does_not_fit_widens_the_column_to_text(tmp_path: Path) -> None:

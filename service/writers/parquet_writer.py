@@ -51,8 +51,8 @@ class ParquetWriter(Writer):
         if self.plan is None:
             return self.write_batch(decode())
         assert self.reader is not None
-        fast = self.reader.read(raw, self.plan)
-        if self.plan and len(fast) == len(self.plan):
+        fast = self.reader.read(raw, self.plan) if self.reader.covers(self.plan) else {}
+        if fast and len(fast) == len(self.plan):
             return self._append([fast[c.name] for c in self.plan], len(fast[self.plan[0].name]))
         return self._add(decode(), fast)
 
