@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +32,8 @@ from service.writers import parquet_arrow
 
 from conftest import make_settings, wait_status
 from expected import INF, NAN, OID, UUID, lookup
+from playwright.async_api import expect
+from test_browser import OUTPUT, browser, job_item, open_page, start_export  # noqa: F401 - browser is a fixture
 
 # One document with a value of every BSON type; the second batch repeats it with another _id, so the first
 # batch's path (decoded documents) and the later batches' path (PyMongoArrow where it reads the column)
@@ -343,3 +346,44 @@ async def test_bad_parquet_options_are_rejected_naming_the_field(client: Any, op
     assert resp.status == 400
     error = (await resp.json())["error"]
     assert error["field"] == field and error["code"] in ("invalid_option", "unknown_option") and error["message"]
+
+
+# --- the page -----------------------------------------------------------------------------------------------
+@pytest.mark.browser
+async def test_the_page_exports_parquet_with_its_options(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]], browser: Any
+) -> None:
+    settings = make_settings(mongo_url, tmp_path, "pymongo", collections=("tasks",))
+    client = await aiohttp_client(create_app(settings))
+    page, errors = await open_page(browser, str(client.make_url("/")), wait_live=False)
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
+    await expect(page.get_by_label("Collection", exact=True)).to_have_value("tasks")
+    options = page.get_by_role("group", name="Parquet options")
+    await expect(options).to_be_hidden()
+    await page.locator('label[for="format-parquet"]').click()
+    await expect(options).to_be_visible()
+    await expect(page.get_by_label("Compression", exact=True)).to_be_disabled()
+    await expect(page.get_by_label("Compression", exact=True)).to_have_value("none")
+    OUTPUT.mkdir(exist_ok=True)
+    await page.locator("#export-form").screenshot(path=str(OUTPUT / "parquet-options.png"), animations="disabled")
+
+    rows = page.get_by_label("Rows per row group")
+    await rows.fill("10")  # refused in the page, before any request
+    await page.get_by_role("button", name="Start export").click()
+    await expect(page.locator("#form-error")).to_contain_text("Rows per row group")
+    await expect(rows).to_be_focused()
+
+    await rows.fill("1000")
+    await page.get_by_label("Column compression").select_option("snappy")
+    job_id = await start_export(page, "parquet")
+    item = job_item(page, job_id)
+    await expect(item).to_have_attribute("data-status", "completed", timeout=60_000)
+    async with page.expect_download() as download_info:
+        await item.get_by_role("link", name=re.compile(r"^Download tasks-.*\.parquet")).click()
+    saved = tmp_path / "page.parquet"
+    await (await download_info.value).save_as(saved)
+    errors.check()
+    meta = pq.ParquetFile(saved).metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [1000] * (len(tasks) // 1000)
+    assert meta.row_group(0).column(0).compression == "SNAPPY"
+    assert sorted(pq.read_table(saved).column("seq").to_pylist()) == sorted(d["seq"] for d in tasks)
