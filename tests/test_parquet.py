@@ -207,6 +207,33 @@ def test_an_int_column_meeting_doubles_becomes_double_while_every_int_fits(tmp_p
     assert any("column n " in w and "as double" in w for w in result.warnings)
 
 
+def test_widened_columns_hold_what_a_csv_cell_holds_for_the_values_written_before(tmp_path: Path) -> None:
+    # (value, its CSV cell from the README's table), one column each; every column meets a string later
+    cases = {
+        "int": (Int64(-42), "-42"),
+        "double": (3.0, "3.0"),
+        "nan": (NAN, "NaN"),
+        "negzero": (-0.0, "-0.0"),
+        "bool": (True, "true"),
+        "date": (datetime(2024, 2, 29, 13, 45, 30, 123000, tzinfo=utc), "2024-02-29T13:45:30.123Z"),
+        "far_date": (DatetimeMS(253402300800000), "253402300800000"),
+        "oid": (OID, "65a1b2c3d4e5f60718293a4b"),
+        "bin": (b"\x00\xffhi", "AP9oaQ=="),
+        "tags": (["a", "b"], '["a","b"]'),
+        "floats": ([1.5, INF], '[1.5,{"$numberDouble":"Infinity"}]'),
+    }
+    first = [{"_id": 0, **{name: value for name, (value, _) in cases.items()}}]
+    first += [{"_id": i, **dict.fromkeys(cases)} for i in range(1, 1000)]  # nulls fit every type
+    path = tmp_path / "rendered.parquet"
+    result = export(path, [first, [{"_id": 1000, **dict.fromkeys(cases, "x")}]], row_group_size=1000)
+    table = pq.read_table(path)
+    row = table.slice(0, 1).to_pylist()[0]
+    assert {name: row[name] for name in cases} == {name: cell for name, (_, cell) in cases.items()}
+    assert table.slice(1000).to_pylist()[0] == {"_id": 1000, **dict.fromkeys(cases, "x")}
+    assert all(table.schema.field(name).type == pa.string() for name in cases)
+    assert len(result.warnings) == len(cases)
+
+
 def test_a_widened_column_before_any_row_group_is_written(tmp_path: Path) -> None:
     path = tmp_path / "pending.parquet"
     result = export(path, [[{"_id": 1, "v": True}], [{"_id": 2, "v": [1]}], [{"_id": 3, "v": False}]])

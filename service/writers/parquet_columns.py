@@ -16,7 +16,7 @@ The rules (the README's value table is the contract):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow as pa
@@ -29,6 +29,7 @@ from bson.objectid import ObjectId
 from .values import MISSING, NonFiniteDouble, float_text, iso_datetime, relaxed_json, resolve, scalar_text
 
 MAX_EXACT_INT = 2**53  # integers a double holds exactly
+EPOCH = datetime(1970, 1, 1)
 NONE = type(None)
 TEXT = "text"
 TYPE_KINDS: dict[type, str] = {
@@ -217,8 +218,8 @@ def as_text(kind: str, array: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def _render_datetime(ms: int) -> str:
     try:
-        return iso_datetime(DatetimeMS(ms).as_datetime())
-    except (OverflowError, ValueError):  # outside years 1-9999: milliseconds since the epoch, as in CSV
+        return iso_datetime(EPOCH + timedelta(milliseconds=ms))
+    except OverflowError:  # outside years 1-9999: milliseconds since the epoch, as in CSV
         return str(ms)
 
 
