@@ -24,6 +24,7 @@ CONTENT_TYPES = {
     "json": "application/json",
     "ndjson": "application/x-ndjson",
     "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    "parquet": "application/vnd.apache.parquet",
 }
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 500
 SAMPLE_SIZE = 100

@@ -169,6 +169,7 @@ def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, download
                 "escape_formulas": spec.csv.escape_formulas,
             },
             "json": {"mode": spec.json.mode, "envelope": spec.json.envelope},
+            "parquet": {"row_group_size": spec.parquet.row_group_size, "compression": spec.parquet.compression},
             "compress": spec.compress,
         },
         "processed": processed,

@@ -9,8 +9,6 @@ import io
 import logging
 import os
 import shutil
-import struct
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
@@ -21,7 +19,7 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 
 from .query import ExportSpec
 from .writers import Writer, make_writer, writer_class
-from .writers.values import discover_columns, mark_non_finite, paths_of
+from .writers.values import discover_columns, mark_non_finite, non_finite_suspects, paths_of
 
 log = logging.getLogger(__name__)
 # BSON datetimes are UTC. Decoding them naive (and treating naive as UTC everywhere in the writers)
@@ -30,7 +28,6 @@ DECODE_OPTIONS: CodecOptions = CodecOptions(tz_aware=False, datetime_conversion=
 # The plain conversion decodes faster; a batch holding a date outside years 1-9999 is decoded again with AUTO.
 FAST_DECODE_OPTIONS: CodecOptions = CodecOptions(tz_aware=False)
 MAX_WARNED_PATHS = 20
-_INT32 = struct.Struct("<i")
 
 
 @dataclass
@@ -75,14 +72,26 @@ class ExportPipeline:
         self.writer.write_header()
 
     def feed(self, raw: bytes) -> int:
-        """Decode one raw batch and write it; NaN and infinite doubles come out as NonFiniteDouble."""
-        try:
-            docs = decode_all(raw, FAST_DECODE_OPTIONS)
-        except InvalidBSON:
-            docs = decode_all(raw, DECODE_OPTIONS)
-        for index in non_finite_suspects(raw):
-            docs[index] = mark_non_finite(docs[index])
-        return self._write(docs)
+        """Write one raw batch: decoded, or as it is to a writer that reads raw batches itself."""
+        if self.writer is not None and self.writer.raw_input:
+            return self._write_raw(raw)
+        return self._write(decode_batch(raw))
+
+    def _write_raw(self, raw: bytes) -> int:
+        decoded: list[list[dict[str, Any]]] = []
+
+        def decode() -> list[dict[str, Any]]:
+            # At most once per batch, and only if the column check or the writer needs documents.
+            if not decoded:
+                decoded.append(decode_batch(raw))
+            return decoded[0]
+
+        if self.discovered is not None and len(self.missed) < MAX_WARNED_PATHS:
+            self._note_missed(decode())
+        assert self.writer is not None
+        written = self.writer.write_raw(raw, decode)
+        self.rows += written
+        return written
 
     def _write(self, docs: list[dict[str, Any]]) -> int:
         if self.writer is None:
@@ -143,6 +152,17 @@ class ExportPipeline:
             remove_partial(self.part_path)
 
 
+def decode_batch(raw: bytes) -> list[dict[str, Any]]:
+    """The documents of a raw batch; NaN and infinite doubles come out as NonFiniteDouble."""
+    try:
+        docs = decode_all(raw, FAST_DECODE_OPTIONS)
+    except InvalidBSON:
+        docs = decode_all(raw, DECODE_OPTIONS)
+    for index in non_finite_suspects(raw):
+        docs[index] = mark_non_finite(docs[index])
+    return docs
+
+
 def scratch_dir(part_path: Path) -> Path:
     """The directory for the writer's temporary files of an export (xlsxwriter keeps each sheet's rows in
     one until the workbook is closed): beside the partial file, on the export volume."""
@@ -161,27 +181,6 @@ def remove_file(path: Path) -> None:
         path.unlink(missing_ok=True)
     except (NotADirectoryError, PermissionError) as exc:
         log.warning("could not remove %s: %s", path, exc)
-
-
-def non_finite_suspects(raw: bytes) -> set[int]:
-    """Indexes of the documents in a raw BSON batch that may hold a NaN or infinite double: one whose last
-    two bytes (little-endian) are F0-FF then 7F or FF, right after a key's terminating zero, itself after
-    a non-zero byte (a key character or the type byte). Far cheaper than looking at every decoded value;
-    other data matches now and then, and such a document is only looked at more closely."""
-    ends = []
-    for last in (b"\x7f", b"\xff"):
-        pos = raw.find(last, 9)
-        while pos >= 0:
-            if raw[pos - 1] >= 0xF0 and raw[pos - 8] == 0 and raw[pos - 9] != 0:
-                ends.append(pos)
-            pos = raw.find(last, pos + 1)
-    if not ends:
-        return set()
-    starts, start = [], 0
-    while start < len(raw):
-        starts.append(start)
-        start += _INT32.unpack_from(raw, start)[0]
-    return {bisect_right(starts, pos) - 1 for pos in ends}
 
 
 def _covered(path: str, known: set[str]) -> bool:

@@ -13,17 +13,23 @@ import orjson
 from bson import json_util
 from bson.json_util import JSONOptions, JSONMode
 
-FORMATS = ("csv", "json", "ndjson", "xlsx")
-EXTENSIONS = {"csv": "csv", "json": "json", "ndjson": "ndjson", "xlsx": "xlsx"}
+FORMATS = ("csv", "json", "ndjson", "xlsx", "parquet")
+EXTENSIONS = {"csv": "csv", "json": "json", "ndjson": "ndjson", "xlsx": "xlsx", "parquet": "parquet"}
+# Formats that compress inside the file: gzip around them would only cost time.
+SELF_COMPRESSED = frozenset({"xlsx", "parquet"})
 FORBIDDEN_OPERATORS = frozenset({"$where", "$function", "$accumulator"})
 MAX_BODY_BYTES = 256 * 1024
 MAX_DEPTH = 32
 MAX_FIELDS = 1000
 MAX_SORT_KEYS = 32
 TOP_LEVEL_KEYS = frozenset({"collection", "format", "filter", "fields", "sort", "limit", "options", "filename"})
-OPTION_KEYS = frozenset({"csv", "json", "compress"})
+OPTION_KEYS = frozenset({"csv", "json", "parquet", "compress"})
 CSV_OPTION_KEYS = frozenset({"delimiter", "header", "bom", "escape_formulas"})
 JSON_OPTION_KEYS = frozenset({"mode", "envelope"})
+PARQUET_OPTION_KEYS = frozenset({"row_group_size", "compression"})
+PARQUET_COMPRESSIONS = ("zstd", "snappy", "gzip", "none")
+# A row group is what the writer holds in memory before writing it; 1,000 is one cursor batch.
+ROW_GROUP_MIN, ROW_GROUP_DEFAULT, ROW_GROUP_MAX = 1_000, 50_000, 1_000_000
 COMPRESSIONS = ("none", "gzip")
 WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))})
 _PATH_PART = re.compile(r"^[^$.\x00][^.\x00]*$")
@@ -54,6 +60,12 @@ class JsonOptions:
 
 
 @dataclass(frozen=True)
+class ParquetOptions:
+    row_group_size: int = ROW_GROUP_DEFAULT
+    compression: str = "zstd"
+
+
+@dataclass(frozen=True)
 class ExportSpec:
     collection: str
     format: str
@@ -64,6 +76,7 @@ class ExportSpec:
     csv: CsvOptions = field(default_factory=CsvOptions)
     json: JsonOptions = field(default_factory=JsonOptions)
     compress: str = "none"
+    parquet: ParquetOptions = field(default_factory=ParquetOptions)
     filename: str | None = None
 
     @property
@@ -102,6 +115,7 @@ class ExportSpec:
             csv=CsvOptions(**(doc.get("csv") or {})),
             json=JsonOptions(**(doc.get("json") or {})),
             compress=doc.get("compress", "none"),
+            parquet=ParquetOptions(**(doc.get("parquet") or {})),
             filename=doc.get("filename"),
         )
 
@@ -217,9 +231,26 @@ def _filename(value: Any) -> str | None:
     return value
 
 
-def _options(value: Any, fmt: str) -> tuple[CsvOptions, JsonOptions, str]:
+def _parquet_options(value: Any) -> ParquetOptions:
+    raw = _object(value, "options.parquet", PARQUET_OPTION_KEYS)
+    size = raw.get("row_group_size", ROW_GROUP_DEFAULT)
+    if isinstance(size, bool) or not isinstance(size, int) or not ROW_GROUP_MIN <= size <= ROW_GROUP_MAX:
+        raise ValidationError(
+            "options.parquet.row_group_size",
+            f"options.parquet.row_group_size must be an integer from {ROW_GROUP_MIN:,} to {ROW_GROUP_MAX:,} (rows)",
+            "invalid_option",
+        )
+    compression = raw.get("compression", "zstd")
+    if compression not in PARQUET_COMPRESSIONS:
+        raise ValidationError(
+            "options.parquet.compression", f"options.parquet.compression must be one of {', '.join(PARQUET_COMPRESSIONS)}", "invalid_option"
+        )
+    return ParquetOptions(row_group_size=size, compression=compression)
+
+
+def _options(value: Any, fmt: str) -> tuple[CsvOptions, JsonOptions, str, ParquetOptions]:
     if value is None:
-        return CsvOptions(), JsonOptions(), "none"
+        return CsvOptions(), JsonOptions(), "none", ParquetOptions()
     opts = _object(value, "options", OPTION_KEYS)
     csv_raw = _object(opts.get("csv", {}), "options.csv", CSV_OPTION_KEYS)
     json_raw = _object(opts.get("json", {}), "options.json", JSON_OPTION_KEYS)
@@ -239,9 +270,9 @@ def _options(value: Any, fmt: str) -> tuple[CsvOptions, JsonOptions, str]:
     compress = opts.get("compress", "none")
     if compress not in COMPRESSIONS:
         raise ValidationError("options.compress", "options.compress must be none or gzip", "invalid_option")
-    if compress == "gzip" and fmt == "xlsx":
-        raise ValidationError("options.compress", "xlsx files are already compressed; use compress none", "invalid_option")
-    return csv, json, compress
+    if compress == "gzip" and fmt in SELF_COMPRESSED:
+        raise ValidationError("options.compress", f"{fmt} files are already compressed; use compress none", "invalid_option")
+    return csv, json, compress, _parquet_options(opts.get("parquet", {}))
 
 
 def validate_collection_name(value: Any, jobs_collection: str, allowed: tuple[str, ...]) -> str:
@@ -262,7 +293,7 @@ def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_job
     fmt = body.get("format")
     if fmt not in FORMATS:
         raise ValidationError("format", f"format must be one of {', '.join(FORMATS)}", "invalid_format")
-    csv, json, compress = _options(body.get("options"), fmt)
+    csv, json, compress, parquet = _options(body.get("options"), fmt)
     return ExportSpec(
         collection=collection,
         format=fmt,
@@ -273,6 +304,7 @@ def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_job
         csv=csv,
         json=json,
         compress=compress,
+        parquet=parquet,
         filename=_filename(body.get("filename")),
     )
 

@@ -881,8 +881,11 @@ function readSort() {
 const FIELD_TARGETS = {
   collection: "#collection", format: "#format-csv", filter: "#filter", fields: "#field-add", sort: "#sort-list input",
   limit: "#limit", filename: "#filename", "options.csv.delimiter": "#csv-delimiter", "options.json.mode": "#json-mode",
-  "options.compress": "#compress",
+  "options.compress": "#compress", "options.parquet.compression": "#parquet-compression",
+  "options.parquet.row_group_size": "#parquet-row-group",
 };
+// Formats that compress their content themselves: gzip around them is not offered.
+const SELF_COMPRESSED = new Set(["xlsx", "parquet"]);
 
 function setFieldError(name, message, control) {
   const box = $(`#${name}-error`);
@@ -928,11 +931,12 @@ function onFormatChange() {
   $("#csv-options").hidden = format !== "csv";
   $("#json-options").hidden = format !== "json" && format !== "ndjson";
   $("#json-envelope-label").hidden = format !== "json";
+  $("#parquet-options").hidden = format !== "parquet";
   const compress = $("#compress");
-  const xlsx = format === "xlsx";
-  if (xlsx) compress.value = "none";
-  compress.disabled = xlsx;
-  $("#compress-hint").hidden = !xlsx;
+  const packed = SELF_COMPRESSED.has(format);
+  if (packed) compress.value = "none";
+  compress.disabled = packed;
+  $("#compress-hint").hidden = !packed;
 }
 
 function buildRequest() {
@@ -979,8 +983,14 @@ function buildRequest() {
     };
   } else if (format === "json" || format === "ndjson") {
     options.json = { mode: $("#json-mode").value, envelope: format === "json" && $("#json-envelope").checked };
+  } else if (format === "parquet") {
+    const rows = Number($("#parquet-row-group").value);
+    if (!Number.isInteger(rows) || rows < 1000 || rows > 1000000) {
+      return { error: "Rows per row group must be a whole number from 1,000 to 1,000,000.", field: "options.parquet.row_group_size" };
+    }
+    options.parquet = { compression: $("#parquet-compression").value, row_group_size: rows };
   }
-  options.compress = format === "xlsx" ? "none" : $("#compress").value;
+  options.compress = SELF_COMPRESSED.has(format) ? "none" : $("#compress").value;
   body.options = options;
 
   const filename = $("#filename").value.trim();

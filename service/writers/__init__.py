@@ -8,9 +8,12 @@ from ..query import ExportSpec
 from .base import Writer
 from .csv_writer import CsvWriter
 from .json_writer import JsonWriter, NdjsonWriter
+from .parquet_writer import ParquetWriter
 from .xlsx_writer import XlsxWriter
 
-WRITERS: dict[str, type[Writer]] = {"csv": CsvWriter, "json": JsonWriter, "ndjson": NdjsonWriter, "xlsx": XlsxWriter}
+WRITERS: dict[str, type[Writer]] = {
+    "csv": CsvWriter, "json": JsonWriter, "ndjson": NdjsonWriter, "xlsx": XlsxWriter, "parquet": ParquetWriter,
+}
 
 
 def writer_class(fmt: str) -> type[Writer]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 from ..query import ExportSpec
 
@@ -15,6 +15,9 @@ class Writer(ABC):
     """
 
     tabular = False
+    # True: after the first batch, the pipeline hands each batch over raw, through write_raw(), so a writer
+    # that reads BSON itself does not pay for decoding it into Python objects first.
+    raw_input = False
 
     def __init__(
         self,
@@ -37,6 +40,11 @@ class Writer(ABC):
     @abstractmethod
     def write_batch(self, docs: list[dict[str, Any]]) -> int:
         """Write docs; return how many rows were written."""
+
+    def write_raw(self, raw: bytes, decode: Callable[[], list[dict[str, Any]]]) -> int:
+        """Write one raw BSON batch; decode() gives its documents (decoded once, however often it is called).
+        Only called when raw_input is True, never for the first batch."""
+        return self.write_batch(decode())
 
     @abstractmethod
     def write_footer(self) -> None: ...

@@ -5,7 +5,9 @@ The table in DESIGN.md ("Value rendering") is the contract; each function below 
 from __future__ import annotations
 
 import base64
+import struct
 import uuid
+from bisect import bisect_right
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -44,6 +46,7 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 XLSX_MAX_CELL = 32_767
 RELAXED_OPTIONS = JSONOptions(json_mode=JSONMode.RELAXED, tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
 CANONICAL_OPTIONS = JSONOptions(json_mode=JSONMode.CANONICAL, tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
+_INT32 = struct.Struct("<i")
 _FIRST_ISO_YEAR = 1970  # relaxed EJSON spells dates as ISO text from 1970 to 9999, as $numberLong outside
 
 
@@ -225,6 +228,27 @@ def csv_cell(value: Any, escape_formulas: bool) -> str:
     if escape_formulas and isinstance(value, str) and text.startswith(FORMULA_PREFIXES):
         return "'" + text
     return text
+
+
+def non_finite_suspects(raw: bytes) -> set[int]:
+    """Indexes of the documents in a raw BSON batch that may hold a NaN or infinite double: one whose last
+    two bytes (little-endian) are F0-FF then 7F or FF, right after a key's terminating zero, itself after
+    a non-zero byte (a key character or the type byte). Far cheaper than looking at every decoded value;
+    other data matches now and then, and such a document is only looked at more closely."""
+    ends = []
+    for last in (b"\x7f", b"\xff"):
+        pos = raw.find(last, 9)
+        while pos >= 0:
+            if raw[pos - 1] >= 0xF0 and raw[pos - 8] == 0 and raw[pos - 9] != 0:
+                ends.append(pos)
+            pos = raw.find(last, pos + 1)
+    if not ends:
+        return set()
+    starts, start = [], 0
+    while start < len(raw):
+        starts.append(start)
+        start += _INT32.unpack_from(raw, start)[0]
+    return {bisect_right(starts, pos) - 1 for pos in ends}
 
 
 # --- Extended JSON ---------------------------------------------------------------------------------
