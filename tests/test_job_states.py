@@ -1,0 +1,161 @@
+"""One guarded state machine: a cancel that races any transition wins and leaves no file, a give-up never
+overwrites a cancel, leases alone decide who runs a job, and no export file outlives its job."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from service import manager as manager_module
+from service import runner as runner_module
+from service.app import create_app
+from service.db import DatabaseUnavailable
+from service.jobs import JobStatus, new_job_doc, now_ms
+from service.query import validate_request
+from service.settings import MANAGER_KEY
+
+from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, wait_status
+
+SPEC = {"collection": "tasks", "format": "csv", "fields": ["seq", "title"], "sort": {"seq": 1}}
+
+
+def foreign_cancel(mongo_url: str, jobs_collection: str, job_id: str) -> None:
+    """What a DELETE on another instance does to a job that runs here: the document says cancelled."""
+    with MongoClient(mongo_url) as client:
+        client[DATA_DB][jobs_collection].update_one({"_id": job_id}, {"$set": {"status": "cancelled", "owner": None, "finished_at": now_ms()}})
+
+
+@pytest.mark.parametrize("racing", [JobStatus.PROCESSING, JobStatus.FINALIZING, JobStatus.COMPLETED])
+async def test_a_cancel_that_races_a_transition_wins_and_leaves_no_file(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, racing: JobStatus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(mongo_url, tmp_path)
+    real = runner_module.transition
+
+    async def cancelled_first(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        if to == racing:
+            await asyncio.to_thread(foreign_cancel, mongo_url, settings.jobs_collection, kwargs["job_id"])
+        return await real(db, expected, to, **kwargs)
+
+    monkeypatch.setattr(runner_module, "transition", cancelled_first)
+    api = await aiohttp_client(create_app(settings))
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    job = await (await api.post("/api/exports", json=SPEC)).json()
+    sio = await subscribe(api, job["id"], seen)
+    try:
+        final = await wait_status(api, job["id"])
+        for _ in range(100):
+            if any(name == "export-cancelled" for _, name, _ in seen):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await sio.disconnect()
+    assert final["status"] == "cancelled" and final["download_url"] is None, final
+    names = [name for _, name, _ in seen]
+    assert "export-cancelled" in names and "export-completed" not in names, names
+    assert export_files(settings.export_dir) == []  # neither the partial file nor a renamed one
+
+
+async def insert_queued(mongo_url: str, jobs_collection: str, attempts: int) -> str:
+    doc = new_job_doc(validate_request(SPEC), "anonymous", "t.csv", order=1)
+    doc["attempts"] = attempts
+    with MongoClient(mongo_url) as client:
+        client[DATA_DB][jobs_collection].insert_one(doc)
+    return doc["_id"]
+
+
+async def test_a_job_interrupted_too_often_is_failed_and_a_cancel_first_stays_a_cancel(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(mongo_url, tmp_path)
+    given_up = await insert_queued(mongo_url, settings.jobs_collection, attempts=manager_module.MAX_ATTEMPTS)
+    api = await aiohttp_client(create_app(settings))
+    final = await wait_status(api, given_up)
+    assert final["status"] == "failed" and final["error"]["code"] == "too_many_attempts", final
+    await api.close()
+
+    # The same, but a user's cancel lands between the claim and the give-up.
+    settings = make_settings(mongo_url, tmp_path / "second")
+    cancelled = await insert_queued(mongo_url, settings.jobs_collection, attempts=manager_module.MAX_ATTEMPTS)
+    real = manager_module.transition
+
+    async def cancelled_first(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        if to == JobStatus.FAILED:
+            await asyncio.to_thread(foreign_cancel, mongo_url, settings.jobs_collection, kwargs["job_id"])
+        return await real(db, expected, to, **kwargs)
+
+    monkeypatch.setattr(manager_module, "transition", cancelled_first)
+    api = await aiohttp_client(create_app(settings))
+    final = await wait_status(api, cancelled)
+    await asyncio.sleep(0.5)  # a give-up that overwrote the cancel would have done so by now
+    final = await (await api.get(f"/api/exports/{cancelled}")).json()
+    assert final["status"] == "cancelled" and final["error"] is None, final
+
+
+async def test_a_job_whose_completion_cannot_be_recorded_leaves_no_file(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = runner_module.transition
+
+    async def completion_lost(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        if to == JobStatus.COMPLETED:
+            raise DatabaseUnavailable("database unavailable: the reply to the final update was lost")
+        return await real(db, expected, to, **kwargs)
+
+    monkeypatch.setattr(runner_module, "transition", completion_lost)
+    settings = make_settings(mongo_url, tmp_path)
+    api = await aiohttp_client(create_app(settings))
+    job = await (await api.post("/api/exports", json=SPEC)).json()
+    final = await wait_status(api, job["id"])
+    assert final["status"] == "failed" and final["error"]["code"] == "database_unavailable", final
+    assert export_files(settings.export_dir) == []  # the renamed file went with the job
+
+
+async def test_start_up_and_the_sweeper_remove_files_no_completed_job_names(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    settings = make_settings(mongo_url, tmp_path)
+    export_dir = Path(settings.export_dir)
+    export_dir.mkdir(parents=True)
+    with MongoClient(mongo_url) as client:
+        jobs = client[DATA_DB][settings.jobs_collection]
+        for status in ("completed", "failed", "cancelled", "expired"):
+            doc = new_job_doc(validate_request(SPEC), "anonymous", "x.csv", order=1)
+            jobs.insert_one({**doc, "status": status, "expires_at": now_ms() + 3_600_000})
+            (export_dir / f"{doc['_id']}.csv").write_bytes(status.encode())
+        kept = next(p.name for p in export_dir.iterdir() if p.read_bytes() == b"completed")
+    (export_dir / ("f" * 24 + ".csv")).write_bytes(b"no job at all")
+    (export_dir / "notes.txt").write_bytes(b"not an export: left alone")
+    api = await aiohttp_client(create_app(settings))
+    assert export_files(export_dir) == sorted([kept, "notes.txt"])
+    (export_dir / ("e" * 24 + ".csv.gz")).write_bytes(b"left by an instance that died after a DELETE")
+    await api.server.app[MANAGER_KEY].sweep()
+    assert export_files(export_dir) == sorted([kept, "notes.txt"])
+
+
+async def test_without_redis_a_restarting_instance_never_takes_a_job_another_one_runs(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: Any
+) -> None:
+    shared = dict(export_dir=tmp_path / "shared", batch_size=50, lease_seconds=2.0, max_concurrent=1)
+    first = make_settings(mongo_url, tmp_path, **shared)
+    owner = await aiohttp_client(create_app(first))
+    owner_id = owner.server.app[MANAGER_KEY].instance_id
+    job = await (await owner.post("/api/exports", json={**SPEC, "collection": "tasks_big"})).json()
+    assert (await wait_status(owner, job["id"], ("processing",) + END_STATES))["status"] == "processing"
+    # Another instance on the same jobs, no Redis: started, stopped and started again while the job runs.
+    other_settings = make_settings(mongo_url, tmp_path, jobs_collection=first.jobs_collection, **shared)
+    for _ in range(2):
+        other = await aiohttp_client(create_app(other_settings))
+        assert other.server.app[MANAGER_KEY].instance_id != owner_id
+        await asyncio.sleep(3)  # longer than the lease: the owner renews it, the other must leave the job alone
+        mid = await (await other.get(f"/api/exports/{job['id']}")).json()
+        if mid["status"] == "completed":
+            break
+        assert mid["status"] == "processing", mid
+        await other.close()
+    final = await wait_status(owner, job["id"], timeout=120)
+    assert final["status"] == "completed" and final["processed"] == len(big_tasks), final
+    with MongoClient(mongo_url) as client:
+        doc = client[DATA_DB][first.jobs_collection].find_one({"_id": job["id"]})
+    assert doc["instance"] == owner_id and doc["attempts"] == 1, doc  # finished once, by its owner
