@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -44,6 +45,7 @@ class Settings:
     sweep_interval_seconds: float = 60.0
     xlsx_max_rows_per_sheet: int = 1_048_575
     seed_demo_rows: int = 0  # rows to generate into "tasks" at start-up when it is empty
+    allowed_origins: tuple[str, ...] = ()  # Socket.IO origins besides the page's own; "*" for any
 
     @property
     def open_mode(self) -> bool:
@@ -86,6 +88,17 @@ def _tokens(raw: str) -> dict[str, str]:
     return tokens
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """Comma-separated origins as browsers send them (scheme://host[:port], no path), or "*"."""
+    origins = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        parts = urlsplit(item)
+        if item != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment):
+            raise SettingsError(f"EXPORT_ALLOWED_ORIGINS must list origins like https://app.example.com:8443, got {item!r}")
+        origins.append(item.lower() if item == "*" else f"{parts.scheme}://{parts.netloc.lower()}")
+    return tuple(origins)
+
+
 def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build settings from the environment; raises SettingsError with a one-line message."""
     env = os.environ if env is None else env
@@ -112,6 +125,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) ->
         sweep_interval_seconds=_float(env, "EXPORT_SWEEP_INTERVAL_SECONDS", 60.0),
         xlsx_max_rows_per_sheet=_int(env, "EXPORT_XLSX_MAX_ROWS", 1_048_575, minimum=1),
         seed_demo_rows=_int(env, "EXPORT_SEED_DEMO_ROWS", 0),
+        allowed_origins=_origins(env.get("EXPORT_ALLOWED_ORIGINS", "")),
     )
     if values["port"] > 65535:
         raise SettingsError(f"EXPORT_PORT must be at most 65535, got {values['port']}")
