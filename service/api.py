@@ -11,12 +11,12 @@ from urllib.parse import quote
 import orjson
 from aiohttp import web
 
+from . import catalog
 from .db import DatabaseError, DatabaseUnavailable
 from .jobs import JobStatus
 from .manager import JobConflict, JobNotFound, TooManyJobs
-from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, validate_collection_name, validate_request
+from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, validate_request
 from .settings import DB_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY
-from .writers.values import discover_columns
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -28,7 +28,6 @@ CONTENT_TYPES = {
     "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
 }
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 500
-SAMPLE_SIZE = 100
 HEALTH_TIMEOUT = 2.0
 
 
@@ -206,16 +205,8 @@ async def download_export(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/collections")
 async def list_collections(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
-    db = request.app[DB_KEY]
-    result = []
-    for name in await db.collection_names():
-        try:
-            validate_collection_name(name, settings.jobs_collection, settings.collections)
-        except ValidationError:
-            continue
-        sample = await db.sample(name, SAMPLE_SIZE)
-        result.append({"name": name, "estimated_count": await db.estimated_count(name), "fields": discover_columns(sample)})
-    return json_response({"collections": result})
+    collections = await catalog.list_collections(request.app[DB_KEY], settings.jobs_collection, settings.collections)
+    return json_response({"collections": collections})
 
 
 @routes.get("/healthz")
