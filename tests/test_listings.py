@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import orjson
 import pytest
 from mongomock_motor import AsyncMongoMockClient
 
@@ -18,7 +19,7 @@ from service.app import create_app
 from service.db import Database
 from service.settings import MANAGER_KEY, settings_from_env
 
-from conftest import make_settings, replace_collection, wait_status
+from conftest import DATA_DB, make_settings, replace_collection, wait_status
 from wire_proxy import WireProxy
 
 ALICE = {"Authorization": "Bearer tok-alice"}
@@ -143,6 +144,15 @@ async def test_collections_have_estimated_counts_and_the_paths_of_a_sample(
     assert listed["tasks"]["estimated_count"] == len(tasks)
     assert common <= set(listed["tasks"]["fields"]) <= set(seen)
     assert {"assignee.name", "assignee.email", "items", "title"} <= common
+
+    # The server sends back paths, never values (the 5,000-character text stays where it is).
+    db = Database.connect(mongo_url, DATA_DB, driver)
+    try:
+        rows = await db.aggregate(shapes, catalog.sample_pipeline())
+    finally:
+        await db.close()
+    assert len(rows) == 40 and all(list(row) == ["paths"] for row in rows)
+    assert max(len(orjson.dumps(row)) for row in rows) < 200
 
     # A level keeps its first 200 keys, and the listing says the fields were cut.
     assert listed[wide]["estimated_count"] == 1
