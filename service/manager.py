@@ -145,9 +145,9 @@ class JobManager:
             base = base[: -len(bare)] or base
         return base + "." + spec.extension
 
-    async def snapshot_of(self, doc: dict[str, Any]) -> dict[str, Any]:
-        position = None
-        if doc["status"] == JobStatus.QUEUED.value:
+    async def snapshot_of(self, doc: dict[str, Any], position: int | None = None) -> dict[str, Any]:
+        """The job's snapshot; a queued job's position is counted unless given (a listing finds them all at once)."""
+        if position is None and doc["status"] == JobStatus.QUEUED.value:
             position = 1 + await self.db.count_jobs({"status": JobStatus.QUEUED.value, "order": {"$lt": doc["order"]}})
         return snapshot(doc, position)
 
@@ -172,7 +172,7 @@ class JobManager:
             query["status"] = status
         docs = await self.db.find_jobs(query, limit=limit)
         positions = await self._queue_positions(docs)
-        return [snapshot(doc, positions.get(doc["_id"])) for doc in docs]
+        return [await self.snapshot_of(doc, positions.get(doc["_id"])) for doc in docs]
 
     async def _queue_positions(self, docs: list[dict[str, Any]]) -> dict[str, int]:
         """The queue positions of the queued jobs among docs, from one query for the orders of all the jobs
