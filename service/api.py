@@ -70,7 +70,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await _domain_errors(request, handler)
     except web.HTTPException:
         raise
-    except Exception:  # noqa: BLE001 - the last resort: logged with its traceback, answered as JSON
+    except Exception:  # the last resort: logged with its traceback, answered as JSON
         request_id = request_id_of(request)
         log.exception("unexpected error on %s %s (request %s)", request.method, request.path, request_id)
         body = {"error": {"code": "internal_error", "message": f"internal error; request id {request_id}", "field": None, "request_id": request_id}}
