@@ -4,8 +4,9 @@ up the listing.
 
 The server samples ($sample) and sends back only the paths of the sampled documents, never their values:
 a $project turns each document into the list of its paths (a subdocument's into a nested list), down to
-MAX_DEPTH levels and MAX_KEYS keys a level. A server that cannot run that pipeline gets a plain find of the
-first documents instead, and the same limits are applied here.
+MAX_DEPTH levels and MAX_KEYS keys a level. The embedded server, which would run that $project over the
+whole collection, sends the sampled documents instead; a server that cannot run the pipeline gets a plain
+find of the first documents. Either way the same limits are applied here.
 """
 from __future__ import annotations
 
@@ -86,16 +87,19 @@ def merge_paths(shapes: Iterable[list[Any]]) -> Sample:
     return Sample(fields[:MAX_FIELDS], truncated or len(fields) > MAX_FIELDS)
 
 
-async def sample_fields(db: Database, name: str, size: int = SAMPLE_SIZE) -> Sample:
+async def sample_fields(db: Database, name: str, size: int = SAMPLE_SIZE, paths_on_server: bool = True) -> Sample:
+    """The paths in a random sample of the collection: found by the server (paths_on_server), or here from
+    the sampled documents; from the first documents where the server has no $sample."""
     try:
-        rows = await db.aggregate(name, sample_pipeline(size), SERVER_TIME_MS)
-        return merge_paths(row.get("paths", []) for row in rows)
+        if paths_on_server:
+            rows = await db.aggregate(name, sample_pipeline(size), SERVER_TIME_MS)
+            return merge_paths(row.get("paths", []) for row in rows)
+        docs = await db.aggregate(name, [{"$sample": {"size": size}}], SERVER_TIME_MS)
     except QueryTimeout:
         raise
     except DatabaseError:
-        # A server without $sample or these expressions: the first documents, with the same limits here.
         docs = await db.sample(name, size, SERVER_TIME_MS)
-        return merge_paths(document_paths(doc) for doc in docs)
+    return merge_paths(document_paths(doc) for doc in docs)
 
 
 async def _within(deadline: float, work: Any) -> Any:
@@ -110,10 +114,11 @@ async def _within(deadline: float, work: Any) -> Any:
         return None
 
 
-async def describe(db: Database, name: str, deadline: float, gate: asyncio.Semaphore) -> dict[str, Any]:
+async def describe(db: Database, name: str, deadline: float, gate: asyncio.Semaphore, paths_on_server: bool) -> dict[str, Any]:
     async with gate:
         count, sample = await asyncio.gather(
-            _within(deadline, db.estimated_count(name, SERVER_TIME_MS)), _within(deadline, sample_fields(db, name))
+            _within(deadline, db.estimated_count(name, SERVER_TIME_MS)),
+            _within(deadline, sample_fields(db, name, paths_on_server=paths_on_server)),
         )
     if sample is None:
         sample = Sample([], timed_out=True)
@@ -126,7 +131,9 @@ async def describe(db: Database, name: str, deadline: float, gate: asyncio.Semap
     }
 
 
-async def list_collections(db: Database, jobs_collection: str, allowed: Sequence[str]) -> list[dict[str, Any]]:
+async def list_collections(db: Database, jobs_collection: str, allowed: Sequence[str], paths_on_server: bool = True) -> list[dict[str, Any]]:
+    """Every exportable collection described. paths_on_server=False samples whole documents, for a server that
+    evaluates the paths $project slowly (the embedded one runs it over the whole collection, past maxTimeMS)."""
     names = []
     for name in await db.collection_names():
         try:
@@ -136,4 +143,4 @@ async def list_collections(db: Database, jobs_collection: str, allowed: Sequence
         names.append(name)
     deadline = time.monotonic() + LISTING_SECONDS
     gate = asyncio.Semaphore(CONCURRENCY)
-    return list(await asyncio.gather(*(describe(db, name, deadline, gate) for name in names)))
+    return list(await asyncio.gather(*(describe(db, name, deadline, gate, paths_on_server) for name in names)))

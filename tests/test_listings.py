@@ -183,6 +183,22 @@ async def test_a_collection_that_does_not_answer_does_not_hold_up_the_listing(
     assert set(again[shapes]["fields"]) == SHAPE_FIELDS and again[shapes]["estimated_count"] == 40
 
 
+async def test_sampled_documents_give_the_same_paths_as_the_paths_pipeline(
+    mongo_url: str, driver: str, catalog_collections: tuple[str, str]
+) -> None:
+    """What the service does with the embedded server it starts itself: $sample of whole documents, the paths
+    found here within the same limits."""
+    shapes, wide = catalog_collections
+    db = Database.connect(mongo_url, DATA_DB, driver)
+    try:
+        listed = {c["name"]: c for c in await catalog.list_collections(db, "export_jobs", (shapes, wide), paths_on_server=False)}
+    finally:
+        await db.close()
+    assert set(listed[shapes]["fields"]) == SHAPE_FIELDS and len(listed[shapes]["fields"]) == len(SHAPE_FIELDS)
+    assert listed[shapes]["estimated_count"] == 40 and listed[shapes]["fields_truncated"] is False
+    assert listed[wide]["fields"] == ["_id"] + [f"k{n:03}" for n in range(199)] and listed[wide]["fields_truncated"] is True
+
+
 class MockDatabase(Database):
     def collection(self, name: str) -> Any:
         return self.db[name]  # mongomock takes no codec options with a time zone: these documents hold no dates
