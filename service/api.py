@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote
 
 import orjson
 from aiohttp import web
 
+from . import catalog
 from .db import DatabaseError, DatabaseUnavailable
 from .jobs import JobStatus
 from .manager import JobConflict, JobNotFound, TooManyJobs
-from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, validate_collection_name, validate_request
-from .settings import DB_KEY, HEALTH_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, bearer_token
+from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, validate_request
+from .settings import DB_KEY, EMBEDDED_KEY, HEALTH_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, bearer_token
 from .signing import SignatureError
-from .writers.values import discover_columns
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -27,7 +29,11 @@ CONTENT_TYPES = {
     "parquet": "application/vnd.apache.parquet",
 }
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 500
-SAMPLE_SIZE = 100
+
+
+class UnsupportedMediaType(ValidationError):
+    """Answered 415: a body that is not declared JSON. Browsers send a cross-site form or text/plain POST
+    without asking first (no CORS preflight); they never send application/json that way."""
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -39,12 +45,44 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+# An id a load balancer or proxy already gave the request is kept when it is this plain (it goes into logs).
+_FORWARDED_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(request: web.Request) -> str:
+    """The request's id: the one it came with (X-Request-Id) when plain, else a new one; set once."""
+    if REQUEST_ID_KEY not in request:
+        given = request.headers.get("X-Request-Id", "")
+        request[REQUEST_ID_KEY] = given if _FORWARDED_ID.fullmatch(given) else secrets.token_hex(8)
+    return request[REQUEST_ID_KEY]
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer, error or not, names its request."""
+    response.headers["X-Request-Id"] = request_id_of(request)
 
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id_of(request)
+    try:
+        return await _domain_errors(request, handler)
+    except web.HTTPException:
+        raise
+    except Exception:  # the last resort: logged with its traceback, answered as JSON
+        request_id = request_id_of(request)
+        log.exception("unexpected error on %s %s (request %s)", request.method, request.path, request_id)
+        body = {"error": {"code": "internal_error", "message": f"internal error; request id {request_id}", "field": None, "request_id": request_id}}
+        return json_response(body, 500)
+
+
+async def _domain_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain errors as JSON error responses; anything else goes on to errors_middleware."""
     try:
         return await handler(request)
+    except UnsupportedMediaType as exc:
+        return error_response(415, exc.code, exc.message, exc.field)
     except ValidationError as exc:
         return error_response(400, exc.code, exc.message, exc.field)
     except JobNotFound as exc:
@@ -59,7 +97,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except DatabaseUnavailable as exc:
         return error_response(503, exc.code, str(exc), None, {"Retry-After": "5"})
     except DatabaseError as exc:
-        log.warning("database error on %s %s: %s", request.method, request.path, exc)
+        log.warning("database error on %s %s (request %s): %s", request.method, request.path, request_id_of(request), exc)
         return error_response(500, exc.code, str(exc))
     except web.HTTPException as exc:
         if request.path.startswith("/api/") and exc.status >= 400:
@@ -102,6 +140,9 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
 @routes.post("/api/exports")
 async def create_export(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
+    if request.content_type != "application/json":
+        given = request.headers.get("Content-Type") or "none"
+        raise UnsupportedMediaType("Content-Type", f"the body must be sent as application/json, not {given}", "unsupported_media_type")
     body = parse_body(await read_limited(request, MAX_BODY_BYTES + 1))
     spec = validate_request(body, settings.jobs_collection, settings.collections)
     if spec.collection not in await request.app[DB_KEY].collection_names():
@@ -172,16 +213,10 @@ async def download_export(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/collections")
 async def list_collections(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
-    db = request.app[DB_KEY]
-    result = []
-    for name in await db.collection_names():
-        try:
-            validate_collection_name(name, settings.jobs_collection, settings.collections)
-        except ValidationError:
-            continue
-        sample = await db.sample(name, SAMPLE_SIZE)
-        result.append({"name": name, "estimated_count": await db.estimated_count(name), "fields": discover_columns(sample)})
-    return json_response({"collections": result})
+    # The embedded server this service started itself runs the paths $project over the whole collection.
+    paths_on_server = request.app.get(EMBEDDED_KEY) is None
+    collections = await catalog.list_collections(request.app[DB_KEY], settings.jobs_collection, settings.collections, paths_on_server)
+    return json_response({"collections": collections})
 
 
 def _probe(ok: bool, body: dict[str, Any], request: web.Request) -> web.Response:

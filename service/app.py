@@ -119,5 +119,6 @@ def create_app(settings: Settings, source: BatchSource | None = None) -> web.App
     app.router.add_get("/", index)
     app.router.add_static("/static", STATIC_DIR, show_index=False, follow_symlinks=False, append_version=False)
     app.on_response_prepare.append(_revalidate_static)
+    app.on_response_prepare.append(api.add_request_id)
     app.cleanup_ctx.extend([_export_dir_ctx, _database_ctx, _manager_ctx])
     return app

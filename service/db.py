@@ -168,13 +168,23 @@ class Database:
         async with driver_errors():
             return sorted(await self.db.list_collection_names())
 
-    async def estimated_count(self, name: str) -> int:
+    async def estimated_count(self, name: str, max_time_ms: int = 0) -> int:
+        options = {"maxTimeMS": max_time_ms} if max_time_ms else {}
         async with driver_errors():
-            return int(await self.collection(name).estimated_document_count())
+            return int(await self.collection(name).estimated_document_count(**options))
 
-    async def sample(self, name: str, size: int = 100) -> list[dict[str, Any]]:
+    async def sample(self, name: str, size: int = 100, max_time_ms: int = 0) -> list[dict[str, Any]]:
+        """The first size documents in natural order."""
+        options = {"max_time_ms": max_time_ms} if max_time_ms else {}
         async with driver_errors():
-            cursor = self.collection(name).find({}, batch_size=size).limit(size)
+            cursor = self.collection(name).find({}, batch_size=size, **options).limit(size)
+            return [doc async for doc in cursor]
+
+    async def aggregate(self, name: str, pipeline: Sequence[Mapping[str, Any]], max_time_ms: int = 0) -> list[dict[str, Any]]:
+        """Every document a (small-result) pipeline leaves, in one list."""
+        options = {"maxTimeMS": max_time_ms} if max_time_ms else {}
+        async with driver_errors():
+            cursor = await _resolve(self.collection(name).aggregate([dict(stage) for stage in pipeline], **options))
             return [doc async for doc in cursor]
 
     async def count(self, spec: FindSpec) -> int:
@@ -227,8 +237,14 @@ class Database:
         async with driver_errors():
             cursor = self.jobs.find(dict(query)).sort(list(sort))
             if limit:
-                cursor = cursor.limit(limit)
+                cursor = cursor.limit(limit).batch_size(limit)  # one round trip for a listing, however long
             return [doc async for doc in cursor]
+
+    async def job_orders(self, query: Mapping[str, Any]) -> list[int]:
+        """The queue order of every job matching query, ascending, in one round trip for any likely queue."""
+        async with driver_errors():
+            cursor = self.jobs.find(dict(query), {"order": 1, "_id": 0}, batch_size=100_000).sort([("order", ASCENDING)])
+            return [doc["order"] async for doc in cursor]
 
     async def count_jobs(self, query: Mapping[str, Any]) -> int:
         return await _aggregate_count(self.jobs, [{"$match": dict(query)}])

@@ -20,6 +20,36 @@ def room(job_id: str) -> str:
     return f"export:{job_id}"
 
 
+OriginCheck = Callable[[str, Mapping[str, Any]], bool]
+
+
+def same_origins(environ: Mapping[str, Any]) -> set[str]:
+    """The page's own origin as the request names it, directly and through a proxy's X-Forwarded-* headers
+    (what python-engineio allows when no origins are configured)."""
+    scheme, host = environ.get("wsgi.url_scheme", "http"), environ.get("HTTP_HOST")
+    if not host:
+        return set()
+    forwarded_scheme = environ.get("HTTP_X_FORWARDED_PROTO", scheme).split(",")[0].strip()
+    forwarded_host = environ.get("HTTP_X_FORWARDED_HOST", host).split(",")[0].strip()
+    return {f"{scheme}://{host}".lower(), f"{forwarded_scheme}://{forwarded_host}".lower()}
+
+
+def cors_allowed_origins(configured: tuple[str, ...]) -> OriginCheck | str | None:
+    """python-engineio's cors_allowed_origins: None lets only the same origin connect ([] would turn the
+    check off altogether); configured origins are allowed besides it, "*" allows any."""
+    if not configured:
+        return None
+    if "*" in configured:
+        return "*"
+    allowed = frozenset(configured)
+
+    def check(origin: str, environ: Mapping[str, Any]) -> bool:
+        origin = (origin or "").lower()
+        return origin in allowed or origin in same_origins(environ)
+
+    return check
+
+
 class EventHub:
     """Owns the Socket.IO server of one application."""
 
@@ -29,7 +59,11 @@ class EventHub:
             manager = socketio.AsyncRedisManager(settings.redis_url)
         self.settings = settings
         self.sio = socketio.AsyncServer(
-            async_mode="aiohttp", cors_allowed_origins="*", client_manager=manager, logger=False, engineio_logger=False
+            async_mode="aiohttp",
+            cors_allowed_origins=cors_allowed_origins(settings.allowed_origins),
+            client_manager=manager,
+            logger=False,
+            engineio_logger=False,
         )
         self.lookup: SnapshotLookup | None = None
         self.sio.on("connect", self._connect)

@@ -11,6 +11,7 @@ import logging
 import re
 import secrets
 import time
+from bisect import bisect_left
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -189,9 +190,9 @@ class JobManager:
             base = base[: -len(bare)] or base
         return base + "." + spec.extension
 
-    async def snapshot_of(self, doc: dict[str, Any]) -> dict[str, Any]:
-        position = None
-        if doc["status"] == JobStatus.QUEUED.value:
+    async def snapshot_of(self, doc: dict[str, Any], position: int | None = None) -> dict[str, Any]:
+        """The job's snapshot; a queued job's position is counted unless given (a listing finds them all at once)."""
+        if position is None and doc["status"] == JobStatus.QUEUED.value:
             position = 1 + await self.db.count_jobs({"status": JobStatus.QUEUED.value, "order": {"$lt": doc["order"]}})
         return self.snapshot(doc, position)
 
@@ -227,7 +228,18 @@ class JobManager:
         if status:
             query["status"] = status
         docs = await self.db.find_jobs(query, limit=limit)
-        return [await self.snapshot_of(doc) for doc in docs]
+        positions = await self._queue_positions(docs)
+        return [await self.snapshot_of(doc, positions.get(doc["_id"])) for doc in docs]
+
+    async def _queue_positions(self, docs: list[dict[str, Any]]) -> dict[str, int]:
+        """The queue positions of the queued jobs among docs, from one query for the orders of all the jobs
+        queued up to the last of them (every user's: they share one queue), whatever the number of docs."""
+        queued = [doc for doc in docs if doc["status"] == JobStatus.QUEUED.value]
+        if not queued:
+            return {}
+        last = max(doc["order"] for doc in queued)
+        orders = await self.db.job_orders({"status": JobStatus.QUEUED.value, "order": {"$lte": last}})
+        return {doc["_id"]: 1 + bisect_left(orders, doc["order"]) for doc in queued}
 
     def path_of(self, doc: dict[str, Any]) -> Path:
         return final_path(self.settings.export_dir, doc["_id"], ExportSpec.from_doc(doc["spec"]))

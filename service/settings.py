@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -50,6 +51,7 @@ class Settings:
     job_timeout_seconds: int = 43_200  # a job's wall-clock limit (0: none)
     secret_key: str | None = None  # signs download links; None: a key generated under export_dir
     download_url_seconds: int = 300  # how long a signed download link works
+    allowed_origins: tuple[str, ...] = ()  # Socket.IO origins besides the page's own; "*" for any
 
     @property
     def open_mode(self) -> bool:
@@ -98,6 +100,17 @@ def bearer_token(header: str) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """Comma-separated origins as browsers send them (scheme://host[:port], no path), or "*"."""
+    origins = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        parts = urlsplit(item)
+        if item != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment):
+            raise SettingsError(f"EXPORT_ALLOWED_ORIGINS must list origins like https://app.example.com:8443, got {item!r}")
+        origins.append(item.lower() if item == "*" else f"{parts.scheme}://{parts.netloc.lower()}")
+    return tuple(origins)
+
+
 def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build settings from the environment; raises SettingsError with a one-line message."""
     env = os.environ if env is None else env
@@ -129,6 +142,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) ->
         job_timeout_seconds=_int(env, "EXPORT_JOB_TIMEOUT_SECONDS", 43_200),
         secret_key=env.get("EXPORT_SECRET_KEY") or None,
         download_url_seconds=_int(env, "EXPORT_DOWNLOAD_URL_SECONDS", 300, minimum=1),
+        allowed_origins=_origins(env.get("EXPORT_ALLOWED_ORIGINS", "")),
     )
     if values["port"] > 65535:
         raise SettingsError(f"EXPORT_PORT must be at most 65535, got {values['port']}")

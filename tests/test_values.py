@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from bson import Code, DBRef, Decimal128, Int64, MaxKey, MinKey, Regex, Timestamp
 from bson.binary import Binary
+from bson.son import SON
 from bson.datetime_ms import DatetimeMS
 from bson.tz_util import utc
 
@@ -240,10 +241,24 @@ EJSON = [
         '{"v":{"$binary":{"base64":"' + UUID_B64 + '","subType":"04"}}}',
         '{"v":{"$binary":{"base64":"' + UUID_B64 + '","subType":"04"}}}',
     ),
-    # relaxed writes JavaScript as its code string: orjson writes str subclasses itself, and letting it
-    # pass them on would make every Int64 a Python call
-    ("Code", Code("f()"), '{"v":"f()"}', '{"v":{"$code":"f()"}}'),
-    ("Code with scope", Code("x", {"x": 1}), '{"v":"x"}', '{"v":{"$code":"x","$scope":{"x":{"$numberInt":"1"}}}}'),
+    # JavaScript code as mongoexport writes it in both modes; the scope follows the mode
+    ("Code", Code("f()"), '{"v":{"$code":"f()"}}', '{"v":{"$code":"f()"}}'),
+    ("Code with scope", Code("x", {"x": 1}), '{"v":{"$code":"x","$scope":{"x":1}}}', '{"v":{"$code":"x","$scope":{"x":{"$numberInt":"1"}}}}'),
+    (
+        "Code with a scope of BSON values",
+        Code("f(d, n)", {"d": datetime(2024, 2, 29, 13, 45, 30, 123000, tzinfo=utc), "n": Int64(5), "o": OID}),
+        '{"v":{"$code":"f(d, n)","$scope":{"d":{"$date":"2024-02-29T13:45:30.123Z"},"n":5,"o":{"$oid":"65a1b2c3d4e5f60718293a4b"}}}}',
+        '{"v":{"$code":"f(d, n)","$scope":{"d":{"$date":{"$numberLong":"1709214330123"}},"n":{"$numberLong":"5"},'
+        '"o":{"$oid":"65a1b2c3d4e5f60718293a4b"}}}}',
+    ),
+    ("Code in an array", [Code("a()"), Code("b()", {})], '{"v":[{"$code":"a()"},{"$code":"b()","$scope":{}}]}',
+     '{"v":[{"$code":"a()"},{"$code":"b()","$scope":{}}]}'),
+    ("Int64", Int64(9007199254740993), '{"v":9007199254740993}', '{"v":{"$numberLong":"9007199254740993"}}'),
+    ("Int64 in a document", {"n": Int64(-7)}, '{"v":{"n":-7}}', '{"v":{"n":{"$numberLong":"-7"}}}'),
+    # other subclasses of the built-in types, as a document_class or the caller may give them
+    ("SON", SON([("b", 1), ("a", "x")]), '{"v":{"b":1,"a":"x"}}', '{"v":{"b":{"$numberInt":"1"},"a":"x"}}'),
+    ("DBRef", DBRef("users", OID), '{"v":{"$ref":"users","$id":{"$oid":"65a1b2c3d4e5f60718293a4b"}}}',
+     '{"v":{"$ref":"users","$id":{"$oid":"65a1b2c3d4e5f60718293a4b"}}}'),
     ("Regex", Regex("^a", "im"), '{"v":{"$regularExpression":{"pattern":"^a","options":"im"}}}', '{"v":{"$regularExpression":{"pattern":"^a","options":"im"}}}'),
     ("Timestamp", Timestamp(5, 6), '{"v":{"$timestamp":{"t":5,"i":6}}}', '{"v":{"$timestamp":{"t":5,"i":6}}}'),
     ("MinKey", MinKey(), '{"v":{"$minKey":1}}', '{"v":{"$minKey":1}}'),

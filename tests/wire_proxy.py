@@ -1,6 +1,7 @@
 """A TCP proxy in front of a MongoDB wire-protocol server that can lose replies: the server stays healthy
 (the driver's monitor still hears from it) while chosen commands never get an answer, as when a reply is
-dropped on the way. Messages are forwarded whole, so a lost reply never leaves half a message behind.
+dropped on the way. Messages are forwarded whole, so a lost reply never leaves half a message behind. It
+also notes every command it passes on, so a test can count the round trips a request costs.
 
 It runs its own event loop on its own thread, like a device on the network: a client that blocks the test's
 loop (Motor closes synchronously) still gets its replies, or loses them, as it would in production."""
@@ -12,7 +13,12 @@ import threading
 from typing import Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import bson
+from bson.codec_options import CodecOptions, DatetimeConversion
+
 HEADER = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
+_INT32 = struct.Struct("<i")
+DECODE = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)  # any date a command may carry
 OP_MSG = 2013
 
 
@@ -35,7 +41,9 @@ class WireProxy:
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
         self.lose: frozenset[bytes] = frozenset()  # command names whose replies are dropped
+        self.lose_collection: str | None = None  # only the commands on this collection, when set
         self.lost: list[str] = []  # the commands whose replies were dropped, in order
+        self.commands: list[tuple[str, str | None]] = []  # (command, collection) of every command passed on
 
     def url(self, **options: str) -> str:
         """The upstream connection string (credentials and options kept) pointed at the proxy, plus options."""
@@ -48,7 +56,9 @@ class WireProxy:
         netloc = f"{userinfo}{at}127.0.0.1:{self.port}"
         return urlunsplit(("mongodb", netloc, self.upstream_url.path or "/", urlencode(query), ""))
 
-    def lose_replies_to(self, commands: Iterable[str]) -> None:
+    def lose_replies_to(self, commands: Iterable[str], collection: str | None = None) -> None:
+        """Drop the replies to these commands from now on (only those on collection, when named)."""
+        self.lose_collection = collection
         self.lose = frozenset(name.encode() for name in commands)
 
     def start(self) -> "WireProxy":
@@ -79,7 +89,25 @@ class WireProxy:
             return None
         name_start = HEADER.size + 4 + 1 + 4 + 1  # flag bits, section kind, document length, element type
         name = message[name_start:message.index(b"\0", name_start)]
-        return name if name in self.lose else None
+        if name not in self.lose:
+            return None
+        command = self._command(message)
+        return name if self.lose_collection is None or (command is not None and command[1] == self.lose_collection) else None
+
+    @staticmethod
+    def _command(message: bytes) -> tuple[str, str | None] | None:
+        """The command an OP_MSG runs and the collection it names (a getMore's is its collection field)."""
+        if HEADER.unpack_from(message)[3] != OP_MSG or message[20] != 0:
+            return None
+        start = HEADER.size + 5  # flag bits, section kind
+        body = bson.decode(message[start:start + _INT32.unpack_from(message, start)[0]], DECODE)
+        name, target = next(iter(body.items()))
+        collection = body.get("collection") if name == "getMore" else target
+        return name, collection if isinstance(collection, str) else None
+
+    def commands_on(self, collection: str, since: int = 0) -> list[str]:
+        """The names of the commands run on collection, from the since-th command the proxy passed on."""
+        return [name for name, target in self.commands[since:] if target == collection]
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
@@ -88,6 +116,9 @@ class WireProxy:
         async def requests() -> None:
             while True:
                 message = await _read_message(client_reader)
+                command = self._command(message)
+                if command is not None:
+                    self.commands.append(command)
                 name = self._lost_command(message)
                 if name is not None:
                     dropped.add(HEADER.unpack_from(message)[1])

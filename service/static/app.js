@@ -641,7 +641,7 @@ async function loadCollections() {
       $("#collection-hint").textContent = "The database holds no collection this service may export.";
     } else {
       select.replaceChildren(...state.collections.map((c) =>
-        new Option(`${c.name} · ${numberFormat.format(c.estimated_count ?? 0)} docs`, c.name)));
+        new Option(c.estimated_count == null ? c.name : `${c.name} · ${numberFormat.format(c.estimated_count)} docs`, c.name)));
       select.value = state.collections.some((c) => c.name === previous) ? previous : state.collections[0].name;
     }
   } catch (error) {
@@ -661,10 +661,14 @@ function onCollectionChange(reset = true) {
   const collection = currentCollection();
   const paths = collection?.fields || [];
   if (collection) {
-    const count = collection.estimated_count ?? 0;
-    $("#collection-hint").textContent =
-      `About ${numberFormat.format(count)} document${count === 1 ? "" : "s"} (an estimate); ` +
-      `${paths.length} field path${paths.length === 1 ? "" : "s"} found in a sample.`;
+    const count = collection.estimated_count;
+    const counted = count == null
+      ? "The document count did not come in time"
+      : `About ${numberFormat.format(count)} document${count === 1 ? "" : "s"} (an estimate)`;
+    const sampled = collection.sample_timed_out
+      ? "sampling the fields did not finish in time (type paths by hand, or refresh)"
+      : `${collection.fields_truncated ? "the first " : ""}${paths.length} field path${paths.length === 1 ? "" : "s"} found in a sample`;
+    $("#collection-hint").textContent = `${counted}; ${sampled}.`;
   }
   if (reset) state.chosen = state.chosen.filter((path) => paths.includes(path));
   $("#paths-list").replaceChildren(...paths.map((path) => new Option(path)));

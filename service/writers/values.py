@@ -18,6 +18,7 @@ from bson.binary import Binary, UuidRepresentation
 from bson.code import Code
 from bson.datetime_ms import DatetimeMS
 from bson.decimal128 import Decimal128
+from bson.int64 import Int64
 from bson.json_util import JSONMode, JSONOptions
 from bson.objectid import ObjectId
 from bson.tz_util import utc as BSON_UTC
@@ -254,18 +255,34 @@ def non_finite_suspects(raw: bytes) -> set[int]:
 # --- Extended JSON ---------------------------------------------------------------------------------
 def _relaxed_default(value: Any) -> Any:
     """orjson calls this for the values it does not write itself: datetimes (passed through on purpose),
-    ObjectId and the other BSON types. Subclasses of str and int are written natively, so Int64 costs
-    nothing, and JavaScript code comes out as its plain code string."""
+    subclasses of str and int (passed through so JavaScript code keeps its $code wrapper), ObjectId and the
+    other BSON types. Int64 is the one such subclass common in data: it costs one call, as a date does."""
     kind = type(value)
     if kind is datetime:
         utc = value if value.tzinfo is None else as_utc(value)
         if utc.year >= _FIRST_ISO_YEAR:
             return orjson.Fragment(b'{"$date":' + _iso_head(utc) + b'Z"}')
     elif kind is ObjectId:
-        return {"$oid": value._ObjectId__id.hex()}  # noqa: SLF001 - the property costs a Python call per id
+        return {"$oid": value.binary.hex()}
+    elif kind is Int64:
+        return int(value)
     elif kind is NonFiniteDouble:
         return {"$numberDouble": float_text(value)}
-    return json_util.default(value, RELAXED_OPTIONS)
+    elif kind is Code:
+        # As mongoexport writes it, with or without a scope; the scope is relaxed EJSON like the rest.
+        return {"$code": str(value)} if value.scope is None else {"$code": str(value), "$scope": value.scope}
+    return _relaxed_other(value)
+
+
+def _relaxed_other(value: Any) -> Any:
+    try:
+        return json_util.default(value, RELAXED_OPTIONS)
+    except TypeError:
+        # Other subclasses of the built-in types, which orjson passes on now: their base type's value.
+        for base in (dict, list, str, int):
+            if isinstance(value, base):
+                return base(value)
+        raise
 
 
 def _has_non_finite(value: Any) -> bool:
@@ -292,7 +309,7 @@ def mark_non_finite(value: Any) -> Any:
     return [mark_non_finite(v) for v in value]
 
 
-_RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
+_RELAXED_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
 def relaxed_json(value: Any) -> bytes:
@@ -315,7 +332,27 @@ def relaxed_json_decoded(doc: Any) -> bytes:
 
 def canonical_json(value: Any) -> bytes:
     """Canonical Extended JSON: every number typed, every date as $numberLong milliseconds."""
-    return orjson.dumps(json_util._json_convert(value, CANONICAL_OPTIONS))  # noqa: SLF001 - the converter dumps() uses
+    return orjson.dumps(_canonical(value))
+
+
+def _canonical(value: Any) -> Any:
+    """value with every non-JSON value in the form json_util.default gives it (the converter its dumps() uses
+    is private); plain containers, strings and null are walked or kept without a call into json_util."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _canonical(v) for k, v in value.items()}
+    if kind is list:
+        return [_canonical(v) for v in value]
+    if kind is str or value is None or kind is bool:
+        return value
+    try:
+        return json_util.default(value, CANONICAL_OPTIONS)  # numbers, dates, ObjectId, Code, DBRef, ...
+    except TypeError:
+        if isinstance(value, Mapping):
+            return {k: _canonical(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_canonical(v) for v in value]
+        return value
 
 
 def encoder_for(mode: str) -> Callable[[Any], bytes]:
