@@ -3,6 +3,7 @@ never quiet for long, and bounded queries (server-side time limits, a count that
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 from typing import Any, AsyncGenerator, Iterator
@@ -17,6 +18,8 @@ from service.app import create_app
 from service.db import Database, FindSpec, QueryTimeout, make_client, translate
 
 from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, wait_status
+from playwright.async_api import expect
+from test_browser import COLLECTION, browser, job_item, open_page, start_export  # noqa: F401 - browser is a fixture
 from wire_proxy import WireProxy
 
 ROWS = 2500  # three batches
@@ -185,3 +188,19 @@ async def test_liveness_answers_at_once_while_the_database_answers_nothing(aioht
     assert body["status"] == "unavailable" and body["database"] == "unavailable" and body["error"]
     # Nothing waited for the database: not the old 2 s ping, not a 5 s server selection.
     assert slowest < 0.5, slowest
+
+
+@pytest.mark.browser
+async def test_the_page_says_it_waits_for_the_database_instead_of_freezing(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: Any, browser: Any
+) -> None:
+    settings = make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,))
+    client = await aiohttp_client(create_app(settings, source=SlowSource(first_delay=4.0, count_delay=6.0)))
+    page, errors = await open_page(browser, str(client.make_url("/")))
+    job_id = await start_export(page, "csv")
+    text = job_item(page, job_id).locator(".progress-text")
+    await expect(text).to_contain_text(re.compile(r"waiting for the database [23] s"), timeout=10_000)
+    await expect(job_item(page, job_id)).to_have_attribute("data-status", "completed", timeout=30_000)
+    await expect(text).not_to_contain_text("waiting for the database")
+    errors.check()
+    await page.context.close()

@@ -79,23 +79,38 @@ async function api(path, { method = "GET", body } = {}) {
   return data;
 }
 
-function withToken(url) {
-  if (!state.token) return url;
-  const full = new URL(url, location.href);
-  full.searchParams.set("token", state.token); // a link cannot send a header; the API takes ?token= too
-  return full.pathname + full.search;
+// Download links are signed by the service and work for a few minutes; an older one is asked for again
+// before the browser follows it, so a page left open for an hour still downloads.
+const LINK_MARGIN_SECONDS = 15;
+
+async function followDownload(event, jobId) {
+  const link = event.currentTarget;
+  const expires = Number(new URL(link.href, location.href).searchParams.get("exp") || 0);
+  if (expires - Date.now() / 1000 > LINK_MARGIN_SECONDS) return; // fresh: the browser follows it
+  event.preventDefault();
+  try {
+    const job = await api(`/api/exports/${jobId}`);
+    if (!job.download_url) throw new ApiError(409, { code: "not_ready", message: `The export is ${job.status}.` });
+    link.href = job.download_url;
+    link.click();
+  } catch (error) {
+    showBanner(`The download link could not be renewed: ${error.message}`);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Token
 function initToken() {
   const url = new URL(location.href);
-  const fromUrl = url.searchParams.get("token");
+  // In the fragment (#token=...), which browsers never send to the server, so it stays out of its logs.
+  const fragment = new URLSearchParams(url.hash.slice(1));
+  const fromUrl = fragment.get("token");
   if (fromUrl) {
     state.token = fromUrl;
     storeToken(fromUrl);
-    url.searchParams.delete("token"); // keep it out of the history and of bookmarks
-    history.replaceState(null, "", url.pathname + url.search + url.hash);
+    fragment.delete("token"); // keep it out of the history and of bookmarks
+    const rest = fragment.toString();
+    history.replaceState(null, "", url.pathname + url.search + (rest ? `#${rest}` : ""));
   } else {
     try { state.token = localStorage.getItem(TOKEN_KEY) || ""; } catch { state.token = ""; }
   }
@@ -327,6 +342,7 @@ function addJobElement(job) {
   li.setAttribute("aria-labelledby", title.id);
   $(".cancel", li).addEventListener("click", () => cancelJob(job.id));
   $(".remove", li).addEventListener("click", () => removeJob(job.id));
+  $(".download", li).addEventListener("click", (event) => followDownload(event, job.id));
   state.elements.set(job.id, li);
 
   // Newest first: insert before the first job created earlier than this one.
@@ -393,7 +409,7 @@ function renderJob(job, changed) {
   const downloadable = job.status === "completed" && job.download_url;
   download.hidden = !downloadable;
   if (downloadable) {
-    download.href = withToken(job.download_url);
+    download.href = job.download_url;
     download.setAttribute("download", name);
     download.setAttribute("aria-label", `Download ${name}${job.bytes ? `, ${formatBytes(job.bytes)}` : ""}`);
   } else {
@@ -462,6 +478,13 @@ function progressPercent(job) {
   return null;
 }
 
+// Events say when a job waits on the database (a slow count, a first batch the server takes long to build):
+// said after a second, so the bar reads "waiting for the database 4 s" rather than looking frozen.
+function waitingText(job) {
+  if (job.phase !== "waiting_for_database" || typeof job.waiting_seconds !== "number" || job.waiting_seconds < 1) return null;
+  return `waiting for the database ${formatDuration(job.waiting_seconds)}`;
+}
+
 function progressText(job, pct) {
   const processed = job.processed || 0;
   const total = typeof job.total === "number" ? job.total : null;
@@ -475,8 +498,9 @@ function progressText(job, pct) {
       valueText = "waiting in queue";
       break;
     case "fetching":
-      parts.push([total === null ? "Counting documents…" : rows, true]);
+      parts.push([total === null ? "Starting…" : rows, true]);
       if (total !== null && pctText) parts.push([pctText]);
+      if (waitingText(job)) parts.push([waitingText(job)]);
       valueText = total === null ? "starting" : `${rows}, ${pctText}`;
       break;
     case "processing":
@@ -485,6 +509,7 @@ function progressText(job, pct) {
       if (pctText) parts.push([pctText]);
       if (job.rate) parts.push([`${numberFormat.format(Math.round(job.rate))} rows/s`]);
       if (job.status === "finalizing") parts.push(["writing the file…"]);
+      else if (waitingText(job)) parts.push([waitingText(job)]);
       else if (typeof job.eta_seconds === "number") parts.push([`${formatDuration(job.eta_seconds)} left`]);
       valueText = `${rows}${pctText ? `, ${pctText}` : ""}`;
       break;
