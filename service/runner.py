@@ -31,7 +31,7 @@ PERSIST_EVERY = 1.0  # progress and lease written to the jobs collection at most
 RECORD_RETRY_SECONDS, RECORD_RETRIES = 2.0, 900  # an end state waits up to half an hour for the database
 # While nothing else is said, the current state is sent again this often: the page never looks frozen for
 # a second, whatever the database or the encoder is doing.
-HEARTBEAT_SECONDS = 0.75
+HEARTBEAT_SECONDS = 0.6
 COUNT_GRACE_SECONDS = 5.0  # a server that ignores maxTimeMS gets this long past it before the count is abandoned
 STATUS_EVENTS = {
     JobStatus.FETCHING: "export-fetching",
