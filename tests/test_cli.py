@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gzip
+import io
 import json
 import os
 import pty
@@ -48,9 +50,9 @@ def service(mongo_url: str, tmp_path_factory: pytest.TempPathFactory, tasks: Any
     proc.stop()
 
 
-def cli_env(service: ServiceProcess, token: str | None = TOKEN) -> dict[str, str]:
+def cli_env(service: ServiceProcess, token: str | None = TOKEN, url: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEXPORT_")}
-    env.update(MEXPORT_URL=service.url, PYTHONPATH=str(ROOT))
+    env.update(MEXPORT_URL=url or service.url, PYTHONPATH=str(ROOT))
     if token is not None:
         env["MEXPORT_TOKEN"] = token
     return env
@@ -120,6 +122,30 @@ def test_json_array_and_lines_like_mongoexport(service: ServiceProcess, tasks: l
     assert snap["format"] == "ndjson" and snap["file_name"].endswith(".ndjson")
     text = (tmp_path / snap["file_name"]).read_text(encoding="utf-8")
     assert [json_util.loads(line, json_options=JSON_OPTIONS) for line in text.splitlines()] == source
+
+
+def test_csv_and_json_options(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
+    source = sorted(tasks, key=lambda d: d["seq"])[:5]
+    packed = mexport(service, "create", "tasks", "--type", "csv", "--gzip", "--noHeaderLine", "-f", "seq,title",
+                     "--sort", '{"seq": 1}', "--limit", "5", "-o", "five.csv.gz", cwd=tmp_path)
+    assert packed.returncode == 0, packed.stderr
+    text = gzip.decompress((tmp_path / "five.csv.gz").read_bytes()).decode("utf-8")
+    assert list(csv.reader(io.StringIO(text, newline=""))) == [[str(d["seq"]), d["title"]] for d in source]
+    canonical = mexport(service, "create", "tasks", "--jsonFormat", "canonical", "-f", "seq", "--sort", '{"seq": 1}',
+                        "--limit", "5", "-o", "five.ndjson", cwd=tmp_path)
+    assert canonical.returncode == 0, canonical.stderr
+    lines = [json.loads(line) for line in (tmp_path / "five.ndjson").read_text().splitlines()]
+    assert [line["seq"] for line in lines] == [{"$numberInt": str(d["seq"])} for d in source]
+
+
+def test_url_option_wins_over_the_environment(service: ServiceProcess, tmp_path: Path) -> None:
+    dead = "http://127.0.0.1:9"
+    env = cli_env(service, url=dead)
+    unreachable = subprocess.run([*CLI, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 1 and unreachable.stderr.startswith(f"mexport: cannot reach the service at {dead}")
+    for args in (["--url", service.url, "list"], ["list", "--url", service.url]):
+        done = subprocess.run([*CLI, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith("ID "), done.stderr
 
 
 def test_bad_input_exits_non_zero_with_the_services_message(service: ServiceProcess, tmp_path: Path) -> None:
@@ -249,3 +275,15 @@ def test_a_terminal_gets_a_bar_redrawn_in_place(service: ServiceProcess, tmp_pat
     assert max(len(line) for line in re.split(r"[\r\n]", text)) < 80  # fits the 80 columns a bare terminal has
     with open(tmp_path / "t.csv", newline="", encoding="utf-8") as handle:
         assert len(list(csv.reader(handle))) == 3001
+
+
+def test_a_failed_export_exits_non_zero_with_the_services_reason(service: ServiceProcess, tmp_path: Path) -> None:
+    # Valid as far as the service checks, refused by the database once the query runs.
+    done = mexport(service, "create", "tasks", "-q", '{"seq": {"$noSuchOperator": 1}}', "-o", "x.json", cwd=tmp_path)
+    assert done.returncode == 1, done.stdout
+    job_id = job_id_of(done.stdout)
+    snap = api(service, "GET", f"/api/exports/{job_id}")[1]
+    assert snap["status"] == "failed" and snap["error"]["message"], snap
+    assert done.stderr.strip() == f"mexport: export {job_id} failed: {snap['error']['message']} ({snap['error']['code']})"
+    assert done.stdout.splitlines()[-1].startswith("failed: ")
+    assert not list(tmp_path.iterdir())
