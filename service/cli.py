@@ -205,7 +205,7 @@ async def follow_live(api: Api, job_id: str, progress: Progress) -> dict[str, An
         await sio.disconnect()
 
 
-async def pump(api: Api, job_id: str, queue: "asyncio.Queue[tuple[str, Any]]", state: dict[str, Any], progress: Progress) -> dict[str, Any]:
+async def pump(api: Api, job_id: str, queue: asyncio.Queue[tuple[str, Any]], state: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """Merge each event into the subscription's snapshot until a final state."""
     while state["status"] not in FINAL_STATES:
         progress.update(state)
@@ -300,13 +300,14 @@ def output_path(snap: dict[str, Any], out: str | None) -> Path:
     return Path(name if name and not name.startswith(".") else f"{snap['id']}.{snap.get('format', 'out')}")
 
 
-async def save(api: Api, snap: dict[str, Any], out: str | None, interrupts: Interrupts) -> int:
-    """Download a completed job's file through its (signed, short-lived) download_url."""
+async def save(api: Api, snap: dict[str, Any], out: str | None, interrupts: Interrupts, since: int) -> int:
+    """Download a completed job's file through its (signed, short-lived) download_url; a Ctrl-C after
+    `since` stops it."""
     dest = output_path(snap, out)
     if not snap.get("download_url"):
         raise CliError(f"export {snap['id']} is {snap['status']}; there is nothing to download")
     try:
-        size = await interrupts.guard(api.download(snap["download_url"], dest))
+        size = await interrupts.guard(api.download(snap["download_url"], dest), since)
     except Interrupted:
         print(f"mexport: download interrupted; {dest} not written", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -335,12 +336,14 @@ async def cmd_create(api: Api, args: argparse.Namespace, interrupts: Interrupts)
     progress.finish(final)
     if final["status"] != "completed":
         raise CliError(failure_text(final))
+    since = interrupts.count
     # A fresh snapshot: its signed download_url is short-lived, so take it just before the download.
-    return await save(api, await api.snapshot(snap["id"]), args.out, interrupts)
+    return await save(api, await api.snapshot(snap["id"]), args.out, interrupts, since)
 
 
 async def cmd_download(api: Api, args: argparse.Namespace, interrupts: Interrupts) -> int:
-    return await save(api, await api.snapshot(args.id), args.out, interrupts)
+    since = interrupts.count
+    return await save(api, await api.snapshot(args.id), args.out, interrupts, since)
 
 
 async def cmd_cancel(api: Api, args: argparse.Namespace, interrupts: Interrupts) -> int:

@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,11 +22,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from aiohttp import ClientSession, web
 from bson import json_util
 from bson.json_util import JSONOptions
 
 from conftest import DATA_DB
 from expected import csv_text, lookup
+from service.embedded_db import free_port
 from service_process import ROOT, ServiceProcess
 
 TOKEN, OTHER_TOKEN = "tok-alice", "tok-bob"
@@ -287,3 +290,55 @@ def test_a_failed_export_exits_non_zero_with_the_services_reason(service: Servic
     assert done.stderr.strip() == f"mexport: export {job_id} failed: {snap['error']['message']} ({snap['error']['code']})"
     assert done.stdout.splitlines()[-1].startswith("failed: ")
     assert not list(tmp_path.iterdir())
+
+
+class ApiOnlyProxy:
+    """Forwards /api/* to the service and answers everything else, Socket.IO included, with 404: a proxy
+    that does not pass WebSockets or long polling."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.paths: list[str] = []
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.paths.append(request.path)
+        if not request.path.startswith("/api/"):
+            return web.Response(status=404, text="not here")
+        headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Content-Type")}
+        async with ClientSession() as http:
+            async with http.request(request.method, self.target + request.path_qs, headers=headers, data=await request.read()) as resp:
+                passed = {k: v for k, v in resp.headers.items() if k in ("Content-Type", "Content-Disposition")}
+                return web.Response(status=resp.status, body=await resp.read(), headers=passed)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    def __enter__(self) -> "ApiOnlyProxy":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_without_socketio_it_falls_back_to_polling(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
+    with ApiOnlyProxy(service.url) as proxy:
+        done = subprocess.run([*CLI, "create", "tasks", "--type", "csv", "-f", "seq", "-o", "p.csv"], cwd=tmp_path,
+                              env=cli_env(service, url=f"http://127.0.0.1:{proxy.port}"), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "live progress unavailable" in done.stderr and "polling every second" in done.stderr
+    job_id = job_id_of(done.stdout)
+    assert proxy.paths[1].startswith("/socket.io")
+    assert proxy.paths.count(f"/api/exports/{job_id}") >= 2  # polled until completed, then once more for the download link
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as handle:
+        assert [row[0] for row in csv.reader(handle)][1:] == [str(d["seq"]) for d in tasks]
