@@ -53,12 +53,17 @@ class LiveUnavailable(Exception):
     """Socket.IO could not connect or dropped: follow by polling instead."""
 
 
+def error_message(error: dict[str, Any]) -> str:
+    """The service's `{"code", "message", "field"}` as `field: message`."""
+    return f"{error['field']}: {error['message']}" if error.get("field") else str(error["message"])
+
+
 def error_text(status: int, body: str) -> str:
-    """The service's `{"error": {"code", "message", "field"}}` as `field: message`; anything else as is."""
-    with suppress(ValueError):
+    """An HTTP error body in the service's words when it is the service's JSON error, else as is."""
+    with suppress(ValueError, AttributeError):
         error = json.loads(body).get("error")
         if isinstance(error, dict) and error.get("message"):
-            return f"{error['field']}: {error['message']}" if error.get("field") else str(error["message"])
+            return error_message(error)
     return f"HTTP {status}: {body.strip()[:500]}"
 
 
@@ -197,7 +202,7 @@ async def follow_live(api: Api, job_id: str, progress: Progress) -> dict[str, An
         ack = await sio.call("subscribe", {"id": job_id}, timeout=10)
         if not isinstance(ack, dict) or not ack.get("ok"):
             error = ack.get("error") if isinstance(ack, dict) else None
-            raise CliError(error_text(400, json.dumps({"error": error})) if error else f"subscribe refused: {ack!r}")
+            raise CliError(error_message(error) if isinstance(error, dict) and error.get("message") else f"subscribe refused: {ack!r}")
         return await pump(api, job_id, queue, ack["job"], progress)
     except socketio.exceptions.TimeoutError as exc:
         raise LiveUnavailable("no answer to subscribe") from exc

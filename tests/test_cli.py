@@ -189,6 +189,9 @@ def test_list_status_download_and_delete(service: ServiceProcess, tmp_path: Path
     assert (tmp_path / "again.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
     status = mexport(service, "status", job_id, "--json", cwd=tmp_path, token=OTHER_TOKEN)
     assert json.loads(status.stdout)["processed"] == 10
+    plain = mexport(service, "status", job_id, cwd=tmp_path, token=OTHER_TOKEN).stdout
+    fields = dict(line.split(":", 1) for line in plain.splitlines())
+    assert {k: fields[k].strip() for k in ("id", "status", "processed", "limit")} == {"id": job_id, "status": "completed", "processed": "10", "limit": "10"}
     refused = mexport(service, "cancel", job_id, cwd=tmp_path, token=OTHER_TOKEN)
     assert refused.returncode == 1 and "is completed; nothing to cancel" in refused.stderr
     assert mexport(service, "delete", job_id, cwd=tmp_path, token=OTHER_TOKEN).stdout.strip() == f"export {job_id} deleted"
