@@ -92,7 +92,7 @@ def test_imports_only_the_client_side() -> None:
     modules = json.loads(subprocess.run([sys.executable, "-c", code.replace("print(", "import json; print(json.dumps(")
                                          + ")"], cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     ours = [m for m in modules if m.startswith("service")]
-    assert ours == ["service", "service.cli", "service.cli_progress"]
+    assert ours == ["service", "service.cli", "service.cli_client", "service.cli_progress"]
     assert not [m for m in modules if m.split(".")[0] in ("pymongo", "motor", "bson", "orjson", "xlsxwriter")]
     assert "aiohttp.web" not in modules
 
