@@ -236,6 +236,8 @@ async def cancel_job(api: Api, job_id: str) -> dict[str, Any]:
 def cancel_outcome(snap: dict[str, Any]) -> str:
     if snap.get("deleted"):
         return f"export {snap['id']} had already ended ({snap['status']}) and was deleted"
+    if snap["status"] == "completed":  # the cancel reached it while it was finishing
+        return f"export {snap['id']} completed before the cancel took effect; mexport download {snap['id']} fetches it"
     return f"export {snap['id']} {snap['status']}"
 
 

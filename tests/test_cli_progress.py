@@ -1,9 +1,10 @@
-"""mexport's progress display: pacing and wording, with a fake clock."""
+"""What mexport shows: progress pacing and wording (with a fake clock), and how a cancel ended."""
 from __future__ import annotations
 
 import io
 from typing import Any
 
+from service.cli_client import cancel_outcome
 from service.cli_progress import BarProgress, PlainProgress, bar, compact_line, duration, plain_line
 
 
@@ -70,3 +71,9 @@ def test_the_bar_redraws_in_place_at_most_ten_times_a_second() -> None:
 
 def test_durations() -> None:
     assert [duration(s) for s in (None, 0.4, 59, 60, 3599, 3600)] == ["?", "0 s", "59 s", "1:00", "59:59", "1:00:00"]
+
+
+def test_what_a_cancel_ended_in_is_said_plainly() -> None:
+    assert cancel_outcome({"id": "j1", "status": "cancelled"}) == "export j1 cancelled"
+    assert cancel_outcome({"id": "j1", "status": "completed", "deleted": True}) == "export j1 had already ended (completed) and was deleted"
+    assert "completed before the cancel took effect" in cancel_outcome({"id": "j1", "status": "completed"})
