@@ -212,8 +212,8 @@ def add_create(commands: Any, common: argparse.ArgumentParser) -> None:
     create = commands.add_parser("create", parents=[common], help="export a collection, follow it, download the file")
     create.add_argument("collection", nargs="?", help="the collection to export")
     create.add_argument("-c", "--collection", dest="collection_option", help="the collection (mongoexport's spelling)")
-    create.add_argument("--type", choices=("json", "csv", "ndjson", "xlsx"), default="json",
-                        help="json (one document per line, as mongoexport), csv, ndjson or xlsx; default json")
+    create.add_argument("--type", choices=("json", "csv", "ndjson", "xlsx", "parquet"), default="json",
+                        help="json (one document per line, as mongoexport), csv, ndjson, xlsx or parquet; default json")
     create.add_argument("--jsonArray", action="store_true", help="with --type json: one JSON array instead of lines")
     create.add_argument("--jsonFormat", choices=("relaxed", "canonical"), help="Extended JSON mode for json/ndjson")
     create.add_argument("-q", "--query", help="filter, relaxed Extended JSON, e.g. '{\"status\": \"open\"}'")

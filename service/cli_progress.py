@@ -14,6 +14,7 @@ PLAIN_INTERVAL = 1.0  # log files and CI consoles: one line a second is plenty
 BAR_INTERVAL = 0.1
 BAR_WIDTH = 30
 Clock = Callable[[], float]
+PHASE_WORDS = {"waiting_for_database": "waiting for the database"}
 
 
 def duration(seconds: float | None) -> str:
@@ -37,7 +38,8 @@ def rows_text(snap: Mapping[str, Any]) -> str:
 def pace(snap: Mapping[str, Any]) -> list[str]:
     """Rate and ETA, or what the service has been waiting for instead (the database, say)."""
     if snap.get("phase") and snap.get("waiting_seconds") is not None:
-        return [f"{snap['phase']} for {duration(snap['waiting_seconds'])}"]
+        phase = str(snap["phase"])
+        return [f"{PHASE_WORDS.get(phase, phase.replace('_', ' '))} for {duration(snap['waiting_seconds'])}"]
     if snap.get("status") == "queued" and snap.get("queue_position"):
         return [f"number {snap['queue_position']} in the queue"]
     if not snap.get("rate"):

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow.parquet as pq
 import pytest
 from aiohttp import ClientSession, web
 from bson import json_util
@@ -127,7 +128,7 @@ def test_json_array_and_lines_like_mongoexport(service: ServiceProcess, tasks: l
     assert [json_util.loads(line, json_options=JSON_OPTIONS) for line in text.splitlines()] == source
 
 
-def test_csv_and_json_options(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_format_options(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
     source = sorted(tasks, key=lambda d: d["seq"])[:5]
     packed = mexport(service, "create", "tasks", "--type", "csv", "--gzip", "--noHeaderLine", "-f", "seq,title",
                      "--sort", '{"seq": 1}', "--limit", "5", "-o", "five.csv.gz", cwd=tmp_path)
@@ -139,6 +140,14 @@ def test_csv_and_json_options(service: ServiceProcess, tasks: list[dict[str, Any
     assert canonical.returncode == 0, canonical.stderr
     lines = [json.loads(line) for line in (tmp_path / "five.ndjson").read_text().splitlines()]
     assert [line["seq"] for line in lines] == [{"$numberInt": str(d["seq"])} for d in source]
+    parquet = mexport(service, "create", "tasks", "--type", "parquet", "-f", "seq,title", "--sort", '{"seq": 1}',
+                      "--limit", "5", "-o", "five.parquet", cwd=tmp_path)
+    assert parquet.returncode == 0, parquet.stderr
+    table = pq.read_table(tmp_path / "five.parquet")
+    assert table.column_names == ["seq", "title"]
+    assert table.to_pylist() == [{"seq": d["seq"], "title": d["title"]} for d in source]
+    refused = mexport(service, "create", "tasks", "--type", "parquet", "--gzip", cwd=tmp_path)
+    assert refused.returncode == 1 and refused.stderr.startswith("mexport: options.compress"), refused.stderr
 
 
 def test_url_option_wins_over_the_environment(service: ServiceProcess, tmp_path: Path) -> None:

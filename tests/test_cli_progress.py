@@ -52,9 +52,11 @@ def test_without_a_total_the_bar_slides_and_no_percent_is_claimed() -> None:
 
 
 def test_waiting_on_the_database_replaces_rate_and_eta() -> None:
-    waiting = snap(300, rate=80.0, eta_seconds=9, phase="waiting for the database", waiting_seconds=75)
+    waiting = snap(300, rate=80.0, eta_seconds=9, phase="waiting_for_database", waiting_seconds=75)
     assert plain_line(waiting) == "processing: 300 of 1,000 rows, 30.0%, waiting for the database for 1:15"
     assert compact_line(waiting) == "processing 300/1,000 rows 30.0% waiting for the database for 1:15"
+    writing = snap(300, rate=80.0, eta_seconds=9, phase="writing", waiting_seconds=None)
+    assert plain_line(writing) == "processing: 300 of 1,000 rows, 30.0%, 80 rows/s, ETA 9 s"
 
 
 def test_the_bar_redraws_in_place_at_most_ten_times_a_second() -> None:
