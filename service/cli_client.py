@@ -1,0 +1,249 @@
+"""mexport's side of the service: its HTTP API, its Socket.IO events (polling when they are not available),
+cancelling a job, and Ctrl-C handling. aiohttp's client, python-socketio's AsyncClient and the standard
+library only: none of the service's server modules."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import socketio
+
+from .cli_progress import FINAL_STATES, Progress
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EVENTS = ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled")
+SILENCE_SECONDS = 5.0  # no event for this long (queued, or waiting on the database): ask for the snapshot
+POLL_SECONDS = 1.0
+CANCEL_WAIT_SECONDS = 60.0
+CHUNK = 256 * 1024
+T = TypeVar("T")
+
+
+class CliError(Exception):
+    """A message for stderr and the exit code that goes with it."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Interrupted(Exception):
+    pass
+
+
+class LiveUnavailable(Exception):
+    """Socket.IO could not connect or dropped: follow by polling instead."""
+
+
+def error_message(error: dict[str, Any]) -> str:
+    """The service's `{"code", "message", "field"}` as `field: message`."""
+    return f"{error['field']}: {error['message']}" if error.get("field") else str(error["message"])
+
+
+def error_text(status: int, body: str) -> str:
+    """An HTTP error body in the service's words when it is the service's JSON error, else as is."""
+    with suppress(ValueError, AttributeError):
+        error = json.loads(body).get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return error_message(error)
+    return f"HTTP {status}: {body.strip()[:500]}"
+
+
+class Api:
+    """The service's HTTP API, with the bearer token in a header (never in a URL)."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str | None) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+
+    def url(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else self.base_url + path
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
+        try:
+            # json= sends Content-Type: application/json, which POST /api/exports requires.
+            async with self.session.request(method, self.url(path), json=body, params=params, headers=self.headers()) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise CliError(error_text(resp.status, text))
+                return json.loads(text)
+        except aiohttp.ClientError as exc:
+            raise CliError(f"cannot reach the service at {self.base_url}: {exc}") from exc
+
+    async def snapshot(self, job_id: str) -> dict[str, Any]:
+        return await self.call("GET", f"/api/exports/{job_id}")
+
+    async def download(self, url: str, dest: Path) -> int:
+        """Stream url into a temporary file next to dest, renamed to dest only once whole."""
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                written, expected = await self._copy(url, out)
+                out.flush()
+                os.fsync(out.fileno())
+            if expected is not None and written != expected:
+                raise CliError(f"the download ended after {written} of {expected} bytes")
+            os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp's 0600 is for the partial file only
+            os.replace(tmp_name, dest)
+            return written
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+
+    async def _copy(self, url: str, out: Any) -> tuple[int, int | None]:
+        written = 0
+        try:
+            async with self.session.get(self.url(url), headers=self.headers()) as resp:
+                if resp.status >= 400:
+                    raise CliError(error_text(resp.status, await resp.text()))
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    out.write(chunk)
+                    written += len(chunk)
+                return written, resp.content_length
+        except aiohttp.ClientError as exc:
+            raise CliError(f"the download failed after {written} bytes: {exc}") from exc
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Interrupts:
+    """Counts SIGINTs; a coroutine run through guard() is cancelled by the next one."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._pressed = asyncio.Event()
+
+    def install(self) -> None:
+        with suppress(NotImplementedError, RuntimeError):  # no loop signal handlers: KeyboardInterrupt then
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._press)
+
+    def _press(self) -> None:
+        self.count += 1
+        self._pressed.set()
+
+    async def guard(self, coro: Coroutine[Any, Any, T], since: int | None = None) -> T:
+        """coro's result, or Interrupted once SIGINT came after `since` (default: now), coro then cancelled."""
+        seen = self.count if since is None else since
+        task = asyncio.ensure_future(coro)
+        while not task.done() and self.count == seen:
+            self._pressed.clear()
+            waiter = asyncio.ensure_future(self._pressed.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        raise Interrupted()
+
+
+# --- following a job ------------------------------------------------------------------------
+
+
+async def follow(api: Api, snap: dict[str, Any], progress: Progress, poll_only: bool) -> dict[str, Any]:
+    """The job's final snapshot, showing progress on the way."""
+    if not poll_only:
+        try:
+            return await follow_live(api, snap["id"], progress)
+        except LiveUnavailable as exc:
+            print(f"mexport: live progress unavailable ({exc}); polling every second", file=sys.stderr, flush=True)
+    return await follow_polling(api, snap["id"], progress)
+
+
+async def follow_polling(api: Api, job_id: str, progress: Progress) -> dict[str, Any]:
+    while True:
+        state = await api.snapshot(job_id)
+        if state["status"] in FINAL_STATES:
+            return state
+        progress.update(state)
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def follow_live(api: Api, job_id: str, progress: Progress) -> dict[str, Any]:
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    # handle_sigint=False: Ctrl-C is ours to turn into a cancel, not the client's to swallow.
+    sio = socketio.AsyncClient(reconnection=False, handle_sigint=False)
+    for name in EVENTS:
+        sio.on(name, lambda data, _name=name: queue.put_nowait((_name, data)))
+    sio.on("disconnect", lambda *_: queue.put_nowait(("disconnect", None)))
+    try:
+        await sio.connect(api.base_url, headers=api.headers(), auth={"token": api.token} if api.token else None, wait_timeout=10)
+    except socketio.exceptions.ConnectionError as exc:
+        raise LiveUnavailable(str(exc) or "could not connect") from exc
+    try:
+        ack = await sio.call("subscribe", {"id": job_id}, timeout=10)
+        if not isinstance(ack, dict) or not ack.get("ok"):
+            error = ack.get("error") if isinstance(ack, dict) else None
+            raise CliError(error_message(error) if isinstance(error, dict) and error.get("message") else f"subscribe refused: {ack!r}")
+        return await pump(api, job_id, queue, ack["job"], progress)
+    except socketio.exceptions.TimeoutError as exc:
+        raise LiveUnavailable("no answer to subscribe") from exc
+    finally:
+        await sio.disconnect()
+
+
+async def pump(
+    api: Api, job_id: str, queue: asyncio.Queue[tuple[str, Any]], state: dict[str, Any], progress: Progress
+) -> dict[str, Any]:
+    """Merge each event into the subscription's snapshot until a final state."""
+    while state["status"] not in FINAL_STATES:
+        progress.update(state)
+        try:
+            name, payload = await asyncio.wait_for(queue.get(), SILENCE_SECONDS)
+        except asyncio.TimeoutError:
+            # Queued jobs and database waits may send nothing for a while; the snapshot still moves.
+            state = await api.snapshot(job_id)
+            continue
+        if name == "disconnect":
+            raise LiveUnavailable("the connection dropped")
+        if isinstance(payload, dict) and payload.get("id") == job_id:
+            state = {**state, **payload}
+    return state
+
+
+async def cancel_job(api: Api, job_id: str) -> dict[str, Any]:
+    """DELETE the job, then wait until its end is recorded (another instance may be running it)."""
+    snap = await api.call("DELETE", f"/api/exports/{job_id}")
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    while not snap.get("deleted") and snap["status"] not in FINAL_STATES:
+        if time.monotonic() > deadline:
+            raise CliError(f"export {job_id} is still {snap['status']} {CANCEL_WAIT_SECONDS:.0f} s after the cancel")
+        await asyncio.sleep(0.2)
+        snap = await api.snapshot(job_id)
+    return snap
+
+
+def cancel_outcome(snap: dict[str, Any]) -> str:
+    if snap.get("deleted"):
+        return f"export {snap['id']} had already ended ({snap['status']}) and was deleted"
+    if snap["status"] == "completed":  # the cancel reached it while it was finishing
+        return f"export {snap['id']} completed before the cancel took effect; mexport download {snap['id']} fetches it"
+    return f"export {snap['id']} {snap['status']}"
+
+
+def failure_text(snap: dict[str, Any]) -> str:
+    error = snap.get("error") or {}
+    reason = f"{error.get('message')} ({error.get('code')})" if error else "no reason given"
+    if snap["status"] == "failed":
+        return f"export {snap['id']} failed: {reason}"
+    return f"export {snap['id']} ended {snap['status']}"

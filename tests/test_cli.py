@@ -1,0 +1,368 @@
+"""mexport driven as a subprocess against the service run as a process on the embedded server."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import gzip
+import io
+import json
+import os
+import pty
+import re
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+import pytest
+from aiohttp import ClientSession, web
+from bson import json_util
+from bson.json_util import JSONOptions
+
+from conftest import DATA_DB
+from expected import csv_text, lookup
+from service.embedded_db import free_port
+from service_process import ROOT, ServiceProcess
+
+TOKEN, OTHER_TOKEN = "tok-alice", "tok-bob"
+CLI = [sys.executable, "-m", "service.cli"]
+PROGRESS_LINE = re.compile(r"^(queued|fetching|processing|finalizing|completed|failed|cancelled): [\d,]+( of [\d,]+)? rows")
+JSON_OPTIONS = JSONOptions(tz_aware=True)
+
+
+@pytest.fixture(scope="module")
+def service(mongo_url: str, tmp_path_factory: pytest.TempPathFactory, tasks: Any, big_tasks: Any) -> Iterator[ServiceProcess]:
+    env = {
+        "EXPORT_MONGO_URL": mongo_url,
+        "EXPORT_DB": DATA_DB,
+        "EXPORT_DIR": str(tmp_path_factory.mktemp("cli-exports")),
+        "EXPORT_JOBS_COLLECTION": f"jobs_{secrets.token_hex(4)}",
+        "EXPORT_BATCH_SIZE": "10",  # 2,000 round trips: the 20,000-row export is still running seconds in
+        "EXPORT_MAX_CONCURRENT": "2",
+        "EXPORT_API_TOKENS": f"{TOKEN}:alice,{OTHER_TOKEN}:bob",
+    }
+    proc = asyncio.run(ServiceProcess(env).start())
+    yield proc
+    proc.stop()
+
+
+def cli_env(service: ServiceProcess, token: str | None = TOKEN, url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEXPORT_")}
+    env.update(MEXPORT_URL=url or service.url, PYTHONPATH=str(ROOT))
+    if token is not None:
+        env["MEXPORT_TOKEN"] = token
+    return env
+
+
+def mexport(service: ServiceProcess, *args: str, cwd: Path, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=cwd, env=cli_env(service, token), capture_output=True, text=True, timeout=180)
+
+
+def api(service: ServiceProcess, method: str, path: str, token: str = TOKEN) -> tuple[int, Any]:
+    request = urllib.request.Request(service.url + path, method=method, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def job_id_of(stdout: str) -> str:
+    match = re.search(r"^export ([0-9a-f]{24}):", stdout, re.M)
+    assert match, stdout
+    return match.group(1)
+
+
+def assert_plain(stdout: str) -> None:
+    assert "\r" not in stdout and "\x1b" not in stdout
+    lines = stdout.splitlines()
+    assert lines[0].startswith("export ")
+    assert any(PROGRESS_LINE.match(line) for line in lines), stdout
+
+
+def test_imports_only_the_client_side() -> None:
+    code = "import sys, service.cli; print(sorted(sys.modules))"
+    modules = json.loads(subprocess.run([sys.executable, "-c", code.replace("print(", "import json; print(json.dumps(")
+                                         + ")"], cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    ours = [m for m in modules if m.startswith("service")]
+    assert ours == ["service", "service.cli", "service.cli_client", "service.cli_progress"]
+    assert not [m for m in modules if m.split(".")[0] in ("pymongo", "motor", "bson", "orjson", "xlsxwriter")]
+    assert "aiohttp.web" not in modules
+
+
+def test_create_csv_with_query_fields_and_sort_matches_the_source(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
+    fields = ["seq", "title", "status", "assignee.name", "createdAt"]
+    done = mexport(service, "create", "tasks", "--type", "csv", "-q", '{"status": "open", "seq": {"$lt": 1500}}',
+                   "-f", ",".join(fields), "--sort", '{"seq": -1}', "-o", "open.csv", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "open.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    source = sorted((d for d in tasks if d.get("status") == "open" and d["seq"] < 1500), key=lambda d: -d["seq"])
+    assert rows[0] == fields
+    assert rows[1:] == [[csv_text(lookup(d, f)) for f in fields] for d in source]
+    assert_plain(done.stdout)
+    assert done.stdout.splitlines()[-1] == f"wrote open.csv ({len(source):,} rows, {(tmp_path / 'open.csv').stat().st_size:,} bytes)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["open.csv"]  # no temporary file left behind
+
+
+def test_json_array_and_lines_like_mongoexport(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
+    source = sorted(tasks, key=lambda d: d["seq"])[:120]
+    common = ["create", "tasks", "--type", "json", "--sort", '{"seq": 1}', "--limit", "120"]
+    array = mexport(service, *common, "--jsonArray", "-o", "array.json", cwd=tmp_path)
+    assert array.returncode == 0, array.stderr
+    docs = json_util.loads((tmp_path / "array.json").read_text(encoding="utf-8"), json_options=JSON_OPTIONS)
+    assert isinstance(docs, list) and docs == source
+    lines = mexport(service, *common, cwd=tmp_path)  # no -o: the service's file name, here
+    assert lines.returncode == 0, lines.stderr
+    snap = api(service, "GET", f"/api/exports/{job_id_of(lines.stdout)}")[1]
+    assert snap["format"] == "ndjson" and snap["file_name"].endswith(".ndjson")
+    text = (tmp_path / snap["file_name"]).read_text(encoding="utf-8")
+    assert [json_util.loads(line, json_options=JSON_OPTIONS) for line in text.splitlines()] == source
+
+
+def test_format_options(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
+    source = sorted(tasks, key=lambda d: d["seq"])[:5]
+    packed = mexport(service, "create", "tasks", "--type", "csv", "--gzip", "--noHeaderLine", "-f", "seq,title",
+                     "--sort", '{"seq": 1}', "--limit", "5", "-o", "five.csv.gz", cwd=tmp_path)
+    assert packed.returncode == 0, packed.stderr
+    text = gzip.decompress((tmp_path / "five.csv.gz").read_bytes()).decode("utf-8")
+    assert list(csv.reader(io.StringIO(text, newline=""))) == [[str(d["seq"]), d["title"]] for d in source]
+    canonical = mexport(service, "create", "tasks", "--jsonFormat", "canonical", "-f", "seq", "--sort", '{"seq": 1}',
+                        "--limit", "5", "-o", "five.ndjson", cwd=tmp_path)
+    assert canonical.returncode == 0, canonical.stderr
+    lines = [json.loads(line) for line in (tmp_path / "five.ndjson").read_text().splitlines()]
+    assert [line["seq"] for line in lines] == [{"$numberInt": str(d["seq"])} for d in source]
+    parquet = mexport(service, "create", "tasks", "--type", "parquet", "-f", "seq,title", "--sort", '{"seq": 1}',
+                      "--limit", "5", "-o", "five.parquet", cwd=tmp_path)
+    assert parquet.returncode == 0, parquet.stderr
+    table = pq.read_table(tmp_path / "five.parquet")
+    assert table.column_names == ["seq", "title"]
+    assert table.to_pylist() == [{"seq": d["seq"], "title": d["title"]} for d in source]
+    refused = mexport(service, "create", "tasks", "--type", "parquet", "--gzip", cwd=tmp_path)
+    assert refused.returncode == 1 and refused.stderr.startswith("mexport: options.compress"), refused.stderr
+
+
+def test_url_option_wins_over_the_environment(service: ServiceProcess, tmp_path: Path) -> None:
+    dead = "http://127.0.0.1:9"
+    env = cli_env(service, url=dead)
+    unreachable = subprocess.run([*CLI, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 1 and unreachable.stderr.startswith(f"mexport: cannot reach the service at {dead}")
+    for args in (["--url", service.url, "list"], ["list", "--url", service.url]):
+        done = subprocess.run([*CLI, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith("ID "), done.stderr
+
+
+def test_bad_input_exits_non_zero_with_the_services_message(service: ServiceProcess, tmp_path: Path) -> None:
+    where = mexport(service, "create", "tasks", "-q", '{"$where": "this.seq > 1"}', cwd=tmp_path)
+    assert where.returncode == 1 and where.stderr.startswith("mexport: filter"), where.stderr
+    assert "$where" in where.stderr and "Traceback" not in where.stderr
+    field = mexport(service, "create", "tasks", "--type", "csv", "-f", "title,$bad", cwd=tmp_path)
+    assert field.returncode == 1 and field.stderr.startswith("mexport: fields"), field.stderr
+    missing = mexport(service, "create", "no_such_collection", cwd=tmp_path)
+    assert missing.returncode == 1 and "collection: collection 'no_such_collection' does not exist" in missing.stderr
+    not_json = mexport(service, "create", "tasks", "-q", "{status: open}", cwd=tmp_path)
+    assert not_json.returncode == 2 and "--query: not valid JSON" in not_json.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_wrong_or_missing_token_fails_cleanly(service: ServiceProcess, tmp_path: Path) -> None:
+    for token in ("wrong-token", None):
+        done = mexport(service, "create", "tasks", "-o", "x.json", cwd=tmp_path, token=token)
+        assert done.returncode == 1
+        assert done.stderr.strip() == "mexport: Authorization: a valid bearer token is required"
+    listing = mexport(service, "list", "--token", "wrong-token", cwd=tmp_path, token=TOKEN)  # --token wins over the env
+    assert listing.returncode == 1 and "Authorization" in listing.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_list_status_download_and_delete(service: ServiceProcess, tmp_path: Path) -> None:
+    created = mexport(service, "create", "tasks", "--type", "csv", "--limit", "10", "-o", "a.csv", cwd=tmp_path, token=OTHER_TOKEN)
+    assert created.returncode == 0, created.stderr
+    job_id = job_id_of(created.stdout)
+    listing = mexport(service, "list", "--status", "completed", cwd=tmp_path, token=OTHER_TOKEN)
+    assert listing.returncode == 0, listing.stderr
+    header, *rows = listing.stdout.splitlines()
+    assert header.split() == ["ID", "STATUS", "COLLECTION", "FORMAT", "ROWS", "CREATED", "FILE"]
+    assert [row.split()[:5] for row in rows] == [[job_id, "completed", "tasks", "csv", "10"]]
+    assert job_id not in mexport(service, "list", cwd=tmp_path).stdout  # alice does not see bob's exports
+    downloaded = mexport(service, "download", job_id, "-o", "again.csv", cwd=tmp_path, token=OTHER_TOKEN)
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert (tmp_path / "again.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
+    status = mexport(service, "status", job_id, "--json", cwd=tmp_path, token=OTHER_TOKEN)
+    assert json.loads(status.stdout)["processed"] == 10
+    plain = mexport(service, "status", job_id, cwd=tmp_path, token=OTHER_TOKEN).stdout
+    fields = dict(line.split(":", 1) for line in plain.splitlines())
+    assert {k: fields[k].strip() for k in ("id", "status", "processed", "limit")} == {"id": job_id, "status": "completed", "processed": "10", "limit": "10"}
+    refused = mexport(service, "cancel", job_id, cwd=tmp_path, token=OTHER_TOKEN)
+    assert refused.returncode == 1 and "is completed; nothing to cancel" in refused.stderr
+    assert mexport(service, "delete", job_id, cwd=tmp_path, token=OTHER_TOKEN).stdout.strip() == f"export {job_id} deleted"
+    gone = mexport(service, "download", job_id, cwd=tmp_path, token=OTHER_TOKEN)
+    assert gone.returncode == 1 and gone.stderr.strip() == f"mexport: id: no export {job_id}"
+
+
+def test_cancel_a_running_export(service: ServiceProcess, big_tasks: Any, tmp_path: Path) -> None:
+    request = urllib.request.Request(
+        service.url + "/api/exports", method="POST", data=json.dumps({"collection": "tasks_big", "format": "csv"}).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        job_id = json.loads(resp.read())["id"]
+    done = mexport(service, "cancel", job_id, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"export {job_id} cancelled"
+    assert api(service, "GET", f"/api/exports/{job_id}")[1]["status"] == "cancelled"
+
+
+def read_lines_until(proc: subprocess.Popen[str], pattern: re.Pattern[str], timeout: float) -> list[tuple[float, str]]:
+    """(arrival time, line) of stdout up to and including the first line matching pattern."""
+    assert proc.stdout is not None
+    seen: list[tuple[float, str]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, f"stdout ended before {pattern.pattern}: {seen}"
+        seen.append((time.monotonic(), line.rstrip("\n")))
+        if pattern.search(line):
+            return seen
+    raise AssertionError(f"no {pattern.pattern} within {timeout} s: {seen}")
+
+
+def test_ctrl_c_cancels_the_export_and_exits_130(service: ServiceProcess, big_tasks: Any, tmp_path: Path) -> None:
+    proc = subprocess.Popen([*CLI, "create", "tasks_big", "--type", "csv", "-o", "big.csv"], cwd=tmp_path,
+                            env=cli_env(service), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = read_lines_until(proc, re.compile(r"^processing: [1-9]"), 120)  # rows are flowing
+        proc.send_signal(signal.SIGINT)
+        rest, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    job_id = job_id_of(lines[0][1])
+    assert rest.splitlines()[-2:] == [f"interrupted: cancelling export {job_id}", f"export {job_id} cancelled"]
+    snap = api(service, "GET", f"/api/exports/{job_id}")[1]
+    assert snap["status"] == "cancelled" and 0 < snap["processed"] < 20_000, snap
+    assert_plain("\n".join(line for _, line in lines) + rest)
+    assert not list(tmp_path.iterdir())
+
+
+def test_plain_lines_come_at_most_once_a_second(service: ServiceProcess, big_tasks: Any, tmp_path: Path) -> None:
+    proc = subprocess.Popen([*CLI, "create", "tasks_big", "--type", "csv", "-f", "seq", "-o", "seq.csv"], cwd=tmp_path,
+                            env=cli_env(service), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = read_lines_until(proc, re.compile(r"^wrote "), 180)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    assert_plain("\n".join(line for _, line in lines))
+    # The final state always gets its line; the ones before it are paced.
+    paced = [at for at, line in lines if PROGRESS_LINE.match(line) and not line.startswith("completed")]
+    assert len(paced) >= 3, lines
+    assert all(b - a > 0.8 for a, b in zip(paced, paced[1:])), lines
+    assert lines[-2][1].startswith("completed: 20,000 of 20,000 rows")
+
+
+def test_polling_instead_of_socketio(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
+    done = mexport(service, "create", "-c", "tasks", "--type", "ndjson", "--poll", "-q", '{"priority": "urgent"}', "-f", "seq", "-o", "u.ndjson", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    got = [json.loads(line) for line in (tmp_path / "u.ndjson").read_text().splitlines()]
+    assert sorted(d["seq"] for d in got) == sorted(d["seq"] for d in tasks if d.get("priority") == "urgent")
+
+
+def test_a_terminal_gets_a_bar_redrawn_in_place(service: ServiceProcess, tmp_path: Path) -> None:
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([*CLI, "create", "tasks", "--type", "csv", "-o", "t.csv"], cwd=tmp_path,
+                            env=cli_env(service), stdout=terminal, stderr=subprocess.PIPE)
+    os.close(terminal)
+    output = b""
+    try:
+        while True:
+            ready, _, _ = select.select([controller], [], [], 120)
+            assert ready, output
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        os.close(controller)
+        proc.kill()
+    text = output.decode()
+    assert "\r[" in text and "] completed 3,000/3,000 rows 100.0%" in text
+    assert max(len(line) for line in re.split(r"[\r\n]", text)) < 80  # fits the 80 columns a bare terminal has
+    with open(tmp_path / "t.csv", newline="", encoding="utf-8") as handle:
+        assert len(list(csv.reader(handle))) == 3001
+
+
+def test_a_failed_export_exits_non_zero_with_the_services_reason(service: ServiceProcess, tmp_path: Path) -> None:
+    # Valid as far as the service checks, refused by the database once the query runs.
+    done = mexport(service, "create", "tasks", "-q", '{"seq": {"$noSuchOperator": 1}}', "-o", "x.json", cwd=tmp_path)
+    assert done.returncode == 1, done.stdout
+    job_id = job_id_of(done.stdout)
+    snap = api(service, "GET", f"/api/exports/{job_id}")[1]
+    assert snap["status"] == "failed" and snap["error"]["message"], snap
+    assert done.stderr.strip() == f"mexport: export {job_id} failed: {snap['error']['message']} ({snap['error']['code']})"
+    assert done.stdout.splitlines()[-1].startswith("failed: ")
+    assert not list(tmp_path.iterdir())
+
+
+class ApiOnlyProxy:
+    """Forwards /api/* to the service and answers everything else, Socket.IO included, with 404: a proxy
+    that does not pass WebSockets or long polling."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.paths: list[str] = []
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.paths.append(request.path)
+        if not request.path.startswith("/api/"):
+            return web.Response(status=404, text="not here")
+        headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Content-Type")}
+        async with ClientSession() as http:
+            async with http.request(request.method, self.target + request.path_qs, headers=headers, data=await request.read()) as resp:
+                passed = {k: v for k, v in resp.headers.items() if k in ("Content-Type", "Content-Disposition")}
+                return web.Response(status=resp.status, body=await resp.read(), headers=passed)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    def __enter__(self) -> "ApiOnlyProxy":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_without_socketio_it_falls_back_to_polling(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
+    with ApiOnlyProxy(service.url) as proxy:
+        done = subprocess.run([*CLI, "create", "tasks", "--type", "csv", "-f", "seq", "-o", "p.csv"], cwd=tmp_path,
+                              env=cli_env(service, url=f"http://127.0.0.1:{proxy.port}"), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "live progress unavailable" in done.stderr and "polling every second" in done.stderr
+    job_id = job_id_of(done.stdout)
+    assert proxy.paths[1].startswith("/socket.io")
+    assert proxy.paths.count(f"/api/exports/{job_id}") >= 2  # polled until completed, then once more for the download link
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as handle:
+        assert [row[0] for row in csv.reader(handle)][1:] == [str(d["seq"]) for d in tasks]
