@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from bson.errors import BSONError
 
-from .pipeline import ExportPipeline, PipelineResult
+from .pipeline import ExportPipeline, PipelineResult, ResumePoint
 from .query import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ ENCODER_NICE = 5
 # Batches handed to an encoder and not yet acknowledged: one being encoded and the next one waiting, so the
 # encoder never waits for a round trip through the event loop, and the server holds at most that many.
 MAX_IN_FLIGHT = 2
+# The message that asks for a checkpoint; a batch is whole BSON documents, at least 5 bytes, and b"" ends the export.
+CHECKPOINT = b"C"
 
 
 class EncoderError(RuntimeError):
@@ -46,11 +48,14 @@ def _lower_priority() -> None:
         log.debug("could not lower the encoder's priority: %s", exc)
 
 
-def _serve(conn: multiprocessing.connection.Connection, spec_doc: dict[str, Any], part_path: str, info: dict[str, Any]) -> None:
+def _serve(
+    conn: multiprocessing.connection.Connection, spec_doc: dict[str, Any], part_path: str, info: dict[str, Any], resume: dict[str, Any] | None
+) -> None:
     """The encoder process: open the .part file, then answer each batch with its row count."""
     _lower_priority()
     try:
-        pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info)
+        point = ResumePoint(Path(resume["source"]), resume["bytes"], resume["rows"], resume["columns"]) if resume else None
+        pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info, point)
     except OSError as exc:
         conn.send(("error", "disk_error", f"cannot write export file: {exc.strerror or exc}"))
         return
@@ -62,6 +67,9 @@ def _serve(conn: multiprocessing.connection.Connection, spec_doc: dict[str, Any]
             pipeline.abort()
             return
         try:
+            if raw == CHECKPOINT:
+                conn.send(("checkpoint", pipeline.checkpoint()))
+                continue
             if raw:
                 conn.send(("ok", pipeline.feed(raw)))
                 continue
@@ -94,8 +102,11 @@ class EncoderPool:
     def usable(self) -> bool:
         return not self.closed
 
-    async def open(self, spec: ExportSpec, part_path: Path, info: Mapping[str, Any]) -> "EncoderSession":
-        session = EncoderSession(self, spec, part_path, info)
+    async def open(
+        self, spec: ExportSpec, part_path: Path, info: Mapping[str, Any], resume: Mapping[str, Any] | None = None
+    ) -> "EncoderSession":
+        """An encoder writing part_path; with resume ({source, bytes, rows, columns}), going on from a checkpoint."""
+        session = EncoderSession(self, spec, part_path, info, resume)
         await session.start()
         return session
 
@@ -107,11 +118,14 @@ class EncoderPool:
 class EncoderSession:
     """The server's side of one encoder process. Calls are made one at a time (the runner awaits each)."""
 
-    def __init__(self, pool: EncoderPool, spec: ExportSpec, part_path: Path, info: Mapping[str, Any]) -> None:
+    def __init__(
+        self, pool: EncoderPool, spec: ExportSpec, part_path: Path, info: Mapping[str, Any], resume: Mapping[str, Any] | None = None
+    ) -> None:
         self.pool = pool
         self.spec = spec
         self.part_path = part_path
         self.info = dict(info)
+        self.resume = dict(resume) if resume else None
         self.conn: multiprocessing.connection.Connection | None = None
         self.process: multiprocessing.process.BaseProcess | None = None
         self.in_flight = 0  # batches sent and not acknowledged yet
@@ -124,7 +138,7 @@ class EncoderSession:
     def _start_blocking(self) -> tuple[Any, ...]:
         parent, child = self.pool.ctx.Pipe(duplex=True)
         self.process = self.pool.ctx.Process(
-            target=_serve, args=(child, self.spec.to_doc(), str(self.part_path), self.info), daemon=True
+            target=_serve, args=(child, self.spec.to_doc(), str(self.part_path), self.info, self.resume), daemon=True
         )
         self.process.start()
         child.close()
@@ -176,6 +190,11 @@ class EncoderSession:
             self.process.join(timeout=10)
         return reply
 
+    def _checkpoint_blocking(self, conn: multiprocessing.connection.Connection) -> tuple[int, dict[str, Any]]:
+        rows = self._collect(conn, 0)
+        conn.send_bytes(CHECKPOINT)
+        return rows, self._receive(conn)[1]
+
     def _pipe(self) -> multiprocessing.connection.Connection:
         if self.conn is None:
             raise EncoderError("encoder_crashed", "the encoder process was stopped")
@@ -192,6 +211,12 @@ class EncoderSession:
     async def drain(self) -> int:
         """Wait until every batch handed over is encoded; returns the rows not reported by feed() yet."""
         return int(await self._call(self._collect, self._pipe(), 0))
+
+    async def checkpoint(self) -> tuple[int, dict[str, Any]]:
+        """Wait until every batch handed over is written, then make the file whole and durable there; returns
+        the rows not reported by feed() yet, and {bytes, rows, columns} of the file at that point."""
+        rows, state = await self._call(self._checkpoint_blocking, self._pipe())
+        return int(rows), state
 
     async def finish(self) -> PipelineResult:
         reply = await self._call(self._finish_blocking, self._pipe())

@@ -182,6 +182,7 @@ def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, download
         "download_url": download_url if status == JobStatus.COMPLETED else None,
         "error": doc.get("error"),
         "warnings": list(doc.get("warnings") or []),
+        "resumed_from": doc.get("resumed_from"),  # {rows, bytes, reread_rows} when a run went on from a checkpoint
         "created_at": iso(doc.get("created_at")),
         "started_at": iso(doc.get("started_at")),
         "finished_at": iso(doc.get("finished_at")),

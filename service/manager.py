@@ -275,8 +275,6 @@ class JobManager:
             "instance": self.instance_id,  # kept after the end, to tell which instance ran it
             "lease_until": now + int(self.settings.lease_seconds * 1000),
             "started_at": now,
-            "processed": 0,
-            "total": None,
             "error": None,
         }
         return await transition(self.db, [JobStatus.QUEUED], JobStatus.FETCHING, fields=fields, inc={"attempts": 1})

@@ -30,6 +30,44 @@ FAST_DECODE_OPTIONS: CodecOptions = CodecOptions(tz_aware=False)
 MAX_WARNED_PATHS = 20
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where an earlier run's file is whole: its first bytes hold the header and rows rows (a checkpoint)."""
+
+    source: Path  # that run's partial file (another instance's, or this one's)
+    bytes: int
+    rows: int
+    columns: list[str] | None
+
+
+class GzipMembers(io.RawIOBase):
+    """A gzip stream that can end its current member (a checkpoint) and go on in a new one: the file is a
+    whole gzip file at every member's end, which a resumed export appends to. Readers take the members as one
+    stream (RFC 1952)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.member: gzip.GzipFile | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.member is None:
+            # No name and no time in the header: the same export compresses to the same bytes.
+            self.member = gzip.GzipFile(filename="", fileobj=self.file, mode="wb", compresslevel=6, mtime=0)
+        return self.member.write(data)
+
+    def end_member(self) -> None:
+        if self.member is not None:
+            self.member.close()  # writes the trailer; the file itself stays open
+            self.member = None
+
+    def close(self) -> None:
+        self.end_member()
+        super().close()
+
+
 @dataclass
 class PipelineResult:
     rows: int
@@ -39,7 +77,7 @@ class PipelineResult:
 
 
 class ExportPipeline:
-    def __init__(self, spec: ExportSpec, part_path: Path, info: Mapping[str, Any]) -> None:
+    def __init__(self, spec: ExportSpec, part_path: Path, info: Mapping[str, Any], resume: ResumePoint | None = None) -> None:
         self.spec = spec
         self.part_path = Path(part_path)
         self.info = info
@@ -50,16 +88,35 @@ class ExportPipeline:
         self.missed: dict[str, None] = {}
         self.scratch = scratch_dir(self.part_path)
         self.scratch.mkdir(exist_ok=True)
-        self.file: BinaryIO = open(self.part_path, "wb", buffering=1 << 20)
-        self.stream: BinaryIO = (
-            # GzipFile.write is Python code, so small writes are gathered first. No name and no time in the
-            # gzip header: the same export compresses to the same bytes.
-            io.BufferedWriter(  # type: ignore[assignment]
-                gzip.GzipFile(filename="", fileobj=self.file, mode="wb", compresslevel=6, mtime=0), 1 << 20
-            )
-            if spec.compress == "gzip"
-            else self.file
-        )
+        self.file: BinaryIO = _open_part(self.part_path, resume)
+        self.gzip = GzipMembers(self.file) if spec.compress == "gzip" else None
+        # GzipFile.write is Python code, so small writes are gathered first.
+        self.stream: BinaryIO = io.BufferedWriter(self.gzip, 1 << 20) if self.gzip is not None else self.file  # type: ignore[assignment]
+        if resume is not None:
+            self._continue(resume)
+
+    def _continue(self, resume: ResumePoint) -> None:
+        """Go on from a checkpoint: the header and the first rows are in the file already."""
+        self.rows = resume.rows
+        columns = resume.columns
+        if columns is not None and not self.spec.fields:
+            self.discovered = set(columns)
+            self.leaf_keys = frozenset(c for c in columns if "." not in c)
+        self.writer = make_writer(self.stream, self.spec, columns, self.info, self.scratch)
+        self.writer.resume(resume.rows)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Make the file whole up to the last row written (a gzip member ends here) and durable; returns where
+        a resumed export may go on from."""
+        if self.writer is not None:
+            self.writer.flush()
+        if self.stream is not self.file:
+            self.stream.flush()
+        if self.gzip is not None:
+            self.gzip.end_member()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        return {"bytes": self.file.tell(), "rows": self.rows, "columns": self.writer.columns if self.writer else None}
 
     def _start(self, first_docs: list[dict[str, Any]]) -> None:
         columns: list[str] | None = list(self.spec.fields) if self.spec.fields else None
@@ -150,6 +207,32 @@ class ExportPipeline:
             log.debug("closing a discarded export file failed: %s", exc)
         finally:
             remove_partial(self.part_path)
+
+
+def _open_part(part_path: Path, resume: ResumePoint | None) -> BinaryIO:
+    """The partial file, new, or holding the first resume.bytes of the resumed run's file (copied when that
+    file is another run's: the run that lost the job may still hold it open and write to it)."""
+    if resume is None:
+        return open(part_path, "wb", buffering=1 << 20)
+    if resume.source != part_path:
+        with open(resume.source, "rb") as src, open(part_path, "wb") as dst:
+            _copy_prefix(src, dst, resume.bytes)
+    file = open(part_path, "r+b", buffering=1 << 20)
+    file.truncate(resume.bytes)
+    file.seek(resume.bytes)
+    if file.tell() != resume.bytes or os.fstat(file.fileno()).st_size != resume.bytes:
+        raise OSError(f"the partial file holds fewer than the checkpoint's {resume.bytes} bytes")
+    return file
+
+
+def _copy_prefix(src: BinaryIO, dst: BinaryIO, size: int) -> None:
+    left = size
+    while left:
+        chunk = src.read(min(left, 1 << 20))
+        if not chunk:
+            raise OSError(f"the partial file holds fewer than the checkpoint's {size} bytes")
+        dst.write(chunk)
+        left -= len(chunk)
 
 
 def decode_batch(raw: bytes) -> list[dict[str, Any]]:

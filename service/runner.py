@@ -21,6 +21,7 @@ from .jobs import ACTIVE, RUNNING, JobStatus, expiry, now_ms, snapshot, transiti
 from .metrics import Metrics
 from .pipeline import remove_file, remove_partial
 from .query import ExportSpec
+from .resume import ResumePlan, after, export_order, last_key, plan, resumable
 from .settings import Settings
 from .signing import UrlSigner
 
@@ -141,14 +142,18 @@ class JobRun:
                 await self.emit(STATUS_EVENTS[JobStatus(self.job["status"])])
 
     # --- the loop ----------------------------------------------------------------------------
-    def _find(self) -> FindSpec:
+    def _find(self, resume: ResumePlan | None) -> FindSpec:
         settings = self.ctx.settings
+        order = export_order(self.spec)
+        query = self.spec.filter
+        if resume is not None:  # the rows after the checkpoint's last one, and only as many as are left
+            query = {"$and": [query, after(order, resume.key)]} if query else after(order, resume.key)
         return FindSpec(
             collection=self.spec.collection,
-            filter=self.spec.filter,
+            filter=query,
             projection=self.spec.projection(),
-            sort=self.spec.sort,
-            limit=self.spec.limit,
+            sort=order,
+            limit=self.spec.limit - resume.rows if resume is not None and self.spec.limit else self.spec.limit,
             batch_size=settings.batch_size,
             max_time_ms=settings.query_max_time_ms,
             count_max_time_ms=settings.count_max_time_ms,
@@ -169,19 +174,36 @@ class JobRun:
         return total
 
     async def run(self) -> None:
-        find = self._find()
-        self.waiting_since = time.monotonic()
-        await self.emit("export-fetching")
-        counting = asyncio.create_task(self._count(find), name=f"count-{self.id}")
+        resume = plan(self.job, self.spec, self.ctx.settings.export_dir)
+        await self._start(resume)
+        find = self._find(resume)
+        # The total is of the whole export, whatever part of it this run reads.
+        counting = asyncio.create_task(self._count(self._find(None)), name=f"count-{self.id}")
         try:
-            if self.spec.json.envelope and self.spec.format == "json":
+            if self.spec.json.envelope and self.spec.format == "json" and resume is None:
                 await asyncio.shield(counting)  # the envelope's header names the total
+            point = resume.encoder_point() if resume is not None else None
+            self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, self._info(), point)
             await self._clear_stale_parts()
-            self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, self._info())
-            processed = await self._copy_rows(find)
+            processed = await self._copy_rows(find, resume.rows if resume is not None else 0)
         finally:
             counting.cancel()
         await self._finalize(processed)
+
+    async def _start(self, resume: ResumePlan | None) -> None:
+        """Record where this run starts: row one, or a checkpoint (and how many rows past it the run before
+        this one had read, which are read again now)."""
+        resumed = None
+        if resume is not None:
+            reread = max(0, int(self.job.get("processed") or 0) - resume.rows)
+            resumed = {"rows": resume.rows, "bytes": resume.bytes, "reread_rows": reread}
+            log.info("job %s: resuming at row %d (byte %d); %d rows are read again", self.id, resume.rows, resume.bytes, reread)
+        fields = {"processed": resume.rows if resume else 0, "total": None, "bytes": 0, "resumed_from": resumed}
+        if resume is None:
+            fields["checkpoint"] = None
+        await self._change(fields, [JobStatus.FETCHING])
+        self.waiting_since = time.monotonic()
+        await self.emit("export-fetching")
 
     def _info(self) -> dict[str, Any]:
         return {
@@ -199,9 +221,10 @@ class JobRun:
             if stale != self.part_path:
                 remove_partial(stale)  # left by an instance that lost this job; we own it now
 
-    async def _copy_rows(self, find: FindSpec) -> int:
+    async def _copy_rows(self, find: FindSpec, processed: int) -> int:
         assert self.encoder is not None
-        processed = 0
+        checkpoint_every = self.ctx.settings.checkpoint_batches if resumable(self.spec) else 0
+        batches_fed = 0
         fed = False
         async with aclosing(self.ctx.source.raw_batches(find)) as batches:
             while True:
@@ -216,7 +239,10 @@ class JobRun:
                 # recorded and the next batch is fetched, so the database, the event loop and the encoder overlap.
                 done = await self.encoder.feed(raw)
                 fed = True
-                if done:
+                batches_fed += 1
+                if checkpoint_every and batches_fed % checkpoint_every == 0:
+                    processed = await self._checkpoint(processed + done, raw, find.sort)
+                elif done:
                     processed += done
                     await self._progress(processed)
         if fed:
@@ -224,10 +250,19 @@ class JobRun:
             await self._progress(processed, force=True)
         return processed
 
-    async def _progress(self, processed: int, force: bool = False) -> None:
+    async def _checkpoint(self, processed: int, last_raw: bytes, order: Any) -> int:
+        """Make the file whole and durable up to the last batch fed, and record where a new owner can go on."""
+        assert self.encoder is not None
+        rows, state = await self.encoder.checkpoint()
+        point = {"part": self.part_path.name, "bytes": state["bytes"], "rows": state["rows"], "columns": state["columns"],
+                 "key": last_key(last_raw, order)}
+        await self._progress(processed + rows, force=True, extra={"checkpoint": point})
+        return processed + rows
+
+    async def _progress(self, processed: int, force: bool = False, extra: dict[str, Any] | None = None) -> None:
         now = time.monotonic()
         elapsed = max(now - self.started, 1e-6)
-        fields: dict[str, Any] = {"processed": processed, "rate": processed / elapsed}
+        fields: dict[str, Any] = {"processed": processed, "rate": processed / elapsed, **(extra or {})}
         if self.total_known:
             fields["total"] = self.job["total"]
         if self.job["status"] == JobStatus.FETCHING.value:

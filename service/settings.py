@@ -51,6 +51,7 @@ class Settings:
     job_timeout_seconds: int = 43_200  # a job's wall-clock limit (0: none)
     secret_key: str | None = None  # signs download links; None: a key generated under export_dir
     download_url_seconds: int = 300  # how long a signed download link works
+    checkpoint_batches: int = 10  # a resumable export records a checkpoint every this many batches (0: never)
     allowed_origins: tuple[str, ...] = ()  # Socket.IO origins besides the page's own; "*" for any
 
     @property
@@ -142,6 +143,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) ->
         job_timeout_seconds=_int(env, "EXPORT_JOB_TIMEOUT_SECONDS", 43_200),
         secret_key=env.get("EXPORT_SECRET_KEY") or None,
         download_url_seconds=_int(env, "EXPORT_DOWNLOAD_URL_SECONDS", 300, minimum=1),
+        checkpoint_batches=_int(env, "EXPORT_CHECKPOINT_BATCHES", 10),
         allowed_origins=_origins(env.get("EXPORT_ALLOWED_ORIGINS", "")),
     )
     if values["port"] > 65535:

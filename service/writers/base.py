@@ -18,6 +18,8 @@ class Writer(ABC):
     # True: after the first batch, the pipeline hands each batch over raw, through write_raw(), so a writer
     # that reads BSON itself does not pay for decoding it into Python objects first.
     raw_input = False
+    # True: a file this writer left at a checkpoint (after flush()) can be continued by another writer's resume().
+    resumable = False
 
     def __init__(
         self,
@@ -48,6 +50,14 @@ class Writer(ABC):
 
     @abstractmethod
     def write_footer(self) -> None: ...
+
+    def resume(self, rows: int) -> None:
+        """Continue a file whose header and first rows (rows of them) were written by an earlier writer: get
+        ready as write_header() does, writing nothing. Only called when resumable is True."""
+        raise NotImplementedError(f"{type(self).__name__} cannot continue a file")
+
+    def flush(self) -> None:
+        """Push what the writer buffers itself into out, so the file is whole up to here (a checkpoint)."""
 
     def warnings(self) -> list[str]:
         """Anything the user should know about the file, for the job's warnings; called after write_footer()."""

@@ -16,15 +16,26 @@ FORMULA_CHARS = frozenset(FORMULA_PREFIXES)
 class CsvWriter(Writer):
     tabular = True
 
-    def write_header(self) -> None:
+    resumable = True
+
+    def _prepare(self) -> None:
         opts = self.spec.csv
         self.text = io.TextIOWrapper(self.out, encoding="utf-8", newline="", write_through=False)
-        if opts.bom:
-            self.text.write("\ufeff")
         self.csv = csv.writer(self.text, delimiter=opts.delimiter, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
         self.getters = make_getters(self.columns or [])
-        if opts.header and self.columns:
+
+    def write_header(self) -> None:
+        self._prepare()
+        if self.spec.csv.bom:
+            self.text.write("\ufeff")
+        if self.spec.csv.header and self.columns:
             self.csv.writerow(self.columns)
+
+    def resume(self, rows: int) -> None:
+        self._prepare()  # the BOM and the header row are in the file already
+
+    def flush(self) -> None:
+        self.text.flush()
 
     def write_batch(self, docs: list[dict[str, Any]]) -> int:
         getters = self.getters

@@ -16,6 +16,8 @@ class _DocumentWriter(Writer):
     """Shared by JSON and NDJSON: documents projected client-side, encoded as Extended JSON, one orjson
     call and one buffered write per document (small buffers, reused: cheaper than one big batch buffer)."""
 
+    resumable = True
+
     def _prepare(self) -> None:
         self.encode = encoder_for(self.spec.json.mode)
         self.tree = projection_tree(self.columns) if self.columns else None
@@ -34,6 +36,9 @@ class NdjsonWriter(_DocumentWriter):
     def write_header(self) -> None:
         self._prepare()
 
+    def resume(self, rows: int) -> None:
+        self._prepare()
+
     def write_batch(self, docs: list[dict[str, Any]]) -> int:
         if docs:
             self._write_documents(docs, b"", b"\n", b"\n")
@@ -45,6 +50,10 @@ class NdjsonWriter(_DocumentWriter):
 
 class JsonWriter(_DocumentWriter):
     """A JSON array of documents (mongoexport --jsonArray), or {"exportInfo": ..., "documents": [...]}."""
+
+    def resume(self, rows: int) -> None:
+        self._prepare()
+        self.first = rows == 0  # the next document is the array's first, or follows one
 
     def write_header(self) -> None:
         self._prepare()

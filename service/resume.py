@@ -1,0 +1,96 @@
+"""Resuming an export from its last checkpoint instead of its first row.
+
+A csv, json or ndjson export whose order is total (sorted by _id, the default, or by keys ending with _id)
+records a checkpoint every few batches: the partial file's length at a document boundary, the rows in it, the
+columns, and the sort key of its last row. A run that takes the job over keeps those bytes and asks the
+database for the rows after that key; the file it finishes is the one an uninterrupted run would have written.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import bson
+from bson import json_util
+
+from .query import CANONICAL, ExportSpec
+
+log = logging.getLogger(__name__)
+
+RESUMABLE_FORMATS = frozenset({"csv", "json", "ndjson"})  # XLSX and Parquet files are whole only when closed
+DEFAULT_ORDER: tuple[tuple[str, int], ...] = (("_id", 1),)
+_INT32 = struct.Struct("<i")
+
+
+def export_order(spec: ExportSpec) -> tuple[tuple[str, int], ...]:
+    """The order rows are read in: the request's sort, or _id ascending (one order every run agrees on)."""
+    return tuple(spec.sort) or DEFAULT_ORDER
+
+
+def resumable(spec: ExportSpec) -> bool:
+    order = export_order(spec)
+    return spec.format in RESUMABLE_FORMATS and getattr(spec, "pipeline_json", None) is None and order[-1][0] == "_id"
+
+
+def last_key(raw: bytes, order: Sequence[tuple[str, int]]) -> str:
+    """The sort key of the last document of a raw batch, as canonical Extended JSON."""
+    start = 0
+    while True:
+        size = _INT32.unpack_from(raw, start)[0]
+        if start + size >= len(raw):
+            break
+        start += size
+    doc = bson.decode(raw[start:])
+    return json_util.dumps([_lookup(doc, path) for path, _ in order], json_options=CANONICAL)
+
+
+def _lookup(doc: Mapping[str, Any], path: str) -> Any:
+    value: Any = doc
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def after(order: Sequence[tuple[str, int]], key_json: str) -> dict[str, Any]:
+    """The filter for the rows that come after key in this order (lexicographic over the sort keys)."""
+    values = json_util.loads(key_json, json_options=CANONICAL)
+    branches = []
+    for index, (path, direction) in enumerate(order):
+        branch = {prior: values[i] for i, (prior, _) in enumerate(order[:index])}
+        branch[path] = {"$gt" if direction == 1 else "$lt": values[index]}
+        branches.append(branch)
+    return branches[0] if len(branches) == 1 else {"$or": branches}
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    source: Path  # the partial file the checkpoint describes
+    bytes: int
+    rows: int
+    columns: list[str] | None
+    key: str  # canonical Extended JSON of the last row's sort key
+
+    def encoder_point(self) -> dict[str, Any]:
+        return {"source": str(self.source), "bytes": self.bytes, "rows": self.rows, "columns": self.columns}
+
+
+def plan(job: Mapping[str, Any], spec: ExportSpec, export_dir: Path) -> ResumePlan | None:
+    """Where this job can go on from, or None to start at its first row."""
+    point = job.get("checkpoint")
+    if not point or not resumable(spec):
+        return None
+    source = Path(export_dir) / point["part"]
+    try:
+        size = source.stat().st_size
+    except FileNotFoundError:
+        size = -1
+    values = json_util.loads(point["key"], json_options=CANONICAL)
+    if size < point["bytes"]:
+        log.warning("job %s: its checkpoint's file %s is gone or short; starting again", job["_id"], point["part"])
+        return None
+    if any(value is None for value in values) or (spec.limit and point["rows"] >= spec.limit):
+        return None  # a null sort key has no "after"; a reached limit leaves nothing to ask for
+    return ResumePlan(source, int(point["bytes"]), int(point["rows"]), point.get("columns"), point["key"])
