@@ -1,0 +1,269 @@
+"""Aggregation pipeline exports: validation through HTTP, then exports through the real app on the wire-protocol
+server with both drivers, read back with csv/json parsers and compared with the same computation done here,
+in Python, on the source documents."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from bson import json_util
+
+from service.app import create_app
+from service.settings import MANAGER_KEY
+
+from conftest import make_settings, subscribe, wait_status
+from expected import csv_text
+
+VALID = {"collection": "tasks", "format": "ndjson"}
+EMBEDDED = not os.environ.get("EXPORT_MONGO_URL")  # the suite's own embedded server, not a real MongoDB
+JSON_OPTIONS = json_util.JSONOptions(tz_aware=True)
+STATUSES = ["open", "in_progress", "done"]
+
+
+def nested(depth: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for _ in range(depth):
+        doc = {"a": doc}
+    return doc
+
+
+def pipeline(*stages: dict[str, Any]) -> dict[str, Any]:
+    return {**VALID, "pipeline": list(stages)}
+
+
+LOOKUP = {"localField": "a", "foreignField": "b", "as": "c"}
+# (case, body, code, field)
+REJECTIONS: list[tuple[str, dict[str, Any], str, str]] = [
+    ("not a list", {**VALID, "pipeline": {"$match": {}}}, "invalid_pipeline", "pipeline"),
+    ("stage not an object", pipeline({"$match": {}}, "$limit"), "invalid_pipeline", "pipeline.1"),
+    ("two keys in a stage", pipeline({"$match": {}, "$limit": 1}), "invalid_pipeline", "pipeline.0"),
+    ("$out", pipeline({"$match": {}}, {"$project": {"a": 1}}, {"$out": "copy"}), "forbidden_stage", "pipeline.2.$out"),
+    ("$merge", pipeline({"$merge": {"into": "copy"}}), "forbidden_stage", "pipeline.0.$merge"),
+    ("unknown stage", pipeline({"$match": {}}, {"$frobnicate": {}}), "forbidden_stage", "pipeline.1.$frobnicate"),
+    ("$unionWith", pipeline({"$unionWith": "tasks"}), "forbidden_stage", "pipeline.0.$unionWith"),
+    ("$graphLookup", pipeline({"$graphLookup": {"from": "tasks"}}), "forbidden_stage", "pipeline.0.$graphLookup"),
+    ("$where in $match", pipeline({"$match": {"a": {"$where": "sleep(100)"}}}), "forbidden_operator", "pipeline.0.$match.a.$where"),
+    ("$where at the top of $match", pipeline({"$sort": {"a": 1}}, {"$match": {"$where": "1"}}), "forbidden_operator", "pipeline.1.$match.$where"),
+    ("$function in $addFields", pipeline({"$addFields": {"x": {"$cond": [True, {"$function": {"body": "f", "args": [], "lang": "js"}}, 0]}}}),
+     "forbidden_operator", "pipeline.0.$addFields.x.$cond.1.$function"),
+    ("$accumulator in $group", pipeline({"$group": {"_id": "$status", "x": {"$accumulator": {}}}}), "forbidden_operator", "pipeline.0.$group.x.$accumulator"),
+    ("$where in a $facet", pipeline({"$facet": {"all": [{"$match": {}}], "odd": [{"$limit": 5}, {"$match": {"$or": [{"a": 1}, {"$where": "1"}]}}]}}),
+     "forbidden_operator", "pipeline.0.$facet.odd.1.$match.$or.1.$where"),
+    ("$out in a $facet", pipeline({"$facet": {"x": [{"$out": "copy"}]}}), "forbidden_stage", "pipeline.0.$facet.x.0.$out"),
+    ("$facet not a list", pipeline({"$facet": {"x": {"$match": {}}}}), "invalid_pipeline", "pipeline.0.$facet.x"),
+    ("$merge in a $lookup pipeline", pipeline({"$lookup": {"from": "tasks", "pipeline": [{"$merge": "copy"}], "as": "c"}}),
+     "forbidden_stage", "pipeline.0.$lookup.pipeline.0.$merge"),
+    ("$function in a $lookup pipeline", pipeline({"$match": {}}, {"$lookup": {"from": "tasks", "as": "c", "pipeline": [{"$project": {"x": {"$function": {}}}}]}}),
+     "forbidden_operator", "pipeline.1.$lookup.pipeline.0.$project.x.$function"),
+    ("$where in $lookup let", pipeline({"$lookup": {"from": "tasks", "let": {"v": {"$where": "1"}}, "pipeline": [], "as": "c"}}),
+     "forbidden_operator", "pipeline.0.$lookup.let.v.$where"),
+    ("$lookup from a system collection", pipeline({"$lookup": {"from": "system.users", **LOOKUP}}), "collection_not_exportable", "pipeline.0.$lookup.from"),
+    ("$lookup from nothing", pipeline({"$lookup": {**LOOKUP}}), "invalid_collection", "pipeline.0.$lookup.from"),
+    ("$lookup from a non-string", pipeline({"$lookup": {"from": {"db": "admin", "coll": "x"}, **LOOKUP}}), "invalid_collection", "pipeline.0.$lookup.from"),
+    ("$lookup not an object", pipeline({"$lookup": "tasks"}), "invalid_pipeline", "pipeline.0.$lookup"),
+    ("too deep", pipeline({"$match": nested(40)}), "invalid_pipeline", "pipeline.0.$match" + ".a" * 33),
+    ("bad extended json", pipeline({"$match": {"createdAt": {"$date": "not a date"}}}), "invalid_pipeline", "pipeline"),
+    ("with filter", {**pipeline({"$match": {}}), "filter": {"status": "open"}}, "conflicting_fields", "filter"),
+    ("with fields", {**pipeline({"$match": {}}), "fields": ["title"]}, "conflicting_fields", "fields"),
+    ("with sort", {**pipeline({"$match": {}}), "sort": {"seq": 1}}, "conflicting_fields", "sort"),
+    ("count without a pipeline", {**VALID, "count": True}, "conflicting_fields", "count"),
+    ("count not a boolean", {**pipeline({"$match": {}}), "count": "yes"}, "invalid_count", "count"),
+]
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]) -> Any:
+    return await aiohttp_client(create_app(make_settings(mongo_url, tmp_path)))
+
+
+@pytest.mark.parametrize("case,body,code,field", REJECTIONS, ids=[r[0] for r in REJECTIONS])
+async def test_rejections_name_the_stage_path(api: Any, case: str, body: dict[str, Any], code: str, field: str) -> None:
+    resp = await api.post("/api/exports", json=body)
+    assert resp.status == 400, (case, await resp.text())
+    error = (await resp.json())["error"]
+    assert (error["code"], error["field"]) == (code, field), error
+    assert error["message"]
+    assert (await (await api.get("/api/exports")).json())["exports"] == []
+
+
+async def test_lookup_from_outside_the_allow_list_or_the_jobs_collection_is_rejected(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any
+) -> None:
+    settings = make_settings(mongo_url, tmp_path, collections=("tasks", "people"))
+    api = await aiohttp_client(create_app(settings))
+    for index, source in enumerate(("tasks_other", settings.jobs_collection)):
+        stages = [{"$match": {}}] * index + [{"$lookup": {"from": source, **LOOKUP}}]
+        resp = await api.post("/api/exports", json=pipeline(*stages))
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert (error["code"], error["field"]) == ("collection_not_exportable", f"pipeline.{index}.$lookup.from"), error
+    resp = await api.post("/api/exports", json=pipeline({"$lookup": {"from": "people", **LOOKUP}}))
+    assert resp.status == 202, await resp.text()
+
+
+async def test_snapshot_shows_the_pipeline_in_relaxed_extended_json(api: Any) -> None:
+    stages = [{"$match": {"createdAt": {"$gte": {"$date": "2024-06-01T00:00:00Z"}}, "points": {"$numberLong": "5"}}}, {"$limit": 3}]
+    resp = await api.post("/api/exports", json={**VALID, "pipeline": stages, "count": True, "limit": 2})
+    assert resp.status == 202, await resp.text()
+    snap = await resp.json()
+    assert snap["pipeline"] == [{"$match": {"createdAt": {"$gte": {"$date": "2024-06-01T00:00:00Z"}}, "points": 5}}, {"$limit": 3}]
+    assert (snap["count"], snap["limit"], snap["filter"], snap["fields"], snap["sort"]) == (True, 2, None, None, None)
+    find = await (await api.post("/api/exports", json={**VALID, "filter": {"status": "open"}})).json()
+    assert (find["pipeline"], find["filter"], find["count"]) == (None, {"status": "open"}, True)
+
+
+# --- exports on the server ----------------------------------------------------------------------
+
+
+def read_ndjson(payload: bytes) -> list[dict[str, Any]]:
+    return [json_util.loads(line, json_options=JSON_OPTIONS) for line in payload.decode("utf-8").splitlines()]
+
+
+def read_csv(payload: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(payload.decode("utf-8"), newline="")))
+
+
+async def export(api: Any, body: dict[str, Any], timeout: float = 120) -> tuple[dict[str, Any], bytes]:
+    resp = await api.post("/api/exports", json=body)
+    assert resp.status == 202, await resp.text()
+    snap = await wait_status(api, (await resp.json())["id"], timeout=timeout)
+    assert snap["status"] == "completed", snap
+    resp = await api.get(snap["download_url"])
+    assert resp.status == 200
+    return snap, await resp.read()
+
+
+def by_status(tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    return (d for d in tasks if d.get("status") in STATUSES)
+
+
+async def test_match_project_sort_spans_several_batches(client: Any, tasks: list[dict[str, Any]]) -> None:
+    stages = [
+        {"$match": {"status": {"$in": STATUSES}}},
+        {"$project": {"_id": 0, "seq": 1, "title": 1, "createdAt": 1, "points": 1, "assignee": 1}},
+        {"$sort": {"createdAt": -1, "seq": 1}},
+    ]
+    snap, payload = await export(client, {**VALID, "pipeline": stages})
+    expected = sorted(by_status(tasks), key=lambda d: d["seq"])
+    expected.sort(key=lambda d: d["createdAt"], reverse=True)
+    keep = ("seq", "title", "createdAt", "points", "assignee")
+    expected = [{k: d[k] for k in keep if k in d} for d in expected]
+    assert len(expected) > 2000  # more than two batches of 1,000
+    assert read_ndjson(payload) == expected
+    assert snap["processed"] == snap["total"] == len(expected)
+
+
+async def test_group_to_csv(client: Any, tasks: list[dict[str, Any]]) -> None:
+    stages = [{"$group": {"_id": "$status", "n": {"$sum": 1}, "points": {"$sum": "$points"}, "estimate": {"$avg": "$estimate"}}}]
+    _, payload = await export(client, {**VALID, "format": "csv", "pipeline": stages})
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for doc in tasks:
+        groups[doc.get("status")].append(doc)
+    rows = {row["_id"]: row for row in read_csv(payload)}
+    assert set(rows) == {csv_text(status) for status in groups}
+    for status, docs in groups.items():
+        row = rows[csv_text(status)]
+        estimates = [d["estimate"] for d in docs if isinstance(d.get("estimate"), (int, float))]
+        assert (int(row["n"]), int(row["points"])) == (len(docs), sum(d.get("points") or 0 for d in docs))
+        assert float(row["estimate"]) == pytest.approx(sum(estimates) / len(estimates), rel=1e-12)
+
+
+@pytest.fixture
+def people(sync_db: Any, tasks: list[dict[str, Any]]) -> Iterator[dict[str, dict[str, Any]]]:
+    """One person per assignee name, with a team, in a second exportable collection."""
+    names = sorted({d["assignee"]["name"] for d in tasks if isinstance(d.get("assignee"), dict)})
+    docs = [{"name": name, "team": f"team-{index % 3}"} for index, name in enumerate(names[:-2])]  # two names left unmatched
+    sync_db.drop_collection("people")
+    sync_db.people.insert_many(docs)
+    yield {d["name"]: d for d in docs}
+    sync_db.drop_collection("people")
+
+
+async def test_lookup_into_another_collection(client: Any, tasks: list[dict[str, Any]], people: dict[str, dict[str, Any]]) -> None:
+    stages = [
+        {"$match": {"status": "open"}},
+        {"$lookup": {"from": "people", "localField": "assignee.name", "foreignField": "name", "as": "people"}},
+        {"$project": {"seq": 1, "people": 1}},  # not _id: 0, after which the embedded server gives the array as text
+        {"$sort": {"seq": 1}},
+    ]
+    _, payload = await export(client, {**VALID, "pipeline": stages})
+    expected = []
+    for doc in sorted((d for d in tasks if d.get("status") == "open"), key=lambda d: d["seq"]):
+        name = (doc.get("assignee") or {}).get("name")
+        expected.append({"_id": doc["_id"], "seq": doc["seq"], "people": [people[name]] if name in people else []})
+    assert any(not row["people"] for row in expected) and any(row["people"] for row in expected)
+    # The embedded server returns ObjectIds that went through $lookup or $project as hex text: compared as text.
+    assert [text_ids(row) for row in read_ndjson(payload)] == [text_ids(row) for row in expected]
+
+
+def text_ids(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "_id": str(row["_id"]), "people": [{**person, "_id": str(person["_id"])} for person in row["people"]]}
+
+
+async def test_count_true_gives_total_and_percent(client: Any, tasks: list[dict[str, Any]]) -> None:
+    expected = sum(1 for d in tasks if d.get("status") in STATUSES)
+    for count in (True, False):
+        client.server.app[MANAGER_KEY].pause()  # subscribed before the first event
+        body = {**VALID, "pipeline": [{"$match": {"status": {"$in": STATUSES}}}, {"$project": {"seq": 1}}], "count": count}
+        job = await (await client.post("/api/exports", json=body)).json()
+        seen: list[tuple[float, str, dict[str, Any]]] = []
+        sio = await subscribe(client, job["id"], seen)
+        client.server.app[MANAGER_KEY].resume()
+        snap = await wait_status(client, job["id"], timeout=120)
+        await sio.disconnect()
+        assert snap["status"] == "completed" and snap["total"] == snap["processed"] == expected
+        names = [name for _, name, _ in seen]
+        assert names[0] == "export-fetching" and "export-completed" in names, names
+        running = [data for _, name, data in seen if name in ("export-fetching", "export-processing")]
+        if count:
+            assert all(data["total"] == expected for data in running)
+            assert [d["percent"] for d in running[1:]] == [round(100 * d["processed"] / expected, 1) for d in running[1:]]
+        else:
+            assert all(data["total"] is None and data["percent"] is None for data in running), running
+
+
+async def test_a_stage_the_server_refuses_fails_the_job_with_its_message(client: Any) -> None:
+    body = {**VALID, "pipeline": [{"$project": {"x": {"$noSuchOperator": 1}}}]}
+    resp = await client.post("/api/exports", json=body)
+    assert resp.status == 202
+    snap = await wait_status(client, (await resp.json())["id"], timeout=60)
+    assert snap["status"] == "failed" and snap["error"]["code"] == "database_error", snap
+    assert "$noSuchOperator" in snap["error"]["message"]
+
+
+@pytest.mark.parametrize("stage", ["$sortByCount", "$set"])
+async def test_stages_the_embedded_server_lacks(client: Any, tasks: list[dict[str, Any]], stage: str) -> None:
+    stages = {
+        "$sortByCount": [{"$sortByCount": "$status"}],
+        "$set": [{"$set": {"twice": {"$multiply": ["$points", 2]}}}, {"$project": {"_id": 0, "seq": 1, "twice": 1}}, {"$sort": {"seq": 1}}],
+    }[stage]
+    resp = await client.post("/api/exports", json={**VALID, "pipeline": stages})
+    assert resp.status == 202
+    snap = await wait_status(client, (await resp.json())["id"], timeout=60)
+    if EMBEDDED:
+        assert snap["status"] == "failed", snap
+        assert snap["error"]["code"] == "database_error" and stage in snap["error"]["message"], snap
+        return
+    assert snap["status"] == "completed", snap
+    rows = read_ndjson(await (await client.get(snap["download_url"])).read())
+    if stage == "$set":
+        assert rows == [{"seq": d["seq"], "twice": d["points"] * 2} for d in sorted(tasks, key=lambda d: d["seq"])]
+    else:
+        counts: dict[Any, int] = defaultdict(int)
+        for doc in tasks:
+            counts[doc.get("status")] += 1
+        assert {row["_id"]: row["count"] for row in rows} == counts
+        assert [row["count"] for row in rows] == sorted(counts.values(), reverse=True)
+
+
+async def test_limit_is_a_final_limit(client: Any, tasks: list[dict[str, Any]]) -> None:
+    stages = [{"$project": {"_id": 0, "seq": 1}}, {"$sort": {"seq": -1}}]
+    snap, payload = await export(client, {**VALID, "pipeline": stages, "limit": 7, "count": True})
+    top = sorted((d["seq"] for d in tasks), reverse=True)[:7]
+    assert read_ndjson(payload) == [{"seq": seq} for seq in top]
+    assert snap["total"] == 7
