@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from bson import json_util
+from bson import decode_all, json_util
 
 from service.app import create_app
+from service.db import Database, FindSpec
 from service.settings import MANAGER_KEY
 
-from conftest import make_settings, subscribe, wait_status
+from conftest import DATA_DB, make_settings, subscribe, wait_status
 from expected import csv_text
 
 VALID = {"collection": "tasks", "format": "ndjson"}
@@ -267,3 +268,29 @@ async def test_limit_is_a_final_limit(client: Any, tasks: list[dict[str, Any]]) 
     top = sorted((d["seq"] for d in tasks), reverse=True)[:7]
     assert read_ndjson(payload) == [{"seq": seq} for seq in top]
     assert snap["total"] == 7
+
+
+async def test_database_yields_raw_batches_of_the_batch_size(mongo_url: str, driver: str, sync_db: Any, tasks: list[dict[str, Any]]) -> None:
+    db = Database.connect(mongo_url, DATA_DB, driver)
+    try:
+        sync_db.drop_collection("empty_for_pipeline")
+        sync_db.create_collection("empty_for_pipeline")
+        empty = FindSpec("empty_for_pipeline", {}, None, (), 0, batch_size=500, pipeline=[{"$match": {}}])
+        assert [batch async for batch in db.raw_batches(empty)] == []
+        assert db.raw_aggregate is None  # an empty collection does not tell how the server answers batchSize 0
+
+        spec = FindSpec("tasks", {}, None, (), 0, batch_size=500, pipeline=[{"$project": {"_id": 0, "seq": 1}}, {"$sort": {"seq": 1}}])
+        sizes, rows = [], []
+        async for batch in db.raw_batches(spec):
+            assert isinstance(batch, bytes)
+            docs = decode_all(batch)
+            sizes.append(len(docs))
+            rows += docs
+        assert db.raw_aggregate is (not EMBEDDED)  # MongoDB sends an empty first batch; the embedded server does not
+        assert rows == [{"seq": d["seq"]} for d in sorted(tasks, key=lambda d: d["seq"])]
+        assert max(sizes) <= 500 and len(sizes) >= len(tasks) // 500
+        assert await db.count(spec) == len(tasks)
+        assert await db.count(FindSpec("tasks", {}, None, (), 25, pipeline=spec.pipeline)) == 25
+    finally:
+        sync_db.drop_collection("empty_for_pipeline")
+        await db.close()
