@@ -216,8 +216,9 @@ class Database:
         The server-side cursor is closed when the iteration ends, fails or is abandoned.
         """
         if spec.pipeline is not None:
-            async for batch in self._aggregate_batches(spec):
-                yield batch
+            async with aclosing(self._aggregate_batches(spec)) as batches:
+                async for batch in batches:
+                    yield batch
             return
         options = {"max_time_ms": spec.max_time_ms} if spec.max_time_ms else {}
         cursor = self.collection(spec.collection).find_raw_batches(

@@ -3,6 +3,7 @@ server with both drivers, read back with csv/json parsers and compared with the 
 in Python, on the source documents."""
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
@@ -356,3 +357,22 @@ async def test_database_yields_raw_batches_of_the_batch_size(mongo_url: str, dri
     finally:
         sync_db.drop_collection("empty_for_pipeline")
         await db.close()
+
+
+async def test_cancel_a_running_pipeline_export(aiohttp_client: Any, mongo_url: str, tmp_path: Path, driver: str, tasks: Any) -> None:
+    # Batches of ten make the export take hundreds of round trips, so it is still running when cancelled.
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, driver, batch_size=10)))
+    body = {**VALID, "format": "csv", "pipeline": [{"$project": {"_id": 0, "seq": 1, "title": 1}}, {"$sort": {"seq": 1}}]}
+    job = await (await api.post("/api/exports", json=body)).json()
+    snap = await wait_status(api, job["id"], ("processing", "completed", "failed", "cancelled"))
+    assert snap["status"] == "processing" and snap["total"] is None, snap
+    export_dir = Path(api.server.app[MANAGER_KEY].settings.export_dir)
+    assert [p.name for p in export_dir.iterdir() if p.name.endswith(".part")]
+    resp = await api.delete(f"/api/exports/{job['id']}")
+    assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
+    assert (await wait_status(api, job["id"]))["status"] == "cancelled"
+    for _ in range(100):  # the worker removes the partial file as it stops
+        if not any(export_dir.iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    assert list(export_dir.iterdir()) == []
