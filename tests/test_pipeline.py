@@ -8,6 +8,7 @@ import csv
 import io
 import os
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -376,3 +377,17 @@ async def test_cancel_a_running_pipeline_export(aiohttp_client: Any, mongo_url: 
             break
         await asyncio.sleep(0.02)
     assert list(export_dir.iterdir()) == []
+
+
+async def test_json_envelope_names_the_pipeline(client: Any, tasks: list[dict[str, Any]]) -> None:
+    stages = [{"$match": {"createdAt": {"$lt": {"$date": "2024-03-01T00:00:00Z"}}}}, {"$project": {"_id": 0, "seq": 1}}, {"$sort": {"seq": 1}}]
+    body = {**VALID, "format": "json", "options": {"json": {"envelope": True}}, "pipeline": stages}
+    _, payload = await export(client, body)
+    envelope = json_util.loads(payload.decode("utf-8"), json_options=JSON_OPTIONS)
+    assert envelope["exportInfo"]["pipeline"] == json_util.loads(json_util.dumps(stages), json_options=JSON_OPTIONS) == [
+        {"$match": {"createdAt": {"$lt": datetime(2024, 3, 1, tzinfo=timezone.utc)}}}, *stages[1:]
+    ]
+    assert envelope["exportInfo"]["total"] is None
+    cutoff = datetime(2024, 3, 1, tzinfo=timezone.utc)
+    expected = [{"seq": d["seq"]} for d in sorted(tasks, key=lambda d: d["seq"]) if d["createdAt"] < cutoff]
+    assert expected and envelope["documents"] == expected
