@@ -32,7 +32,7 @@ async def test_pipeline_tab_validates_exports_and_reports_server_errors(
     await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
     await expect(page.get_by_label("Collection", exact=True)).to_have_value("tasks")
 
-    pipeline_tab, filter_tab = page.get_by_role("tab", name="Pipeline"), page.get_by_role("tab", name="Filter")
+    pipeline_tab, find_tab = page.get_by_role("tab", name="Pipeline"), page.get_by_role("tab", name="Find")
     box = page.get_by_label("Aggregation pipeline")
     status = page.locator("#pipeline-status")
     await expect(box).to_be_hidden()
@@ -41,12 +41,42 @@ async def test_pipeline_tab_validates_exports_and_reports_server_errors(
     await expect(box).to_be_visible()
     await expect(page.locator("#filter")).to_be_hidden()
 
-    # Live validation names the culprit as the server would.
+    await check_live_validation(page, box, status, settings.jobs_collection)
+
+    # Arrow keys move between the tabs, and the pipeline survives the trip.
+    await pipeline_tab.focus()
+    await page.keyboard.press("ArrowLeft")
+    await expect(find_tab).to_be_focused()
+    await expect(find_tab).to_have_attribute("aria-selected", "true")
+    await expect(box).to_be_hidden()
+    await page.keyboard.press("ArrowRight")
+    await expect(pipeline_tab).to_have_attribute("aria-selected", "true")
+    await expect(box).to_have_value(json.dumps(GROUP))
+
+    await export_with_count(page, client, tasks)
+    errors.check()
+
+    # A pipeline only the server can judge (a bad date): its 400 names the pipeline, and focus goes to the box.
+    await box.fill('[{"$match": {"createdAt": {"$date": "not a date"}}}]')
+    await expect(status).to_have_attribute("data-kind", "ok")
+    await find_tab.click()
+    await pipeline_tab.click()
+    async with page.expect_response(lambda r: r.url.endswith("/api/exports") and r.request.method == "POST") as info:
+        await page.get_by_role("button", name="Start export").click()
+    assert (await (await info.value).json())["error"]["field"] == "pipeline"
+    await expect(page.locator("#form-error")).to_contain_text("The export could not start: pipeline is not valid Extended JSON")
+    await expect(box).to_be_focused()
+    await page.screenshot(path=str(output_dir / "export-page-pipeline.png"), full_page=True, animations="disabled")
+    assert errors == ["console: Failed to load resource: the server responded with a status of 400 (Bad Request)"], errors
+
+
+async def check_live_validation(page: Any, box: Any, status: Any, jobs_collection: str) -> None:
+    """Live validation names the culprit as the server would."""
     cases = [
         ('[{"$match": {}}, {"$out": "copy"}]', "pipeline.1.$out"),
         ('[{"$match": {"a": {"$where": "1"}}}]', "pipeline.0.$match.a.$where"),
         ('[{"$facet": {"x": [{"$group": {"_id": 1, "y": {"$accumulator": {}}}}]}}]', "pipeline.0.$facet.x.0.$group.y.$accumulator"),
-        (f'[{{"$lookup": {{"from": "{settings.jobs_collection}", "localField": "a", "foreignField": "b", "as": "c"}}}}]', "pipeline.0.$lookup.from"),
+        (f'[{{"$lookup": {{"from": "{jobs_collection}", "localField": "a", "foreignField": "b", "as": "c"}}}}]', "pipeline.0.$lookup.from"),
         ('[{"$match": {}', "Not valid JSON"),
         ('{"$match": {}}', "must be a list of stages"),
     ]
@@ -60,17 +90,9 @@ async def test_pipeline_tab_validates_exports_and_reports_server_errors(
     await expect(status).to_have_text("Valid pipeline of 2 stages.")
     await expect(box).not_to_have_attribute("aria-invalid", "true")
 
-    # Arrow keys move between the tabs, and the pipeline survives the trip.
-    await pipeline_tab.focus()
-    await page.keyboard.press("ArrowLeft")
-    await expect(filter_tab).to_be_focused()
-    await expect(filter_tab).to_have_attribute("aria-selected", "true")
-    await expect(box).to_be_hidden()
-    await page.keyboard.press("ArrowRight")
-    await expect(pipeline_tab).to_have_attribute("aria-selected", "true")
-    await expect(box).to_have_value(json.dumps(GROUP))
 
-    # Count first, CSV, start: the request carries the pipeline and the job shows a total.
+async def export_with_count(page: Any, client: Any, tasks: list[dict[str, Any]]) -> None:
+    """Count first, CSV, start: the request carries the pipeline, and the file holds the groups."""
     await page.get_by_label("Count first").check()
     async with page.expect_response(lambda r: r.url.endswith("/api/exports") and r.request.method == "POST") as info:
         await page.get_by_role("button", name="Start export").click()
@@ -85,20 +107,6 @@ async def test_pipeline_tab_validates_exports_and_reports_server_errors(
     counts = Counter(d.get("status") for d in tasks)
     await expect(item.locator(".progress-text")).to_contain_text(f"{len(counts)} rows")
     snap = await (await client.get(f"/api/exports/{job_id}")).json()
+    assert snap["total"] == len(counts) and snap["count"] is True
     rows = list(csv.DictReader(io.StringIO((await (await client.get(snap["download_url"])).read()).decode(), newline="")))
     assert {row["_id"]: int(row["n"]) for row in rows} == {csv_text(k): v for k, v in counts.items()}
-
-    errors.check()
-
-    # A pipeline only the server can judge (a bad date): its 400 names the pipeline, and focus goes to the box.
-    await box.fill('[{"$match": {"createdAt": {"$date": "not a date"}}}]')
-    await expect(status).to_have_attribute("data-kind", "ok")
-    await filter_tab.click()
-    await pipeline_tab.click()
-    async with page.expect_response(lambda r: r.url.endswith("/api/exports") and r.request.method == "POST") as info:
-        await page.get_by_role("button", name="Start export").click()
-    assert (await (await info.value).json())["error"]["field"] == "pipeline"
-    await expect(page.locator("#form-error")).to_contain_text("The export could not start: pipeline is not valid Extended JSON")
-    await expect(box).to_be_focused()
-    await page.screenshot(path=str(output_dir / "export-page-pipeline.png"), full_page=True, animations="disabled")
-    assert errors == ["console: Failed to load resource: the server responded with a status of 400 (Bad Request)"], errors

@@ -943,7 +943,7 @@ function operatorProblem(value, where, depth) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The Filter / Pipeline tabs (WAI-ARIA tabs: arrow keys move between them)
+// The Find / Pipeline tabs (WAI-ARIA tabs: arrow keys move between them)
 function pipelineMode() {
   return $("#tab-pipeline").getAttribute("aria-selected") === "true";
 }
