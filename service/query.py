@@ -328,6 +328,8 @@ class _PipelineCheck:
         self.allowed = allowed
 
     def pipeline(self, value: Any, where: str, depth: int) -> None:
+        if depth > MAX_DEPTH:  # $facet in $facet in $lookup...: nesting is bounded like a filter's
+            raise ValidationError(where, f"{where} is nested deeper than {MAX_DEPTH} levels", "invalid_pipeline")
         if not isinstance(value, list):
             raise ValidationError(where, f'{where} must be a list of stages such as [{{"$match": {{}}}}]', "invalid_pipeline")
         if len(value) > MAX_STAGES:

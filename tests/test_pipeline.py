@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -14,6 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 from bson import decode_all, json_util
+from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 from service.app import create_app
 from service.db import Database, FindSpec
@@ -37,6 +39,13 @@ def nested(depth: int) -> dict[str, Any]:
 
 def pipeline(*stages: dict[str, Any]) -> dict[str, Any]:
     return {**VALID, "pipeline": list(stages)}
+
+
+def facets(depth: int) -> list[dict[str, Any]]:
+    stages: list[dict[str, Any]] = [{"$match": {}}]
+    for _ in range(depth):
+        stages = [{"$facet": {"x": stages}}]
+    return stages
 
 
 LOOKUP = {"localField": "a", "foreignField": "b", "as": "c"}
@@ -70,6 +79,8 @@ REJECTIONS: list[tuple[str, dict[str, Any], str, str]] = [
     ("$lookup from a non-string", pipeline({"$lookup": {"from": {"db": "admin", "coll": "x"}, **LOOKUP}}), "invalid_collection", "pipeline.0.$lookup.from"),
     ("$lookup not an object", pipeline({"$lookup": "tasks"}), "invalid_pipeline", "pipeline.0.$lookup"),
     ("too deep", pipeline({"$match": nested(40)}), "invalid_pipeline", "pipeline.0.$match" + ".a" * 33),
+    ("$facet in $facet too deep", {**VALID, "pipeline": facets(40)}, "invalid_pipeline", "pipeline" + ".0.$facet.x" * 11),
+    ("101 stages", pipeline(*[{"$match": {}}] * 101), "invalid_pipeline", "pipeline"),
     ("bad extended json", pipeline({"$match": {"createdAt": {"$date": "not a date"}}}), "invalid_pipeline", "pipeline"),
     ("with filter", {**pipeline({"$match": {}}), "filter": {"status": "open"}}, "conflicting_fields", "filter"),
     ("with fields", {**pipeline({"$match": {}}), "fields": ["title"]}, "conflicting_fields", "fields"),
@@ -391,3 +402,43 @@ async def test_json_envelope_names_the_pipeline(client: Any, tasks: list[dict[st
     cutoff = datetime(2024, 3, 1, tzinfo=timezone.utc)
     expected = [{"seq": d["seq"]} for d in sorted(tasks, key=lambda d: d["seq"]) if d["createdAt"] < cutoff]
     assert expected and envelope["documents"] == expected
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    max_leaves=15,
+)
+STAGE_NAMES = st.sampled_from(["$match", "$project", "$group", "$lookup", "$facet", "$unwind", "$out", "$merge", "$unionWith", "$bogus", "match"])
+OPERATOR_NAMES = st.sampled_from(["$where", "$function", "$accumulator", "$date", "$oid", "$numberLong", "$expr", "$sum", "from", "pipeline"])
+STAGES_ST = st.lists(
+    st.one_of(
+        st.dictionaries(STAGE_NAMES, JSON_VALUES, min_size=1, max_size=2),
+        st.builds(lambda name, op, value: {name: {op: value}}, STAGE_NAMES, OPERATOR_NAMES, JSON_VALUES),
+        st.builds(lambda name, op, value: {"$facet": {"x": [{name: {op: value}}]}}, STAGE_NAMES, OPERATOR_NAMES, JSON_VALUES),
+        JSON_VALUES,
+    ),
+    max_size=4,
+)
+
+
+async def test_hostile_pipelines_never_cause_a_5xx(api: Any) -> None:
+    api.server.app[MANAGER_KEY].pause()  # accepted bodies stay queued; what matters is the answer
+    bodies: list[Any] = []
+
+    @hyp_settings(max_examples=300, suppress_health_check=list(HealthCheck), deadline=None, derandomize=True)
+    @given(STAGES_ST, st.sampled_from([None, True, "x"]))
+    def collect(stages: Any, count: Any) -> None:
+        bodies.append({**VALID, "pipeline": stages, **({} if count is None else {"count": count})})
+
+    collect()
+    bodies.append({**VALID, "pipeline": facets(240)})  # as deep as the JSON parser goes
+    statuses = []
+    for body in bodies:
+        resp = await api.post("/api/exports", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        assert resp.status in (202, 400), (body, resp.status, await resp.text())
+        statuses.append(resp.status)
+        if resp.status == 400:
+            error = (await resp.json())["error"]
+            assert error["message"] and error["field"].split(".")[0] in ("pipeline", "count", "body"), (body, error)
+    assert 202 in statuses and 400 in statuses  # both kinds were generated
