@@ -129,6 +129,10 @@ class FindSpec:
             stages.append({"$limit": self.limit})
         return stages
 
+    def aggregate_options(self, max_time_ms: int) -> dict[str, Any]:
+        """Spilling to disk allowed (a $group or $sort may outgrow memory), and the find's time limits."""
+        return {"allowDiskUse": True, **({"maxTimeMS": max_time_ms} if max_time_ms else {})}
+
 
 class Database:
     def __init__(self, client: Any, name: str, jobs_collection: str = "export_jobs") -> None:
@@ -242,7 +246,9 @@ class Database:
         """The pipeline's output counted by the server: the pipeline, then $count."""
         async with driver_errors():
             cursor = await _resolve(
-                self.collection(spec.collection).aggregate([*spec.stages(), {"$count": "n"}], allowDiskUse=True)
+                self.collection(spec.collection).aggregate(
+                    [*spec.stages(), {"$count": "n"}], **spec.aggregate_options(spec.count_max_time_ms)
+                )
             )
             rows = [row async for row in cursor]
         return int(rows[0]["n"]) if rows else 0
@@ -281,7 +287,7 @@ class Database:
             async with driver_errors():
                 cursor = await _resolve(
                     self.collection(spec.collection).aggregate_raw_batches(
-                        spec.stages(), allowDiskUse=True, batchSize=spec.batch_size
+                        spec.stages(), batchSize=spec.batch_size, **spec.aggregate_options(spec.max_time_ms)
                     )
                 )
                 async for batch in cursor:
@@ -297,7 +303,9 @@ class Database:
         cursor = None
         try:
             async with driver_errors():
-                cursor = await _resolve(collection.aggregate(spec.stages(), allowDiskUse=True, batchSize=spec.batch_size))
+                cursor = await _resolve(
+                    collection.aggregate(spec.stages(), batchSize=spec.batch_size, **spec.aggregate_options(spec.max_time_ms))
+                )
                 while docs := await cursor.to_list(spec.batch_size):
                     yield b"".join(doc.raw for doc in docs)
         finally:

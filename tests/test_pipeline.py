@@ -18,11 +18,12 @@ from bson import decode_all, json_util
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 from service.app import create_app
-from service.db import Database, FindSpec
+from service.db import Database, FindSpec, make_client
 from service.settings import MANAGER_KEY
 
-from conftest import DATA_DB, make_settings, subscribe, wait_status
+from conftest import DATA_DB, export_files, make_settings, subscribe, wait_status
 from expected import csv_text
+from test_responsive import CommandLog
 
 VALID = {"collection": "tasks", "format": "ndjson"}
 EMBEDDED = not os.environ.get("EXPORT_MONGO_URL")  # the suite's own embedded server, not a real MongoDB
@@ -221,24 +222,28 @@ def text_ids(row: dict[str, Any]) -> dict[str, Any]:
 
 async def test_count_true_gives_total_and_percent(client: Any, tasks: list[dict[str, Any]]) -> None:
     expected = sum(1 for d in tasks if d.get("status") in STATUSES)
+    stages = [{"$match": {"status": {"$in": STATUSES}}}, {"$project": {"_id": 0, "seq": 1}}]
     for count in (True, False):
+        # The count runs beside the cursor; a JSON envelope names the total, so its rows wait for the count.
+        body = {**VALID, "format": "json", "options": {"json": {"envelope": True}}, "pipeline": stages, "count": count}
         client.server.app[MANAGER_KEY].pause()  # subscribed before the first event
-        body = {**VALID, "pipeline": [{"$match": {"status": {"$in": STATUSES}}}, {"$project": {"seq": 1}}], "count": count}
         job = await (await client.post("/api/exports", json=body)).json()
         seen: list[tuple[float, str, dict[str, Any]]] = []
         sio = await subscribe(client, job["id"], seen)
         client.server.app[MANAGER_KEY].resume()
         snap = await wait_status(client, job["id"], timeout=120)
         await sio.disconnect()
-        assert snap["status"] == "completed" and snap["total"] == snap["processed"] == expected
-        names = [name for _, name, _ in seen]
-        assert names[0] == "export-fetching" and "export-completed" in names, names
-        running = [data for _, name, data in seen if name in ("export-fetching", "export-processing")]
+        assert snap["status"] == "completed" and snap["total"] == snap["processed"] == expected and snap["count"] is count
+        envelope = json_util.loads((await (await client.get(snap["download_url"])).read()).decode("utf-8"), json_options=JSON_OPTIONS)
+        assert len(envelope["documents"]) == expected
+        processing = [data for _, name, data in seen if name == "export-processing" and data["processed"]]
+        assert processing and "export-completed" in [name for _, name, _ in seen]
         if count:
-            assert all(data["total"] == expected for data in running)
-            assert [d["percent"] for d in running[1:]] == [round(100 * d["processed"] / expected, 1) for d in running[1:]]
+            assert envelope["exportInfo"]["total"] == expected
+            assert all(d["total"] == expected and d["percent"] == round(100 * d["processed"] / expected, 1) for d in processing), processing
         else:
-            assert all(data["total"] is None and data["percent"] is None for data in running), running
+            assert envelope["exportInfo"]["total"] is None
+            assert all(d["total"] is None and d["percent"] is None for d in processing), processing
 
 
 async def test_a_stage_the_server_refuses_fails_the_job_with_its_message(client: Any) -> None:
@@ -379,15 +384,11 @@ async def test_cancel_a_running_pipeline_export(aiohttp_client: Any, mongo_url: 
     snap = await wait_status(api, job["id"], ("processing", "completed", "failed", "cancelled"))
     assert snap["status"] == "processing" and snap["total"] is None, snap
     export_dir = Path(api.server.app[MANAGER_KEY].settings.export_dir)
-    assert [p.name for p in export_dir.iterdir() if p.name.endswith(".part")]
+    assert [name for name in export_files(export_dir) if name.endswith(".part")]
     resp = await api.delete(f"/api/exports/{job['id']}")
     assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
     assert (await wait_status(api, job["id"]))["status"] == "cancelled"
-    for _ in range(100):  # the worker removes the partial file as it stops
-        if not any(export_dir.iterdir()):
-            break
-        await asyncio.sleep(0.02)
-    assert list(export_dir.iterdir()) == []
+    assert export_files(export_dir) == []  # the partial file is gone
 
 
 async def test_json_envelope_names_the_pipeline(client: Any, tasks: list[dict[str, Any]]) -> None:
@@ -442,3 +443,27 @@ async def test_hostile_pipelines_never_cause_a_5xx(api: Any) -> None:
             error = (await resp.json())["error"]
             assert error["message"] and error["field"].split(".")[0] in ("pipeline", "count", "body"), (body, error)
     assert 202 in statuses and 400 in statuses  # both kinds were generated
+
+
+async def test_pipeline_commands_carry_the_time_limits_and_allow_disk_use(mongo_url: str, driver: str, tasks: list[dict[str, Any]]) -> None:
+    listener = CommandLog()
+    client = make_client(mongo_url, driver)
+    watched = type(client)(mongo_url, event_listeners=[listener], tz_aware=True)  # the service's calls, seen on the wire
+    db = Database(watched, DATA_DB)
+    try:
+        stages = [{"$match": {"status": "open"}}, {"$project": {"_id": 0, "seq": 1}}]
+        spec = FindSpec("tasks", {}, None, (), 0, batch_size=300, max_time_ms=600_000, count_max_time_ms=30_000, pipeline=stages)
+        total = await db.count(spec)
+        rows = sum([len(decode_all(raw)) async for raw in db.raw_batches(spec)])
+        assert rows == total == sum(1 for doc in tasks if doc.get("status") == "open") > 300
+        aggregates = [c for c in listener.commands if c["name"] == "aggregate" and c["pipeline"][:1] == stages[:1]]
+        counted, exported = aggregates  # the count, then the export (the server probe is neither)
+        assert counted["pipeline"] == [*stages, {"$count": "n"}]
+        assert (counted["maxTimeMS"], counted["allowDiskUse"]) == (30_000, True)
+        assert exported["pipeline"] == stages
+        assert (exported["maxTimeMS"], exported["allowDiskUse"]) == (600_000, True)
+        assert exported["cursor"]["batchSize"] == (300 if EMBEDDED else 0)  # 0: aggregate_raw_batches' empty first batch
+        assert {c["batchSize"] for c in listener.commands if c["name"] == "getMore"} == {300}
+    finally:
+        await Database(client, DATA_DB).close()
+        await db.close()
