@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow.parquet as pq
 import pytest
 from bson import decode_all, json_util
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
@@ -467,3 +468,15 @@ async def test_pipeline_commands_carry_the_time_limits_and_allow_disk_use(mongo_
     finally:
         await Database(client, DATA_DB).close()
         await db.close()
+
+
+async def test_group_to_parquet(client: Any, tasks: list[dict[str, Any]]) -> None:
+    stages = [{"$group": {"_id": "$priority", "n": {"$sum": 1}, "points": {"$sum": "$points"}}}]
+    _, payload = await export(client, {**VALID, "format": "parquet", "pipeline": stages})
+    table = pq.read_table(io.BytesIO(payload))
+    rows = {row["_id"]: (row["n"], row["points"]) for row in table.to_pylist()}
+    expected: dict[Any, tuple[int, int]] = defaultdict(lambda: (0, 0))
+    for doc in tasks:
+        n, points = expected[doc.get("priority")]
+        expected[doc.get("priority")] = (n + 1, points + doc["points"])
+    assert rows == expected
