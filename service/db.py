@@ -7,12 +7,13 @@ Driver errors leave this module as DatabaseUnavailable (the server cannot be rea
 from __future__ import annotations
 
 import inspect
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.raw_bson import RawBSONDocument
 from bson.tz_util import utc
 import pymongo
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
@@ -22,6 +23,8 @@ from pymongo import errors as pymongo_errors
 CODEC_OPTIONS: CodecOptions = CodecOptions(
     tz_aware=True, tzinfo=utc, datetime_conversion=DatetimeConversion.DATETIME_AUTO
 )
+# Pipeline output read as undecoded documents, joined back into a raw batch (see Database._aggregate_documents).
+RAW_DOCUMENTS: CodecOptions = CodecOptions(document_class=RawBSONDocument)
 SERVER_SELECTION_TIMEOUT_MS = 5000
 # The longest wait for any one reply. The driver's default is forever: a reply lost on the way would then hold a
 # job in "processing" (and its worker) for good. Five minutes outlasts a getMore that scans a large collection
@@ -117,6 +120,18 @@ class FindSpec:
     batch_size: int = 1000
     max_time_ms: int = 0  # the cursor's server-side time limit, over all its batches (0: none)
     count_max_time_ms: int = 0  # the pre-count's (0: none)
+    # An aggregation pipeline replaces filter, projection and sort; limit becomes a final $limit.
+    pipeline: Sequence[Mapping[str, Any]] | None = None
+
+    def stages(self) -> list[dict[str, Any]]:
+        stages = [dict(stage) for stage in self.pipeline or ()]
+        if self.limit:
+            stages.append({"$limit": self.limit})
+        return stages
+
+    def aggregate_options(self, max_time_ms: int) -> dict[str, Any]:
+        """Spilling to disk allowed (a $group or $sort may outgrow memory), and the find's time limits."""
+        return {"allowDiskUse": True, **({"maxTimeMS": max_time_ms} if max_time_ms else {})}
 
 
 class Database:
@@ -125,6 +140,7 @@ class Database:
         self.db = client[name]
         self.name = name
         self.jobs_collection = jobs_collection
+        self.raw_aggregate: bool | None = None  # whether the server suits aggregate_raw_batches; probed once
 
     @classmethod
     def connect(
@@ -189,6 +205,8 @@ class Database:
 
     async def count(self, spec: FindSpec) -> int:
         """Count matches with an aggregation ($match, $skip, $limit, $count), which every server runs fast."""
+        if spec.pipeline is not None:
+            return await self._count_pipeline(spec)
         pipeline: list[dict[str, Any]] = [{"$match": dict(spec.filter)}]
         if spec.skip:
             pipeline.append({"$skip": spec.skip})
@@ -201,6 +219,11 @@ class Database:
 
         The server-side cursor is closed when the iteration ends, fails or is abandoned.
         """
+        if spec.pipeline is not None:
+            async with aclosing(self._aggregate_batches(spec)) as batches:
+                async for batch in batches:
+                    yield batch
+            return
         options = {"max_time_ms": spec.max_time_ms} if spec.max_time_ms else {}
         cursor = self.collection(spec.collection).find_raw_batches(
             dict(spec.filter), dict(spec.projection) if spec.projection else None, batch_size=spec.batch_size, **options
@@ -217,6 +240,77 @@ class Database:
                     yield batch
         finally:
             await _resolve(cursor.close())
+
+    # --- aggregation pipelines ---------------------------------------------------------------
+    async def _count_pipeline(self, spec: FindSpec) -> int:
+        """The pipeline's output counted by the server: the pipeline, then $count."""
+        async with driver_errors():
+            cursor = await _resolve(
+                self.collection(spec.collection).aggregate(
+                    [*spec.stages(), {"$count": "n"}], **spec.aggregate_options(spec.count_max_time_ms)
+                )
+            )
+            rows = [row async for row in cursor]
+        return int(rows[0]["n"]) if rows else 0
+
+    async def _aggregate_batches(self, spec: FindSpec) -> AsyncIterator[bytes]:
+        if await self._suits_raw_aggregate(spec.collection):
+            batches = self._aggregate_raw(spec)
+        else:
+            batches = self._aggregate_documents(spec)
+        async with aclosing(batches):
+            async for batch in batches:
+                yield batch
+
+    async def _suits_raw_aggregate(self, collection: str) -> bool:
+        """aggregate_raw_batches asks for an empty first batch (cursor batchSize 0) and the driver asserts it got
+        one. MongoDB complies; the embedded server answers with 101 documents. Asked with a one-document aggregate
+        whose cursor is killed right after, until an answer settles it: an empty, closed cursor (an empty
+        collection on a server that ignores batchSize 0) does not."""
+        if self.raw_aggregate is None:
+            async with driver_errors():
+                reply = await self.db.command({"aggregate": collection, "pipeline": [{"$limit": 1}], "cursor": {"batchSize": 0}})
+                cursor = reply["cursor"]
+                if cursor["id"]:
+                    await self.db.command({"killCursors": collection, "cursors": [cursor["id"]]})
+            if cursor["firstBatch"]:
+                self.raw_aggregate = False
+            elif cursor["id"]:
+                self.raw_aggregate = True
+            else:
+                return False
+        return self.raw_aggregate
+
+    async def _aggregate_raw(self, spec: FindSpec) -> AsyncIterator[bytes]:
+        cursor = None
+        try:
+            async with driver_errors():
+                cursor = await _resolve(
+                    self.collection(spec.collection).aggregate_raw_batches(
+                        spec.stages(), batchSize=spec.batch_size, **spec.aggregate_options(spec.max_time_ms)
+                    )
+                )
+                async for batch in cursor:
+                    yield batch
+        finally:
+            if cursor is not None:
+                await _resolve(cursor.close())
+
+    async def _aggregate_documents(self, spec: FindSpec) -> AsyncIterator[bytes]:
+        """For servers unfit for aggregate_raw_batches: documents arrive undecoded (RawBSONDocument, a view of
+        the reply's bytes) and are joined back into a raw batch, so the encoder gets the same input."""
+        collection = self.db.get_collection(spec.collection, codec_options=RAW_DOCUMENTS)
+        cursor = None
+        try:
+            async with driver_errors():
+                cursor = await _resolve(
+                    collection.aggregate(spec.stages(), batchSize=spec.batch_size, **spec.aggregate_options(spec.max_time_ms))
+                )
+                while docs := await cursor.to_list(spec.batch_size):
+                    yield b"".join(doc.raw for doc in docs)
+        finally:
+            if cursor is not None:
+                await _resolve(cursor.close())
 
     async def drop_collection(self, name: str) -> None:
         async with driver_errors():

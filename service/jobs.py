@@ -157,9 +157,7 @@ def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, download
         "status": status.value,
         "collection": spec.collection,
         "format": spec.format,
-        "filter": orjson.loads(json_util.dumps(json_util.loads(spec.filter_json, json_options=CANONICAL), json_options=RELAXED)),
-        "fields": list(spec.fields) if spec.fields is not None else None,
-        "sort": dict(spec.sort),
+        **_query_of(spec),
         "limit": spec.limit,
         "options": {
             "csv": {
@@ -191,6 +189,23 @@ def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, download
     if status == JobStatus.QUEUED:
         snap["queue_position"] = queue_position
     return snap
+
+
+def _relaxed(canonical: str) -> Any:
+    return orjson.loads(json_util.dumps(json_util.loads(canonical, json_options=CANONICAL), json_options=RELAXED))
+
+
+def _query_of(spec: ExportSpec) -> dict[str, Any]:
+    """What the export reads: a find (filter, fields, sort; always counted) or a pipeline (counted if asked)."""
+    if spec.pipeline_json is not None:
+        return {"filter": None, "fields": None, "sort": None, "pipeline": _relaxed(spec.pipeline_json), "count": spec.count}
+    return {
+        "filter": _relaxed(spec.filter_json),
+        "fields": list(spec.fields) if spec.fields is not None else None,
+        "sort": dict(spec.sort),
+        "pipeline": None,
+        "count": True,
+    }
 
 
 def expiry(finished_ms: int, ttl_hours: float) -> int:

@@ -22,7 +22,17 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_DEPTH = 32
 MAX_FIELDS = 1000
 MAX_SORT_KEYS = 32
-TOP_LEVEL_KEYS = frozenset({"collection", "format", "filter", "fields", "sort", "limit", "options", "filename"})
+TOP_LEVEL_KEYS = frozenset(
+    {"collection", "format", "filter", "fields", "sort", "limit", "options", "filename", "pipeline", "count"}
+)
+FIND_KEYS = ("filter", "fields", "sort")  # what a pipeline replaces ($match, $project, $sort)
+# Read-only stages. Anything else ($out, $merge, $unionWith, $graphLookup, $documents...) is refused: a stage
+# that writes, or reads a collection the allow list does not vouch for, has no place in an export.
+ALLOWED_STAGES = frozenset({
+    "$match", "$project", "$addFields", "$set", "$unset", "$sort", "$limit", "$skip", "$group", "$unwind",
+    "$lookup", "$count", "$facet", "$bucket", "$replaceRoot", "$replaceWith", "$sample", "$sortByCount",
+})
+MAX_STAGES = 100
 OPTION_KEYS = frozenset({"csv", "json", "parquet", "compress"})
 CSV_OPTION_KEYS = frozenset({"delimiter", "header", "bom", "escape_formulas"})
 JSON_OPTION_KEYS = frozenset({"mode", "envelope"})
@@ -78,10 +88,18 @@ class ExportSpec:
     compress: str = "none"
     parquet: ParquetOptions = field(default_factory=ParquetOptions)
     filename: str | None = None
+    pipeline_json: str | None = None  # canonical Extended JSON; set for a pipeline export, then filter/fields/sort are unused
+    count: bool = False  # a pipeline export counts its output first (a find export always counts)
 
     @property
     def filter(self) -> dict[str, Any]:
         return json_util.loads(self.filter_json, json_options=CANONICAL)
+
+    @property
+    def pipeline(self) -> list[dict[str, Any]] | None:
+        if self.pipeline_json is None:
+            return None
+        return json_util.loads(self.pipeline_json, json_options=CANONICAL)
 
     @property
     def extension(self) -> str:
@@ -117,6 +135,8 @@ class ExportSpec:
             compress=doc.get("compress", "none"),
             parquet=ParquetOptions(**(doc.get("parquet") or {})),
             filename=doc.get("filename"),
+            pipeline_json=doc.get("pipeline_json"),
+            count=bool(doc.get("count", False)),
         )
 
 
@@ -285,6 +305,97 @@ def validate_collection_name(value: Any, jobs_collection: str, allowed: tuple[st
     return value
 
 
+def _forbidden_operators(value: Any, where: str, depth: int) -> None:
+    """$where, $function and $accumulator anywhere in a stage; the error names the operator's full path."""
+    if depth > MAX_DEPTH + 2:  # + the pipeline list and the stage object: a $match gets as deep as a filter
+        raise ValidationError(where, f"{where} is nested deeper than {MAX_DEPTH} levels", "invalid_pipeline")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}"
+            if key in FORBIDDEN_OPERATORS:
+                raise ValidationError(path, f"operator {key} is not allowed in a pipeline", "forbidden_operator")
+            _forbidden_operators(item, path, depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _forbidden_operators(item, f"{where}.{index}", depth + 1)
+
+
+class _PipelineCheck:
+    """Walks a pipeline and the pipelines nested in it ($facet, $lookup), with the request's collection rules."""
+
+    def __init__(self, jobs_collection: str, allowed: tuple[str, ...]) -> None:
+        self.jobs_collection = jobs_collection
+        self.allowed = allowed
+
+    def pipeline(self, value: Any, where: str, depth: int) -> None:
+        if depth > MAX_DEPTH:  # $facet in $facet in $lookup...: nesting is bounded like a filter's
+            raise ValidationError(where, f"{where} is nested deeper than {MAX_DEPTH} levels", "invalid_pipeline")
+        if not isinstance(value, list):
+            raise ValidationError(where, f'{where} must be a list of stages such as [{{"$match": {{}}}}]', "invalid_pipeline")
+        if len(value) > MAX_STAGES:
+            raise ValidationError(where, f"{where} has more than {MAX_STAGES} stages", "invalid_pipeline")
+        for index, stage in enumerate(value):
+            path = f"{where}.{index}"
+            if not isinstance(stage, dict) or len(stage) != 1:
+                raise ValidationError(path, 'a stage is an object with exactly one key, such as {"$match": {...}}', "invalid_pipeline")
+            name, body = next(iter(stage.items()))
+            self.stage(name, body, f"{path}.{name}", depth + 2)
+
+    def stage(self, name: str, body: Any, where: str, depth: int) -> None:
+        if name not in ALLOWED_STAGES:
+            raise ValidationError(
+                where, f"stage {name} is not allowed in an export; allowed: {', '.join(sorted(ALLOWED_STAGES))}", "forbidden_stage"
+            )
+        if name == "$facet" and isinstance(body, dict):
+            for key, sub in body.items():
+                self.pipeline(sub, f"{where}.{key}", depth + 1)
+        elif name == "$lookup":
+            self.lookup(body, where, depth)
+        else:
+            _forbidden_operators(body, where, depth)
+
+    def lookup(self, body: Any, where: str, depth: int) -> None:
+        if not isinstance(body, dict):
+            raise ValidationError(where, "$lookup must be an object naming the collection in from", "invalid_pipeline")
+        try:
+            validate_collection_name(body.get("from"), self.jobs_collection, self.allowed)
+        except ValidationError as exc:
+            raise ValidationError(f"{where}.from", f"$lookup from: {exc.message}", exc.code) from None
+        for key, item in body.items():
+            if key == "pipeline":
+                self.pipeline(item, f"{where}.pipeline", depth + 1)
+            else:
+                _forbidden_operators(item, f"{where}.{key}", depth + 1)
+
+
+def _count(value: Any) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValidationError("count", "count must be true or false", "invalid_count")
+    return value
+
+
+def _pipeline(body: Mapping[str, Any], jobs_collection: str, allowed: tuple[str, ...]) -> str | None:
+    """The pipeline as canonical Extended JSON, or None for a find-shaped export."""
+    value = body.get("pipeline")
+    if value is None:
+        if body.get("count") is not None:
+            raise ValidationError("count", "count applies to pipeline exports; a find export is always counted", "conflicting_fields")
+        return None
+    for key in FIND_KEYS:
+        if body.get(key) is not None:
+            raise ValidationError(
+                key, f"{key} cannot be combined with pipeline; use $match, $project and $sort stages instead", "conflicting_fields"
+            )
+    _PipelineCheck(jobs_collection, allowed).pipeline(value, "pipeline", 0)
+    try:
+        parsed = json_util.loads(orjson.dumps(value), json_options=RELAXED)
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise ValidationError("pipeline", f"pipeline is not valid Extended JSON: {exc}", "invalid_pipeline") from None
+    return json_util.dumps(parsed, json_options=CANONICAL)
+
+
 def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_jobs", allowed: tuple[str, ...] = ()) -> ExportSpec:
     for key in body:
         if key not in TOP_LEVEL_KEYS:
@@ -294,6 +405,7 @@ def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_job
     if fmt not in FORMATS:
         raise ValidationError("format", f"format must be one of {', '.join(FORMATS)}", "invalid_format")
     csv, json, compress, parquet = _options(body.get("options"), fmt)
+    pipeline_json = _pipeline(body, jobs_collection, allowed)
     return ExportSpec(
         collection=collection,
         format=fmt,
@@ -306,6 +418,8 @@ def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_job
         compress=compress,
         parquet=parquet,
         filename=_filename(body.get("filename")),
+        pipeline_json=pipeline_json,
+        count=_count(body.get("count")),
     )
 
 

@@ -157,11 +157,14 @@ class JobRun:
             batch_size=settings.batch_size,
             max_time_ms=settings.query_max_time_ms,
             count_max_time_ms=settings.count_max_time_ms,
+            pipeline=self.spec.pipeline,
         )
 
     async def _count(self, find: FindSpec) -> int | None:
         """The total, counted beside the cursor; None when the count runs out of time or fails (the export
         goes on with an indeterminate bar, and the cursor reports a real problem itself)."""
+        if self.spec.pipeline_json is not None and not self.spec.count:
+            return None  # a pipeline's output is counted only when asked: counting runs the whole pipeline once more
         limit = find.count_max_time_ms / 1000 + COUNT_GRACE_SECONDS if find.count_max_time_ms else None
         try:
             async with asyncio.timeout(limit):
@@ -212,6 +215,7 @@ class JobRun:
             "fields": list(self.spec.fields) if self.spec.fields else None,
             "sort": dict(self.spec.sort),
             "limit": self.spec.limit,
+            **({"pipeline": self.snapshot()["pipeline"]} if self.spec.pipeline_json is not None else {}),
             "total": self.job.get("total"),
             "xlsx_max_rows_per_sheet": self.ctx.settings.xlsx_max_rows_per_sheet,
         }

@@ -10,6 +10,11 @@ const ACK_TIMEOUT_MS = 5000;
 const FORBIDDEN_OPERATORS = new Set(["$where", "$function", "$accumulator"]);
 const MAX_FILTER_DEPTH = 32;
 const PATH_PART = /^[^$.\0][^.\0]*$/;
+// The read-only stages the service accepts in a pipeline (the server checks again).
+const PIPELINE_STAGES = new Set([
+  "$match", "$project", "$addFields", "$set", "$unset", "$sort", "$limit", "$skip", "$group", "$unwind",
+  "$lookup", "$count", "$facet", "$bucket", "$replaceRoot", "$replaceWith", "$sample", "$sortByCount",
+]);
 
 const STATUS_LABEL = {
   queued: "Queued", fetching: "Starting", processing: "Running", finalizing: "Finishing",
@@ -23,6 +28,7 @@ const RANK = { queued: 0, fetching: 1, processing: 2, finalizing: 3, completed: 
 // ones the meta line and the warnings read, so an update without any of them leaves those untouched.
 const STATIC_KEYS = new Set([
   "collection", "format", "filter", "fields", "sort", "limit", "options", "file_name", "created_at", "expires_at", "warnings",
+  "pipeline", "count",
 ]);
 const EVENTS = ["export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled"];
 
@@ -445,6 +451,7 @@ function renderMeta(job, meta) {
   const items = [job.collection, (job.format || "").toUpperCase()];
   if (job.options?.compress === "gzip") items[1] += " · gzip";
   if (job.filter && Object.keys(job.filter).length) items.push(`filter ${compactJson(job.filter, 60)}`);
+  if (Array.isArray(job.pipeline)) items.push(`pipeline ${compactJson(job.pipeline, 60)}`);
   if (job.sort && Object.keys(job.sort).length) {
     items.push(`sort ${Object.entries(job.sort).map(([k, v]) => `${k} ${v === -1 ? "↓" : "↑"}`).join(", ")}`);
   }
@@ -454,7 +461,7 @@ function renderMeta(job, meta) {
   items.filter(Boolean).forEach((item, index) => {
     if (index) nodes.push(metaSeparator());
     const span = document.createElement("span");
-    if (item.startsWith("filter ")) span.className = "filter";
+    if (item.startsWith("filter ") || item.startsWith("pipeline ")) span.className = "filter";
     span.textContent = item;
     nodes.push(span);
   });
@@ -675,6 +682,7 @@ async function loadCollections() {
   } finally {
     select.disabled = false;
     onCollectionChange(select.value !== previous);
+    if ($("#pipeline").value.trim()) checkPipeline(); // a $lookup's from is checked against this list
   }
 }
 
@@ -853,6 +861,119 @@ function filterProblem(value, depth) {
   return null;
 }
 
+// Pipeline validation: the server's rules, with the same paths in the messages (pipeline.2.$out).
+function checkPipeline() {
+  const area = $("#pipeline");
+  const status = $("#pipeline-status");
+  const text = area.value.trim();
+  let result;
+  if (!text) {
+    result = { ok: false, empty: true, message: "Type a pipeline: a JSON list of stages such as [{\"$match\": {}}]." };
+  } else {
+    try {
+      const value = JSON.parse(text);
+      const problem = pipelineProblem(value, "pipeline", 0);
+      const stages = Array.isArray(value) ? value.length : 0;
+      result = problem ? { ok: false, message: problem } : { ok: true, value, message: `Valid pipeline of ${stages} stage${stages === 1 ? "" : "s"}.` };
+    } catch (error) {
+      result = { ok: false, message: `Not valid JSON: ${cleanJsonError(error.message, text)}` };
+    }
+  }
+  if (result.empty) delete status.dataset.kind; // nothing typed yet is no error
+  else status.dataset.kind = result.ok ? "ok" : "error";
+  status.textContent = result.message;
+  if (result.ok || result.empty) area.removeAttribute("aria-invalid");
+  else area.setAttribute("aria-invalid", "true");
+  return result;
+}
+
+function isObject(value) {
+  return value !== null && typeof value === "object" && !Array.isArray(value);
+}
+
+function pipelineProblem(value, where, depth) {
+  if (!Array.isArray(value)) return `${where} must be a list of stages, such as [{"$match": {}}].`;
+  for (const [index, stage] of value.entries()) {
+    const path = `${where}.${index}`;
+    if (!isObject(stage) || Object.keys(stage).length !== 1) return `${path}: a stage is an object with exactly one key, such as {"$match": {…}}.`;
+    const [name, body] = Object.entries(stage)[0];
+    const problem = stageProblem(name, body, `${path}.${name}`, depth + 2);
+    if (problem) return problem;
+  }
+  return null;
+}
+
+function stageProblem(name, body, where, depth) {
+  if (!PIPELINE_STAGES.has(name)) {
+    const why = name === "$out" || name === "$merge" ? " (it writes to the database)" : "";
+    return `${where}: the stage ${name} is not allowed in an export${why}.`;
+  }
+  if (name === "$facet" && isObject(body)) {
+    for (const [key, sub] of Object.entries(body)) {
+      const problem = pipelineProblem(sub, `${where}.${key}`, depth + 1);
+      if (problem) return problem;
+    }
+    return null;
+  }
+  if (name === "$lookup") {
+    if (!isObject(body)) return `${where}: $lookup must be an object naming the collection in from.`;
+    const exportable = state.collections.map((c) => c.name);
+    if (typeof body.from !== "string" || (exportable.length && !exportable.includes(body.from))) {
+      return `${where}.from: ${JSON.stringify(body.from ?? null)} is not an exportable collection.`;
+    }
+    for (const [key, item] of Object.entries(body)) {
+      const problem = key === "pipeline" ? pipelineProblem(item, `${where}.pipeline`, depth + 1) : operatorProblem(item, `${where}.${key}`, depth + 1);
+      if (problem) return problem;
+    }
+    return null;
+  }
+  return operatorProblem(body, where, depth);
+}
+
+function operatorProblem(value, where, depth) {
+  // + 2 for the pipeline list and the stage object: a $match may nest as deep as a filter.
+  if (depth > MAX_FILTER_DEPTH + 2) return `${where} is nested deeper than ${MAX_FILTER_DEPTH} levels.`;
+  const entries = Array.isArray(value) ? [...value.entries()] : isObject(value) ? Object.entries(value) : [];
+  for (const [key, item] of entries) {
+    if (FORBIDDEN_OPERATORS.has(key)) return `${where}.${key}: the operator ${key} is not allowed: it would run code on the database server.`;
+    const problem = operatorProblem(item, `${where}.${key}`, depth + 1);
+    if (problem) return problem;
+  }
+  return null;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Find / Pipeline tabs (WAI-ARIA tabs: arrow keys move between them)
+function pipelineMode() {
+  return $("#tab-pipeline").getAttribute("aria-selected") === "true";
+}
+
+function selectTab(tab, focus = false) {
+  for (const other of document.querySelectorAll('#export-form [role="tab"]')) {
+    const selected = other === tab;
+    other.setAttribute("aria-selected", String(selected));
+    other.tabIndex = selected ? 0 : -1;
+    $(`#${other.getAttribute("aria-controls")}`).hidden = !selected;
+  }
+  if (focus) tab.focus();
+  if (pipelineMode()) checkPipeline();
+}
+
+function initTabs() {
+  const tabs = [...document.querySelectorAll('#export-form [role="tab"]')];
+  for (const tab of tabs) {
+    tab.addEventListener("click", () => selectTab(tab));
+    tab.addEventListener("keydown", (event) => {
+      const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+      const index = tabs.indexOf(tab);
+      const next = step ? tabs[(index + step + tabs.length) % tabs.length] : event.key === "Home" ? tabs[0] : event.key === "End" ? tabs.at(-1) : null;
+      if (!next) return;
+      event.preventDefault();
+      selectTab(next, true);
+    });
+  }
+}
+
 function cleanJsonError(message, text) {
   // Chromium says "... at position 12 (line 1 column 13)"; older engines give only the position.
   const match = /position (\d+)/.exec(message);
@@ -909,7 +1030,7 @@ function readSort() {
 // Form
 const FIELD_TARGETS = {
   collection: "#collection", format: "#format-csv", filter: "#filter", fields: "#field-add", sort: "#sort-list input",
-  limit: "#limit", filename: "#filename", "options.csv.delimiter": "#csv-delimiter", "options.json.mode": "#json-mode",
+  limit: "#limit", filename: "#filename", pipeline: "#pipeline", count: "#pipeline-count", "options.csv.delimiter": "#csv-delimiter", "options.json.mode": "#json-mode",
   "options.compress": "#compress", "options.parquet.compression": "#parquet-compression",
   "options.parquet.row_group_size": "#parquet-row-group",
 };
@@ -937,9 +1058,13 @@ function showFormError(message, fieldName) {
   const box = $("#form-error");
   box.hidden = false;
   box.textContent = message;
-  const control = fieldName && (FIELD_TARGETS[fieldName] ? $(FIELD_TARGETS[fieldName]) : null);
+  // A pipeline error names a path inside it (pipeline.2.$out): the pipeline box is the control to fix.
+  const target = FIELD_TARGETS[fieldName] || FIELD_TARGETS[(fieldName || "").split(".")[0]];
+  const control = target ? $(target) : null;
   if (control) {
-    if (control.id !== "filter") control.setAttribute("aria-invalid", "true");
+    const panel = control.closest('[role="tabpanel"]');
+    if (panel?.hidden) selectTab($(`[aria-controls="${panel.id}"]`));
+    if (control.id !== "filter" && control.id !== "pipeline") control.setAttribute("aria-invalid", "true");
     control.focus();
   }
 }
@@ -947,7 +1072,7 @@ function showFormError(message, fieldName) {
 function clearFormError() {
   $("#form-error").hidden = true;
   for (const element of document.querySelectorAll("#export-form [aria-invalid]")) {
-    if (element.id !== "filter") element.removeAttribute("aria-invalid");
+    if (element.id !== "filter" && element.id !== "pipeline") element.removeAttribute("aria-invalid");
   }
 }
 
@@ -968,12 +1093,7 @@ function onFormatChange() {
   $("#compress-hint").hidden = !packed;
 }
 
-function buildRequest() {
-  const collection = $("#collection").value;
-  if (!collection) return { error: "Choose a collection first.", field: "collection" };
-  const format = selectedFormat();
-  const body = { collection, format };
-
+function readFind(body) {
   const filter = checkFilter();
   if (!filter.ok) return { error: `Fix the filter: ${filter.message}`, field: "filter" };
   if (Object.keys(filter.value).length) body.filter = filter.value;
@@ -994,6 +1114,24 @@ function buildRequest() {
     return { error: `Fix the sort: ${sort.error}` };
   }
   if (Object.keys(sort.sort).length) body.sort = sort.sort;
+  return {};
+}
+
+function readPipeline(body) {
+  const pipeline = checkPipeline();
+  if (!pipeline.ok) return { error: `Fix the pipeline: ${pipeline.message}`, field: "pipeline" };
+  body.pipeline = pipeline.value;
+  body.count = $("#pipeline-count").checked;
+  return {};
+}
+
+function buildRequest() {
+  const collection = $("#collection").value;
+  if (!collection) return { error: "Choose a collection first.", field: "collection" };
+  const format = selectedFormat();
+  const body = { collection, format };
+  const query = pipelineMode() ? readPipeline(body) : readFind(body);
+  if (query.error) return query;
 
   const limitText = $("#limit").value.trim();
   if (limitText) {
@@ -1078,10 +1216,12 @@ function initForm() {
     if (event.key === "Enter") { event.preventDefault(); addCustomField(); }
   });
   $("#filter").addEventListener("input", checkFilter);
+  $("#pipeline").addEventListener("input", checkPipeline);
+  initTabs();
   $("#sort-add").addEventListener("click", () => addSortRow().focus());
   for (const radio of document.querySelectorAll("input[name=format]")) radio.addEventListener("change", onFormatChange);
   for (const control of form.querySelectorAll("input, select, textarea")) {
-    if (control.id === "filter") continue;
+    if (control.id === "filter" || control.id === "pipeline") continue;
     control.addEventListener("input", () => control.removeAttribute("aria-invalid"));
   }
   $("#jobs-refresh").addEventListener("click", loadJobs);
