@@ -128,14 +128,23 @@ class JobManager:
     async def recover(self) -> None:
         """At start-up: queue again the jobs whose lease ran out, and remove files no job needs any more."""
         await self.requeue_expired_leases()
-        running = {job["_id"] for job in await self.db.find_jobs({"status": {"$in": RUNNING_VALUES}})}
+        await self.remove_stale_parts()
+        await self.remove_unowned_files()
+
+    async def remove_stale_parts(self) -> None:
+        """Remove partial files (and scratch directories) of jobs that are no longer active. A queued job's
+        partial file may hold its checkpoint: the run that takes it over goes on from there, and removes the
+        partial files it does not need itself."""
         export_dir = Path(self.settings.export_dir)
         parts = {*export_dir.glob("*.part"), *(scratch.with_suffix("") for scratch in export_dir.glob("*.part.tmp"))}
+        if not parts:
+            return
+        ids = sorted({part.name.split(".", 1)[0] for part in parts})
+        active = {job["_id"] for job in await self.db.find_jobs({"_id": {"$in": ids}, "status": {"$in": ACTIVE_VALUES}})}
         for part in parts:
-            if part.name.split(".", 1)[0] not in running:
+            if part.name.split(".", 1)[0] not in active:
                 remove_partial(part)
                 log.info("removed stale partial file %s", part.name)
-        await self.remove_unowned_files()
 
     async def requeue_expired_leases(self) -> int:
         """Queue again the running jobs whose instance stopped renewing their lease. The lease is the only
@@ -386,6 +395,7 @@ class JobManager:
                 expired += 1
                 log.info("job %s expired; its file was removed", doc["_id"])
         await self.remove_unowned_files()
+        await self.remove_stale_parts()
         return expired
 
 

@@ -1,0 +1,144 @@
+"""Resume, not restart: an export taken over after a crash goes on from its last checkpoint, and the file it
+finishes is byte for byte the one an uninterrupted export writes."""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import secrets
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bson
+import pytest
+from pymongo import MongoClient
+
+from scripts.generate_data import make_documents
+from service.pipeline import ExportPipeline, ResumePoint
+from service.query import validate_request
+from service.resume import after, plan, resumable
+
+from conftest import DATA_DB, wait_status
+from service_process import ServiceProcess
+
+BATCH = 40
+CHECKPOINT_EVERY = 3
+DOCS = list(make_documents(25 * BATCH, 77))
+BATCHES = [b"".join(bson.encode(doc) for doc in DOCS[i:i + BATCH]) for i in range(0, len(DOCS), BATCH)]
+CASES = {
+    "csv": {"format": "csv", "options": {"csv": {"bom": True}}},
+    "csv-gzip": {"format": "csv", "options": {"compress": "gzip"}},
+    "json": {"format": "json"},
+    "json-envelope": {"format": "json", "options": {"json": {"envelope": True}}},
+    "ndjson-gzip": {"format": "ndjson", "options": {"compress": "gzip"}},
+    "ndjson-fields": {"format": "ndjson", "fields": ["title", "assignee.name"]},
+}
+INFO = {"collection": "tasks", "filter": {}, "fields": None, "sort": {}, "limit": 0, "total": None, "exported_at": 0}
+
+
+def run_pipeline(spec: Any, path: Path, batches: list[bytes], resume: ResumePoint | None = None, stop_after: int | None = None,
+                 first_index: int = 0) -> list[dict[str, Any]]:
+    """Feed batches (numbered from first_index), a checkpoint every CHECKPOINT_EVERY; finish, or stop dead after
+    stop_after batches as a killed process would. Returns the checkpoints."""
+    pipeline = ExportPipeline(spec, path, INFO, resume)
+    points = []
+    for index, raw in enumerate(batches, first_index + 1):
+        pipeline.feed(raw)
+        if index % CHECKPOINT_EVERY == 0:
+            points.append(pipeline.checkpoint())
+        if stop_after is not None and index == stop_after:
+            pipeline.stream.flush()  # some rows past the checkpoint reach the file, as they may before a kill
+            return points
+    pipeline.finish()
+    return points
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("killed_after", [4, 13, 20])
+def test_a_resumed_file_is_byte_identical_to_an_uninterrupted_one(tmp_path: Path, case: str, killed_after: int) -> None:
+    spec = validate_request({"collection": "tasks", **CASES[case]})
+    whole = tmp_path / "whole.part"
+    run_pipeline(spec, whole, BATCHES)
+    dead = tmp_path / "dead.part"
+    points = run_pipeline(spec, dead, BATCHES, stop_after=killed_after)
+    point = points[-1]
+    assert dead.stat().st_size > point["bytes"], "the crash left bytes past the checkpoint, which must go"
+    done = point["rows"] // BATCH
+    resumed = tmp_path / "resumed.part"
+    run_pipeline(spec, resumed, BATCHES[done:], ResumePoint(dead, point["bytes"], point["rows"], point["columns"]), first_index=done)
+    assert resumed.read_bytes() == whole.read_bytes()
+    if spec.compress == "gzip":
+        assert gzip.decompress(resumed.read_bytes()).count(b"\n") >= len(BATCHES) * BATCH
+
+
+def test_which_exports_resume_and_the_bound_that_follows_a_checkpoint(tmp_path: Path) -> None:
+    assert resumable(validate_request({"collection": "t", "format": "csv"}))  # _id order by default
+    assert resumable(validate_request({"collection": "t", "format": "ndjson", "sort": {"createdAt": -1, "_id": -1}}))
+    assert not resumable(validate_request({"collection": "t", "format": "csv", "sort": {"createdAt": -1}}))
+    assert not resumable(validate_request({"collection": "t", "format": "xlsx"}))
+    assert not resumable(validate_request({"collection": "t", "format": "parquet"}))
+    oid = bson.ObjectId()
+    key = bson.json_util.dumps([7, oid], json_options=bson.json_util.CANONICAL_JSON_OPTIONS)
+    assert after((("points", -1), ("_id", 1)), key) == {"$or": [{"points": {"$lt": 7}}, {"points": 7, "_id": {"$gt": oid}}]}
+    part = tmp_path / "x.csv.a.part"
+    part.write_bytes(b"0123456789")
+    job = {"_id": "j", "checkpoint": {"part": part.name, "bytes": 8, "rows": 80, "columns": ["a"], "key": key}}
+    found = plan(job, validate_request({"collection": "t", "format": "csv", "sort": {"points": -1, "_id": 1}}), tmp_path)
+    assert found is not None and (found.bytes, found.rows, found.columns) == (8, 80, ["a"])
+    assert plan(job, validate_request({"collection": "t", "format": "xlsx", "sort": {"points": -1, "_id": 1}}), tmp_path) is None
+    assert plan({**job, "checkpoint": {**job["checkpoint"], "bytes": 11}}, validate_request({"collection": "t", "format": "csv"}), tmp_path) is None
+    assert plan(job, validate_request({"collection": "t", "format": "csv", "limit": 80}), tmp_path) is None  # nothing left
+
+
+# --- the service, killed ---------------------------------------------------------------------------------
+KILL_CASES = {
+    "csv-early": ({"format": "csv", "fields": ["seq", "title", "description", "createdAt"]}, 1),
+    "ndjson-late": ({"format": "ndjson"}, 6),
+    "csv-gzip-mid-member": ({"format": "csv", "options": {"compress": "gzip"}}, 3),
+}
+
+
+def job_doc(mongo_url: str, jobs: str, job_id: str) -> dict[str, Any]:
+    with MongoClient(mongo_url) as client:
+        return client[DATA_DB][jobs].find_one({"_id": job_id}) or {}
+
+
+@pytest.mark.parametrize("case", sorted(KILL_CASES))
+async def test_sigkill_mid_export_resumes_at_the_checkpoint_and_the_file_is_whole(mongo_url: str, tmp_path: Path, big_tasks: Any, case: str) -> None:
+    body, checkpoints = KILL_CASES[case]
+    body = {"collection": "tasks_big", **body}
+    env = {
+        "EXPORT_MONGO_URL": mongo_url, "EXPORT_DB": DATA_DB, "EXPORT_DIR": str(tmp_path / "exports"),
+        "EXPORT_BATCH_SIZE": "50", "EXPORT_CHECKPOINT_BATCHES": "4", "EXPORT_MAX_CONCURRENT": "1",
+        "EXPORT_LEASE_SECONDS": "2", "EXPORT_API_TOKENS": "", "EXPORT_JOBS_COLLECTION": f"jobs_{secrets.token_hex(4)}",
+    }
+    service = await ServiceProcess(env).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            job = await (await http.post(service.url + "/api/exports", json=body)).json()
+            for _ in range(1500):  # until the wanted checkpoint is on record; the run goes on past it meanwhile
+                doc = job_doc(mongo_url, env["EXPORT_JOBS_COLLECTION"], job["id"])
+                if (doc.get("checkpoint") or {}).get("rows", 0) >= checkpoints * 200:
+                    break
+                assert doc.get("status") != "completed", "the export finished before it could be killed"
+                await asyncio.sleep(0.02)
+            service.kill()
+            at_kill = job_doc(mongo_url, env["EXPORT_JOBS_COLLECTION"], job["id"])
+
+            service = await ServiceProcess(env).start()
+            final = await wait_status(http, job["id"], timeout=90, base=service.url)
+            assert final["status"] == "completed", final
+            resumed = final["resumed_from"]
+            assert resumed is not None and resumed["rows"] >= at_kill["checkpoint"]["rows"] > 0, (resumed, at_kill["checkpoint"])
+            assert resumed["reread_rows"] == max(0, at_kill["processed"] - resumed["rows"]), (resumed, at_kill["processed"])
+            async with http.get(service.url + final["download_url"]) as resp:
+                recovered = await resp.read()
+            clean_job = await (await http.post(service.url + "/api/exports", json=body)).json()
+            clean = await wait_status(http, clean_job["id"], timeout=90, base=service.url)
+            assert clean["resumed_from"] is None
+            async with http.get(service.url + clean["download_url"]) as resp:
+                assert recovered == await resp.read()
+            assert final["processed"] == clean["processed"] == len(big_tasks)
+            assert not list(Path(env["EXPORT_DIR"]).glob("*.part*"))
+    finally:
+        service.stop()
