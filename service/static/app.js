@@ -457,6 +457,10 @@ function renderMeta(job, meta) {
   }
   if (job.limit) items.push(`limit ${numberFormat.format(job.limit)}`);
   if (Array.isArray(job.fields)) items.push(`${job.fields.length} field${job.fields.length === 1 ? "" : "s"}`);
+  // A run that went on from a checkpoint after a crash says so: how far the file was kept, what was read again.
+  if (job.resumed_from) {
+    items.push(`resumed at row ${numberFormat.format(job.resumed_from.rows)} (${numberFormat.format(job.resumed_from.reread_rows)} read again)`);
+  }
   const nodes = [];
   items.filter(Boolean).forEach((item, index) => {
     if (index) nodes.push(metaSeparator());
