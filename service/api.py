@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import re
 import secrets
 from typing import Any, Awaitable, Callable
@@ -144,7 +145,7 @@ async def create_export(request: web.Request) -> web.Response:
         given = request.headers.get("Content-Type") or "none"
         raise UnsupportedMediaType("Content-Type", f"the body must be sent as application/json, not {given}", "unsupported_media_type")
     body = parse_body(await read_limited(request, MAX_BODY_BYTES + 1))
-    spec = validate_request(body, settings.jobs_collection, settings.collections)
+    spec = replace(validate_request(body, settings.jobs_collection, settings.collections), xlsx_rows_per_sheet=settings.xlsx_max_rows_per_sheet)
     if spec.collection not in await request.app[DB_KEY].collection_names():
         raise ValidationError("collection", f"collection {spec.collection!r} does not exist", "collection_not_found")
     snap = await request.app[MANAGER_KEY].create(spec, request[USER_KEY])

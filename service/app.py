@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import AsyncIterator
+from functools import partial
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
@@ -81,7 +82,6 @@ async def _seed_demo(url: str, settings: Settings) -> None:
 async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     manager = JobManager(settings, app[DB_KEY], app[EVENTS_KEY], app[METRICS_KEY], app.get(SOURCE_KEY))
-    app[EVENTS_KEY].lookup = manager.lookup
     app[MANAGER_KEY] = manager
     if settings.open_mode:
         log.warning("EXPORT_API_TOKENS is empty: the service runs OPEN, anyone who reaches it can export and download")
@@ -92,6 +92,11 @@ async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await health.stop()
     await manager.stop()
+
+
+async def _lookup_job(app: web.Application, user: str, job_id: str) -> dict[str, Any] | None:
+    """A subscriber's first snapshot, from the manager the app starts (after the Socket.IO server exists)."""
+    return await app[MANAGER_KEY].lookup(user, job_id)
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -112,7 +117,7 @@ def create_app(settings: Settings, source: BatchSource | None = None) -> web.App
     if source is not None:
         app[SOURCE_KEY] = source
     app[METRICS_KEY] = Metrics()
-    events = EventHub(settings)
+    events = EventHub(settings, partial(_lookup_job, app))
     app[EVENTS_KEY] = events
     events.attach(app)
     app.add_routes(api.routes)

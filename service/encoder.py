@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from bson.errors import BSONError
 
-from .pipeline import ExportPipeline, PipelineResult, ResumePoint
+from .files import PipelineResult, ResumePoint
 from .query import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ def _serve(
     _lower_priority()
     try:
         point = ResumePoint(Path(resume["source"]), resume["bytes"], resume["rows"], resume["columns"]) if resume else None
+        from .pipeline import ExportPipeline  # the encoder's own import: the server process never loads the writers
+
         pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info, point)
     except OSError as exc:
         conn.send(("error", "disk_error", f"cannot write export file: {exc.strerror or exc}"))
@@ -64,7 +66,7 @@ def _serve(
         try:
             raw = conn.recv_bytes()
         except EOFError:  # the server went away or cancelled: leave no partial file
-            pipeline.abort()
+            pipeline.discard()
             return
         try:
             if raw == CHECKPOINT:
@@ -76,12 +78,12 @@ def _serve(
             conn.send(("done", asdict(pipeline.finish())))
             return
         except OSError as exc:
-            pipeline.abort()
+            pipeline.discard()
             conn.send(("error", "disk_error", f"cannot write export file: {exc.strerror or exc}"))
             return
         except (BSONError, ValueError, TypeError, OverflowError) as exc:
             log.exception("encoding failed")
-            pipeline.abort()
+            pipeline.discard()
             conn.send(("error", "encode_error", f"cannot encode a document: {exc}"))
             return
 

@@ -53,7 +53,8 @@ def cors_allowed_origins(configured: tuple[str, ...]) -> OriginCheck | str | Non
 class EventHub:
     """Owns the Socket.IO server of one application."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, lookup: SnapshotLookup) -> None:
+        """lookup(user, job_id) gives the snapshot a subscriber gets first, or None when that user has no such job."""
         manager = None
         if settings.redis_url:
             manager = socketio.AsyncRedisManager(settings.redis_url)
@@ -65,7 +66,7 @@ class EventHub:
             logger=False,
             engineio_logger=False,
         )
-        self.lookup: SnapshotLookup | None = None
+        self.lookup = lookup
         self.sio.on("connect", self._connect)
         self.sio.on("subscribe", self._subscribe)
         self.sio.on("unsubscribe", self._unsubscribe)
@@ -101,7 +102,6 @@ class EventHub:
         if job_id is None:
             return {"ok": False, "error": {"code": "invalid_request", "message": "subscribe needs {\"id\": ...}", "field": "id"}}
         session = await self.sio.get_session(sid)
-        assert self.lookup is not None
         snap = await self.lookup(session["user"], job_id)
         if snap is None:
             return {"ok": False, "error": {"code": "not_found", "message": f"no export {job_id}", "field": "id"}}

@@ -21,9 +21,9 @@ from .encoder import EncoderPool
 from .events import EventHub
 from .jobs import ACTIVE, ACTIVE_VALUES, RUNNING, RUNNING_VALUES, JobStatus, new_job_doc, now_ms, snapshot, transition
 from .metrics import Metrics
-from .pipeline import remove_file, remove_partial
+from .files import discard_partial, final_path, remove_file
 from .query import ExportSpec, safe_filename
-from .runner import BatchSource, RunContext, execute, final_path
+from .runner import BatchSource, RunContext, run_job
 from .settings import Settings
 from .signing import UrlSigner, load_key
 
@@ -143,7 +143,7 @@ class JobManager:
         active = {job["_id"] for job in await self.db.find_jobs({"_id": {"$in": ids}, "status": {"$in": ACTIVE_VALUES}})}
         for part in parts:
             if part.name.split(".", 1)[0] not in active:
-                remove_partial(part)
+                discard_partial(part)
                 log.info("removed stale partial file %s", part.name)
 
     async def requeue_expired_leases(self) -> int:
@@ -329,11 +329,13 @@ class JobManager:
             if job.get("attempts", 1) > MAX_ATTEMPTS:
                 await self._give_up(job)
                 continue
-            await self._run(job)
+            await self._supervise(job)
 
-    async def _run(self, job: dict[str, Any]) -> None:
+    async def _supervise(self, job: dict[str, Any]) -> None:
+        """Run a claimed job in a task of its own: a user's cancel ends that task, not this worker; a stop
+        puts the job back in the queue."""
         job_id = job["_id"]
-        task = asyncio.create_task(execute(self.ctx, job, lambda: job_id in self.cancelling), name=f"export-{job_id}")
+        task = asyncio.create_task(run_job(self.ctx, job, lambda: job_id in self.cancelling), name=f"export-{job_id}")
         self.running[job_id] = task
         self.metrics.running += 1
         try:

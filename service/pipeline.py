@@ -9,7 +9,6 @@ import io
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
@@ -17,6 +16,7 @@ from bson import decode_all
 from bson.errors import InvalidBSON
 from bson.codec_options import CodecOptions, DatetimeConversion
 
+from .files import PipelineResult, ResumePoint, discard_partial, scratch_dir
 from .query import ExportSpec
 from .writers import Writer, make_writer, writer_class
 from .writers.values import discover_columns, mark_non_finite, non_finite_suspects, paths_of
@@ -28,16 +28,6 @@ DECODE_OPTIONS: CodecOptions = CodecOptions(tz_aware=False, datetime_conversion=
 # The plain conversion decodes faster; a batch holding a date outside years 1-9999 is decoded again with AUTO.
 FAST_DECODE_OPTIONS: CodecOptions = CodecOptions(tz_aware=False)
 MAX_WARNED_PATHS = 20
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """Where an earlier run's file is whole: its first bytes hold the header and rows rows (a checkpoint)."""
-
-    source: Path  # that run's partial file (another instance's, or this one's)
-    bytes: int
-    rows: int
-    columns: list[str] | None
 
 
 class GzipMembers(io.RawIOBase):
@@ -66,14 +56,6 @@ class GzipMembers(io.RawIOBase):
     def close(self) -> None:
         self.end_member()
         super().close()
-
-
-@dataclass
-class PipelineResult:
-    rows: int
-    bytes: int
-    columns: list[str] | None
-    warnings: list[str] = field(default_factory=list)
 
 
 class ExportPipeline:
@@ -198,7 +180,7 @@ class ExportPipeline:
             )
         return PipelineResult(self.rows, self.part_path.stat().st_size, self.writer.columns, warnings)
 
-    def abort(self) -> None:
+    def discard(self) -> None:
         """Discard the partial file and the writer's temporary files. Closing flushes the buffer, which
         fails again on a full disk: that cannot matter for a file about to be removed."""
         try:
@@ -206,7 +188,7 @@ class ExportPipeline:
         except OSError as exc:
             log.debug("closing a discarded export file failed: %s", exc)
         finally:
-            remove_partial(self.part_path)
+            discard_partial(self.part_path)
 
 
 def _open_part(part_path: Path, resume: ResumePoint | None) -> BinaryIO:
@@ -244,26 +226,6 @@ def decode_batch(raw: bytes) -> list[dict[str, Any]]:
     for index in non_finite_suspects(raw):
         docs[index] = mark_non_finite(docs[index])
     return docs
-
-
-def scratch_dir(part_path: Path) -> Path:
-    """The directory for the writer's temporary files of an export (xlsxwriter keeps each sheet's rows in
-    one until the workbook is closed): beside the partial file, on the export volume."""
-    return part_path.with_name(part_path.name + ".tmp")
-
-
-def remove_partial(part_path: Path) -> None:
-    """Remove an unfinished export: its partial file and its scratch directory, whichever exist."""
-    remove_file(part_path)
-    shutil.rmtree(scratch_dir(part_path), ignore_errors=True)
-
-
-def remove_file(path: Path) -> None:
-    """Remove path if it is there; a directory that is gone or unreadable is not a second failure."""
-    try:
-        path.unlink(missing_ok=True)
-    except (NotADirectoryError, PermissionError) as exc:
-        log.warning("could not remove %s: %s", path, exc)
 
 
 def _covered(path: str, known: set[str]) -> bool:

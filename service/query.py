@@ -90,6 +90,8 @@ class ExportSpec:
     filename: str | None = None
     pipeline_json: str | None = None  # canonical Extended JSON; set for a pipeline export, then filter/fields/sort are unused
     count: bool = False  # a pipeline export counts its output first (a find export always counts)
+    # How the file is laid out, from the settings when the job is created (so every instance writes it alike).
+    xlsx_rows_per_sheet: int = 1_048_575
 
     @property
     def filter(self) -> dict[str, Any]:
@@ -137,6 +139,7 @@ class ExportSpec:
             filename=doc.get("filename"),
             pipeline_json=doc.get("pipeline_json"),
             count=bool(doc.get("count", False)),
+            xlsx_rows_per_sheet=int(doc.get("xlsx_rows_per_sheet") or 1_048_575),
         )
 
 

@@ -19,7 +19,7 @@ from .encoder import EncoderError, EncoderPool, EncoderSession
 from .events import EventHub
 from .jobs import ACTIVE, RUNNING, JobStatus, expiry, now_ms, snapshot, transition
 from .metrics import Metrics
-from .pipeline import remove_file, remove_partial
+from .files import discard_partial, final_path, part_path, remove_file
 from .query import ExportSpec
 from .resume import ResumePlan, after, export_order, last_key, plan, resumable
 from .settings import Settings
@@ -66,10 +66,6 @@ class RunContext:
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
-def final_path(export_dir: Path, job_id: str, spec: ExportSpec) -> Path:
-    return Path(export_dir) / f"{job_id}.{spec.extension}"
-
-
 class JobRun:
     def __init__(self, ctx: RunContext, job: dict[str, Any]) -> None:
         self.ctx = ctx
@@ -78,7 +74,7 @@ class JobRun:
         self.spec = ExportSpec.from_doc(job["spec"])
         self.final_path = final_path(ctx.settings.export_dir, self.id, self.spec)
         # One partial file per instance: a job taken over after a lost lease never shares its file.
-        self.part_path = self.final_path.with_name(f"{self.final_path.name}.{ctx.instance_id}.part")
+        self.part_path = part_path(self.final_path, ctx.instance_id)
         self.encoder: EncoderSession | None = None
         self.started = time.monotonic()
         self.last_event = 0.0
@@ -176,7 +172,8 @@ class JobRun:
         self.total_known = True
         return total
 
-    async def run(self) -> None:
+    async def export(self) -> None:
+        """Read the rows and write the file: start (or resume), count beside the cursor, copy, finalize."""
         resume = plan(self.job, self.spec, self.ctx.settings.export_dir)
         await self._start(resume)
         find = self._find(resume)
@@ -217,13 +214,12 @@ class JobRun:
             "limit": self.spec.limit,
             **({"pipeline": self.snapshot()["pipeline"]} if self.spec.pipeline_json is not None else {}),
             "total": self.job.get("total"),
-            "xlsx_max_rows_per_sheet": self.ctx.settings.xlsx_max_rows_per_sheet,
         }
 
     async def _clear_stale_parts(self) -> None:
         for stale in self.final_path.parent.glob(f"{self.final_path.name}.*.part"):
             if stale != self.part_path:
-                remove_partial(stale)  # left by an instance that lost this job; we own it now
+                discard_partial(stale)  # left by an instance that lost this job; we own it now
 
     async def _copy_rows(self, find: FindSpec, processed: int) -> int:
         assert self.encoder is not None
@@ -325,7 +321,7 @@ class JobRun:
         if self.encoder is not None:
             self.encoder.kill()
             self.encoder = None
-        remove_partial(self.part_path)
+        discard_partial(self.part_path)
         if self.renamed:
             remove_file(self.final_path)
             self.renamed = False
@@ -341,7 +337,7 @@ class JobRun:
                 continue
         log.error("job %s: could not record %s; it is run again once its lease runs out", self.id, status.value)
 
-    async def end(self, status: JobStatus, error: dict[str, str] | None = None) -> None:
+    async def record_end(self, status: JobStatus, error: dict[str, str] | None = None) -> None:
         """Record a failed or cancelled end and tell the room."""
         self.discard()
         fields: dict[str, Any] = {"finished_at": now_ms(), "owner": None}
@@ -386,7 +382,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], bool]) -> JobStatus:
+async def run_job(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], bool]) -> JobStatus:
     """Run one claimed job to its end state and return it. A cancellation that is not a user's
     cancel (the service is stopping) leaves the job to be run again and propagates."""
     run = JobRun(ctx, job)
@@ -401,7 +397,7 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
     try:
         try:
             async with deadline:
-                await run.run()
+                await run.export()
         finally:
             # Stopped before any outcome is handled: a lease check that finds the job gone (as the run's own
             # JobLost may have just done) must not cancel the handling below halfway.
@@ -412,7 +408,7 @@ async def execute(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
         if run.lost:
             return await run.taken_over()
         if cancelled():
-            await run.end(JobStatus.CANCELLED)
+            await run.record_end(JobStatus.CANCELLED)
             ctx.metrics.job_ended("cancelled")
             return JobStatus.CANCELLED
         run.discard()
@@ -444,5 +440,5 @@ async def _fail_unexpected(ctx: RunContext, run: JobRun, exc: BaseException) -> 
 
 async def _fail(ctx: RunContext, run: JobRun, code: str, message: str) -> JobStatus:
     ctx.metrics.job_ended(code)
-    await run.end(JobStatus.FAILED, {"code": code, "message": message})
+    await run.record_end(JobStatus.FAILED, {"code": code, "message": message})
     return JobStatus.FAILED

@@ -453,7 +453,7 @@ def test_generated_data_takes_the_fast_path() -> None:
 
 @pytest.mark.parametrize("mode", ["relaxed", "canonical"])
 def test_json_envelope(tmp_path: Path, mode: str) -> None:
-    info = {"collection": "golden", "filter": {"a": 1}, "fields": None, "sort": {}, "limit": 0, "total": 2, "xlsx_max_rows_per_sheet": 10}
+    info = {"collection": "golden", "filter": {"a": 1}, "fields": None, "sort": {}, "limit": 0, "total": 2}
     data, _ = export(tmp_path, "json", [[TYPES_DOC], [EXOTIC_DOC]], info, json=JsonOptions(mode=mode, envelope=True))
     body = json_util.loads(data.decode("utf-8"), json_options=LOAD_OPTIONS)
     assert list(body) == ["exportInfo", "documents"]
@@ -579,7 +579,7 @@ def test_xlsx_keeps_the_columns_a_sheet_can_hold_and_says_so(tmp_path: Path) -> 
 def test_xlsx_new_sheet_every_max_rows_with_header_repeated(tmp_path: Path, count: int, sizes: list[int]) -> None:
     docs = [{"seq": i, "name": f"n{i}"} for i in range(count)]
     batches = [docs[:2], docs[2:7], docs[7:]]
-    data, result = export(tmp_path, "xlsx", batches, {"xlsx_max_rows_per_sheet": 3}, fields=("seq", "name"))
+    data, result = export(tmp_path, "xlsx", batches, fields=("seq", "name"), xlsx_rows_per_sheet=3)
     book = openpyxl.load_workbook(io.BytesIO(data))
     assert book.sheetnames == ["Export", "Export 2", "Export 3"][: len(sizes)]
     seen = []
@@ -605,7 +605,7 @@ def test_xlsx_sheet_data_waits_beside_the_partial_file_and_goes_with_it(tmp_path
         assert [p.name for p in tmp_path.iterdir()] == [part.name]
         assert len(list(openpyxl.load_workbook(io.BytesIO(part.read_bytes()), read_only=True).active.values)) == 3001
     else:
-        pipeline.abort()
+        pipeline.discard()
         assert list(tmp_path.iterdir()) == []
 
 

@@ -3,7 +3,6 @@ server with both drivers, read back with csv/json parsers and compared with the 
 in Python, on the source documents."""
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json

@@ -8,8 +8,6 @@ from typing import Any
 from .base import Writer
 from .values import encoder_for, project, projection_tree
 
-# Settings for other writers that travel in the same info mapping; they are not about the export.
-NOT_EXPORT_INFO = frozenset({"xlsx_max_rows_per_sheet"})
 
 
 class _DocumentWriter(Writer):
@@ -59,7 +57,7 @@ class JsonWriter(_DocumentWriter):
         self._prepare()
         self.first = True
         if self.spec.json.envelope:
-            info = {key: value for key, value in self.info.items() if key not in NOT_EXPORT_INFO}
+            info = dict(self.info)
             info.setdefault("exported_at", datetime.now(timezone.utc))
             self.out.write(b'{"exportInfo": ' + self.encode(info) + b', "documents": [')
         else:

@@ -27,7 +27,7 @@ class XlsxWriter(Writer):
     tabular = True
 
     def write_header(self) -> None:
-        self.max_rows = min(int(self.info.get("xlsx_max_rows_per_sheet") or EXCEL_MAX_DATA_ROWS), EXCEL_MAX_DATA_ROWS)
+        self.max_rows = min(self.spec.xlsx_rows_per_sheet, EXCEL_MAX_DATA_ROWS)
         self.book = xlsxwriter.Workbook(
             self.out,
             {
