@@ -20,6 +20,7 @@ from scripts.generate_data import make_documents
 from service.app import create_app
 from service.embedded_db import EmbeddedMongo
 from service.settings import Settings, settings_from_env
+from wire_proxy import WireProxy
 
 SEED = 20240101
 TASKS = 3000  # three batches and then some
@@ -103,6 +104,16 @@ def big_tasks(sync_db: Any) -> list[dict[str, Any]]:
     docs = list(make_documents(BIG_ROWS, 20240607))
     replace_collection(sync_db, "tasks_big", docs)
     return docs
+
+
+@pytest.fixture
+def proxy(mongo_url: str) -> Iterator[WireProxy]:
+    """A wire proxy in front of the server that can lose chosen replies (and records the commands it sees)."""
+    if mongo_url.startswith("mongodb+srv:"):
+        pytest.skip("a proxy stands in for one host and port, which an SRV connection string does not name")
+    wire = WireProxy(mongo_url).start()
+    yield wire
+    wire.close()
 
 
 @pytest.fixture(params=["pymongo", "motor"])

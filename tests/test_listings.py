@@ -29,15 +29,6 @@ SMALL = {"collection": "tasks", "format": "csv", "limit": 5}
 READS = {"find", "getMore", "aggregate", "count"}
 
 
-@pytest.fixture
-def proxy(mongo_url: str) -> Iterator[WireProxy]:
-    if mongo_url.startswith("mongodb+srv:"):
-        pytest.skip("a proxy stands in for one host and port, which an SRV connection string does not name")
-    wire = WireProxy(mongo_url).start()
-    yield wire
-    wire.close()
-
-
 async def create(api: Any, headers: dict[str, str]) -> dict[str, Any]:
     resp = await api.post("/api/exports", json=SMALL, headers=headers)
     assert resp.status == 202, await resp.text()

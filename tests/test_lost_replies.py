@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -19,15 +19,6 @@ from wire_proxy import WireProxy
 CLOSE_LIMIT = 1.0
 SPEC = {"collection": "tasks", "format": "csv", "sort": {"seq": 1}, "fields": ["seq", "title"]}
 LONG_SPEC = {**SPEC, "collection": "tasks_big"}  # with batches of 10, still running when the fault starts
-
-
-@pytest.fixture
-def proxy(mongo_url: str) -> Iterator[WireProxy]:
-    if mongo_url.startswith("mongodb+srv:"):
-        pytest.skip("a proxy stands in for one host and port, which an SRV connection string does not name")
-    wire = WireProxy(mongo_url).start()
-    yield wire
-    wire.close()
 
 
 async def timed_close(client: Any, limit: float) -> float:

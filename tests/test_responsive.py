@@ -6,7 +6,7 @@ import asyncio
 import re
 import time
 from pathlib import Path
-from typing import Any, AsyncGenerator, Iterator
+from typing import Any, AsyncGenerator
 
 import bson
 import pytest
@@ -155,15 +155,6 @@ async def test_every_user_query_carries_a_server_side_time_limit(mongo_url: str,
 def test_the_servers_time_limit_error_becomes_a_timeout() -> None:
     error = translate(ExecutionTimeout("operation exceeded time limit", 50))
     assert isinstance(error, QueryTimeout) and error.code == "timeout"
-
-
-@pytest.fixture
-def proxy(mongo_url: str) -> Iterator[WireProxy]:
-    if mongo_url.startswith("mongodb+srv:"):
-        pytest.skip("a proxy stands in for one host and port, which an SRV connection string does not name")
-    wire = WireProxy(mongo_url).start()
-    yield wire
-    wire.close()
 
 
 async def test_liveness_answers_at_once_while_the_database_answers_nothing(aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any) -> None:
