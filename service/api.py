@@ -16,7 +16,7 @@ from .db import DatabaseError, DatabaseUnavailable
 from .jobs import JobStatus
 from .manager import JobConflict, JobNotFound, TooManyJobs
 from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, validate_request
-from .settings import DB_KEY, EMBEDDED_KEY, HEALTH_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, bearer_token
+from .settings import DB_KEY, HEALTH_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, bearer_token
 from .signing import SignatureError
 
 log = logging.getLogger(__name__)
@@ -214,8 +214,8 @@ async def download_export(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/collections")
 async def list_collections(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
-    # The embedded server this service started itself runs the paths $project over the whole collection.
-    paths_on_server = request.app.get(EMBEDDED_KEY) is None
+    # The embedded server runs the paths $project over the whole collection: there, paths are found here.
+    paths_on_server = not await request.app[DB_KEY].is_embedded_server()
     collections = await catalog.list_collections(request.app[DB_KEY], settings.jobs_collection, settings.collections, paths_on_server)
     return json_response({"collections": collections})
 

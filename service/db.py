@@ -140,7 +140,8 @@ class Database:
         self.db = client[name]
         self.name = name
         self.jobs_collection = jobs_collection
-        self.raw_aggregate: bool | None = None  # whether the server suits aggregate_raw_batches; probed once
+        self.raw_aggregate: bool | None = None
+        self.embedded: bool | None = None  # see is_embedded_server  # whether the server suits aggregate_raw_batches; probed once
 
     @classmethod
     def connect(
@@ -161,6 +162,15 @@ class Database:
     def jobs(self) -> Any:
         # Job documents hold no dates (times are epoch milliseconds): the client's defaults suffice.
         return self.db[self.jobs_collection]
+
+    async def is_embedded_server(self) -> bool:
+        """Whether the server is the embedded one (nx-27017, which names itself in buildInfo): it runs some
+        pipelines over a whole collection where MongoDB stops early. Asked once."""
+        if self.embedded is None:
+            async with driver_errors():
+                info = await self.client.admin.command("buildInfo")
+            self.embedded = info.get("process") == "nx_27017"
+        return self.embedded
 
     def server_state(self) -> tuple[bool, str | None]:
         """Whether the driver's server monitoring knows a server that takes writes, and what went wrong if
