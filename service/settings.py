@@ -1,13 +1,20 @@
-"""Settings from EXPORT_* environment variables, and every typed application key."""
+"""Settings from EXPORT_* environment variables, declared once in SETTINGS, and every typed application key.
+
+`python -m service.settings --markdown` prints the README's settings table from SETTINGS.
+"""
 from __future__ import annotations
 
+import argparse
 import os
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from .setting_types import INTEGER, NAMES, NUMBER, ORIGINS, PATH, TEXT, TOKENS, Invalid, Kind
 
 if TYPE_CHECKING:  # the keys name these types; importing them here would be circular
     from .db import Database
@@ -19,6 +26,7 @@ if TYPE_CHECKING:  # the keys name these types; importing them here would be cir
     from .runner import BatchSource
 
 DRIVERS = ("pymongo", "motor")
+XLSX_MAX_ROWS = 1_048_575  # Excel's 1,048,576 rows less the header
 
 
 class SettingsError(ValueError):
@@ -26,73 +34,151 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One setting: its attribute, its variable, its type, default and README help, and the values it takes."""
+
+    name: str
+    env: str
+    kind: Kind
+    default: Any  # None only for text that may be absent
+    help: str
+    minimum: int | None = None
+    maximum: int | None = None
+    why_maximum: str = ""  # said after the maximum in the error
+    positive: bool = False
+    choices: tuple[str, ...] = ()
+    shown_default: str | None = None  # the README's default cell when the bare value would not tell enough
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("mongo_url", "EXPORT_MONGO_URL", TEXT, None,
+        "MongoDB connection string; the service waits 5 s to reach a server (`serverSelectionTimeoutMS`, "
+        "`connectTimeoutMS`; 30 s for connecting to the embedded server) and 5 minutes for any one reply "
+        "(`socketTimeoutMS`; a job whose reply never comes fails with `database_unavailable`), and the string's "
+        "own values of those options win (`socketTimeoutMS=0`: no limit)",
+        shown_default="*(empty: embedded server)*",
+    ),
+    Setting("db_name", "EXPORT_DB", TEXT, "exports", "database holding the collections and the jobs"),
+    Setting("driver", "EXPORT_MONGO_DRIVER", TEXT, "pymongo",
+        "`pymongo` (PyMongo's `AsyncMongoClient`) or `motor`",
+        choices=DRIVERS,
+    ),
+    Setting("host", "EXPORT_HOST", TEXT, "127.0.0.1", "the address the HTTP server listens on"),
+    Setting("port", "EXPORT_PORT", INTEGER, 8080, "the port the HTTP server listens on", minimum=0, maximum=65_535),
+    Setting("export_dir", "EXPORT_DIR", PATH, Path("var/exports"),
+        "export files; must be writable (checked at start-up); shared by all instances",
+    ),
+    Setting("batch_size", "EXPORT_BATCH_SIZE", INTEGER, 1000,
+        "cursor batch size, set explicitly on every cursor",
+        minimum=1,
+    ),
+    Setting("max_concurrent", "EXPORT_MAX_CONCURRENT", INTEGER, 2,
+        "exports running at once in this process; the rest wait `queued`, oldest first",
+        minimum=1,
+    ),
+    Setting("max_active_per_user", "EXPORT_MAX_ACTIVE_PER_USER", INTEGER, 10,
+        "queued + running jobs per user; more answers `429`",
+        minimum=1,
+    ),
+    Setting("ttl_hours", "EXPORT_TTL_HOURS", NUMBER, 24.0,
+        "completed files are removed after this long; the job becomes `expired`",
+        positive=True,
+    ),
+    Setting("api_tokens", "EXPORT_API_TOKENS", TOKENS, {},
+        "`token:user,token2:user2`; users see only their own jobs",
+        shown_default="*(empty: open mode, logged loudly)*",
+    ),
+    Setting("collections", "EXPORT_COLLECTIONS", NAMES, (),
+        "comma-separated allow list",
+        shown_default="*(empty: all but system ones and the jobs collection)*",
+    ),
+    Setting("redis_url", "EXPORT_REDIS_URL", TEXT, None, "Redis for Socket.IO fan-out across several instances"),
+    Setting("jobs_collection", "EXPORT_JOBS_COLLECTION", TEXT, "export_jobs", "where jobs are kept"),
+    Setting("lease_seconds", "EXPORT_LEASE_SECONDS", NUMBER, 30.0,
+        "a running job's lease; another instance takes over a job whose lease ran out",
+        positive=True,
+    ),
+    Setting("sweep_interval_seconds", "EXPORT_SWEEP_INTERVAL_SECONDS", NUMBER, 60.0,
+        "how often retention runs",
+        positive=True,
+    ),
+    Setting("xlsx_max_rows_per_sheet", "EXPORT_XLSX_MAX_ROWS", INTEGER, XLSX_MAX_ROWS,
+        "data rows per XLSX sheet before a new sheet (Excel's limit less the header)",
+        minimum=1, maximum=XLSX_MAX_ROWS, why_maximum=" (Excel's row limit less the header)",
+    ),
+    Setting("embedded_dir", "EXPORT_EMBEDDED_DIR", PATH, Path("var/db"), "data directory of the embedded server"),
+    Setting("seed_demo_rows", "EXPORT_SEED_DEMO_ROWS", INTEGER, 0,
+        "generate this many tasks at start-up when `tasks` is empty",
+        minimum=0, shown_default="`0` (`make demo`: 100000)",
+    ),
+    Setting("query_max_time_ms", "EXPORT_QUERY_MAX_TIME_MS", INTEGER, 600_000,
+        "the export cursor's `maxTimeMS` (server time over all its batches); `0`: none",
+        minimum=0,
+    ),
+    Setting("count_max_time_ms", "EXPORT_COUNT_MAX_TIME_MS", INTEGER, 30_000,
+        "the pre-count's `maxTimeMS`; past it the export goes on without a total; `0`: none",
+        minimum=0,
+    ),
+    Setting("job_timeout_seconds", "EXPORT_JOB_TIMEOUT_SECONDS", INTEGER, 43_200,
+        "a job's wall-clock limit, then `failed` with `timeout`; `0`: none",
+        minimum=0,
+    ),
+    Setting("secret_key", "EXPORT_SECRET_KEY", TEXT, None,
+        "the key that signs download links; give every instance the same one, or share `EXPORT_DIR`",
+        shown_default="*(empty: generated into `EXPORT_DIR/.signing-key`)*",
+    ),
+    Setting("download_url_seconds", "EXPORT_DOWNLOAD_URL_SECONDS", INTEGER, 300,
+        "how long a signed download link works",
+        minimum=1,
+    ),
+    Setting("checkpoint_batches", "EXPORT_CHECKPOINT_BATCHES", INTEGER, 10,
+        "a resumable export records a checkpoint every this many batches (see \"Resume after a crash\"); `0`: never",
+        minimum=0,
+    ),
+    Setting("allowed_origins", "EXPORT_ALLOWED_ORIGINS", ORIGINS, (),
+        "comma-separated origins (`https://app.example.com,http://intranet:8080`) whose pages may connect to "
+        "Socket.IO besides the service's own; `*` for any. A browser connection from any other origin is "
+        "refused; clients that send no `Origin` (not browsers) are not affected",
+        shown_default="*(empty: the page's own origin only)*",
+    ),
+)
+SETTING_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
 class Settings:
-    mongo_url: str | None = None  # None: start the embedded wire-protocol server
-    db_name: str = "exports"
-    driver: str = "pymongo"
-    host: str = "127.0.0.1"
-    port: int = 8080
-    export_dir: Path = Path("var/exports")
-    embedded_dir: Path = Path("var/db")
-    batch_size: int = 1000
-    max_concurrent: int = 2
-    max_active_per_user: int = 10
-    ttl_hours: float = 24.0
-    api_tokens: Mapping[str, str] = field(default_factory=dict)  # token -> user
-    collections: tuple[str, ...] = ()  # empty: every collection but system ones and the jobs collection
-    redis_url: str | None = None
-    jobs_collection: str = "export_jobs"
-    lease_seconds: float = 30.0
-    sweep_interval_seconds: float = 60.0
-    xlsx_max_rows_per_sheet: int = 1_048_575
-    seed_demo_rows: int = 0  # rows to generate into "tasks" at start-up when it is empty
-    query_max_time_ms: int = 600_000  # the export cursor's server-side time limit (0: none)
-    count_max_time_ms: int = 30_000  # the pre-count's; past it the export goes on without a total
-    job_timeout_seconds: int = 43_200  # a job's wall-clock limit (0: none)
-    secret_key: str | None = None  # signs download links; None: a key generated under export_dir
-    download_url_seconds: int = 300  # how long a signed download link works
-    checkpoint_batches: int = 10  # a resumable export records a checkpoint every this many batches (0: never)
-    allowed_origins: tuple[str, ...] = ()  # Socket.IO origins besides the page's own; "*" for any
+    """Every setting's value; built only by settings_from_env, whose SETTINGS hold the defaults and the rules."""
+
+    mongo_url: str | None  # None: start the embedded wire-protocol server
+    db_name: str
+    driver: str
+    host: str
+    port: int
+    export_dir: Path
+    batch_size: int
+    max_concurrent: int
+    max_active_per_user: int
+    ttl_hours: float
+    api_tokens: Mapping[str, str]  # token -> user
+    collections: tuple[str, ...]  # empty: every collection but system ones and the jobs collection
+    redis_url: str | None
+    jobs_collection: str
+    lease_seconds: float
+    sweep_interval_seconds: float
+    xlsx_max_rows_per_sheet: int
+    embedded_dir: Path
+    seed_demo_rows: int
+    query_max_time_ms: int
+    count_max_time_ms: int
+    job_timeout_seconds: int
+    secret_key: str | None  # None: a key generated under export_dir
+    download_url_seconds: int
+    checkpoint_batches: int
+    allowed_origins: tuple[str, ...]  # "*" for any
 
     @property
     def open_mode(self) -> bool:
         return not self.api_tokens
-
-
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0:
-        raise SettingsError(f"{name} must be positive, got {raw!r}")
-    return value
-
-
-def _tokens(raw: str) -> dict[str, str]:
-    tokens: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        token, sep, user = item.partition(":")
-        if not sep or not token or not user:
-            raise SettingsError("EXPORT_API_TOKENS must look like token:user,token2:user2")
-        tokens[token] = user
-    return tokens
 
 
 def bearer_token(header: str) -> str | None:
@@ -101,57 +187,86 @@ def bearer_token(header: str) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def _origins(raw: str) -> tuple[str, ...]:
-    """Comma-separated origins as browsers send them (scheme://host[:port], no path), or "*"."""
-    origins = []
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        parts = urlsplit(item)
-        if item != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment):
-            raise SettingsError(f"EXPORT_ALLOWED_ORIGINS must list origins like https://app.example.com:8443, got {item!r}")
-        origins.append(item.lower() if item == "*" else f"{parts.scheme}://{parts.netloc.lower()}")
-    return tuple(origins)
+def _check(setting: Setting, value: Any, given: Any) -> None:
+    """Raise Invalid when a parsed value is outside what the setting takes; `given` is what the user wrote."""
+    if setting.choices and value not in setting.choices:
+        raise Invalid(f"must be one of {', '.join(setting.choices)}, got {value!r}")
+    if setting.positive and not value > 0:  # also refuses NaN
+        raise Invalid(f"must be positive, got {given!r}")
+    if setting.minimum is not None and value < setting.minimum:
+        raise Invalid(f"must be at least {setting.minimum}, got {value}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise Invalid(f"must be at most {setting.maximum}{setting.why_maximum}, got {value}")
+
+
+def _value(setting: Setting, env: Mapping[str, str], overrides: Mapping[str, Any]) -> Any:
+    """One setting's value from an override, else its variable, else its default: all checked alike."""
+    if setting.name in overrides:
+        label, given, parse = setting.name, overrides[setting.name], setting.kind.from_value
+    elif env.get(setting.env, ""):
+        label, given, parse = setting.env, env[setting.env], setting.kind.from_text
+    else:  # unset or empty: the default
+        label, given, parse = setting.env, setting.default, setting.kind.from_value
+    if given is None and setting.default is None:
+        return None
+    try:
+        value = parse(given)
+        _check(setting, value, given)
+    except Invalid as exc:
+        raise SettingsError(f"{label} {exc}") from None
+    return value
 
 
 def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Build settings from the environment; raises SettingsError with a one-line message."""
+    """Settings from the environment and Python overrides, both checked by SETTINGS; raises a one-line SettingsError."""
     env = os.environ if env is None else env
-    driver = env.get("EXPORT_MONGO_DRIVER", "pymongo") or "pymongo"
-    if driver not in DRIVERS:
-        raise SettingsError(f"EXPORT_MONGO_DRIVER must be one of {', '.join(DRIVERS)}, got {driver!r}")
-    values: dict[str, Any] = dict(
-        mongo_url=env.get("EXPORT_MONGO_URL") or None,
-        db_name=env.get("EXPORT_DB") or "exports",
-        driver=driver,
-        host=env.get("EXPORT_HOST") or "127.0.0.1",
-        port=_int(env, "EXPORT_PORT", 8080),
-        export_dir=Path(env.get("EXPORT_DIR") or "var/exports"),
-        embedded_dir=Path(env.get("EXPORT_EMBEDDED_DIR") or "var/db"),
-        batch_size=_int(env, "EXPORT_BATCH_SIZE", 1000, minimum=1),
-        max_concurrent=_int(env, "EXPORT_MAX_CONCURRENT", 2, minimum=1),
-        max_active_per_user=_int(env, "EXPORT_MAX_ACTIVE_PER_USER", 10, minimum=1),
-        ttl_hours=_float(env, "EXPORT_TTL_HOURS", 24.0),
-        api_tokens=_tokens(env.get("EXPORT_API_TOKENS", "")),
-        collections=tuple(c.strip() for c in env.get("EXPORT_COLLECTIONS", "").split(",") if c.strip()),
-        redis_url=env.get("EXPORT_REDIS_URL") or None,
-        jobs_collection=env.get("EXPORT_JOBS_COLLECTION") or "export_jobs",
-        lease_seconds=_float(env, "EXPORT_LEASE_SECONDS", 30.0),
-        sweep_interval_seconds=_float(env, "EXPORT_SWEEP_INTERVAL_SECONDS", 60.0),
-        xlsx_max_rows_per_sheet=_int(env, "EXPORT_XLSX_MAX_ROWS", 1_048_575, minimum=1),
-        seed_demo_rows=_int(env, "EXPORT_SEED_DEMO_ROWS", 0),
-        query_max_time_ms=_int(env, "EXPORT_QUERY_MAX_TIME_MS", 600_000),
-        count_max_time_ms=_int(env, "EXPORT_COUNT_MAX_TIME_MS", 30_000),
-        job_timeout_seconds=_int(env, "EXPORT_JOB_TIMEOUT_SECONDS", 43_200),
-        secret_key=env.get("EXPORT_SECRET_KEY") or None,
-        download_url_seconds=_int(env, "EXPORT_DOWNLOAD_URL_SECONDS", 300, minimum=1),
-        checkpoint_batches=_int(env, "EXPORT_CHECKPOINT_BATCHES", 10),
-        allowed_origins=_origins(env.get("EXPORT_ALLOWED_ORIGINS", "")),
-    )
-    if values["port"] > 65535:
-        raise SettingsError(f"EXPORT_PORT must be at most 65535, got {values['port']}")
-    if values["xlsx_max_rows_per_sheet"] > 1_048_575:
-        raise SettingsError("EXPORT_XLSX_MAX_ROWS must be at most 1048575 (Excel's row limit less the header)")
-    values.update(overrides)
-    return Settings(**values)
+    unknown = sorted(set(overrides) - set(SETTING_BY_NAME))
+    if unknown:
+        raise TypeError(f"unknown settings: {', '.join(unknown)}")
+    return Settings(**{setting.name: _value(setting, env, overrides) for setting in SETTINGS})
+
+
+def _accepts(setting: Setting) -> str:
+    if setting.choices:
+        return " or ".join(f"`{choice}`" for choice in setting.choices)
+    word = setting.kind.word
+    if setting.positive:
+        return f"{word} > 0"
+    if setting.minimum is not None and setting.maximum is not None:
+        return f"{word} {setting.minimum}–{setting.maximum}"
+    return word if setting.minimum is None else f"{word} ≥ {setting.minimum}"
+
+
+def _shown_default(setting: Setting) -> str:
+    if setting.shown_default is not None:
+        return setting.shown_default
+    default = setting.default
+    if default is None or default in ((), {}):
+        return "*(empty)*"
+    if isinstance(default, float) and default.is_integer():
+        default = int(default)  # 24, as a reader writes it, not 24.0
+    return f"`{default}`"
+
+
+def settings_markdown() -> str:
+    """The README's settings table, one row per entry of SETTINGS."""
+    lines = ["| variable | default | accepts | meaning |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        cells = (f"`{setting.env}`", _shown_default(setting), _accepts(setting), setting.help)
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`--markdown`: print the README's settings table."""
+    parser = argparse.ArgumentParser(prog="python -m service.settings", description="The service's EXPORT_* settings.")
+    parser.add_argument("--markdown", action="store_true", help="print the README's settings table")
+    args = parser.parse_args(argv)
+    if not args.markdown:
+        parser.print_usage(sys.stderr)
+        return 2
+    sys.stdout.write(settings_markdown())
+    return 0
 
 
 # Every application key lives here, typed, so handlers never guess what they pull out of the app.
@@ -163,3 +278,7 @@ MANAGER_KEY: web.AppKey["JobManager"] = web.AppKey("manager")
 METRICS_KEY: web.AppKey["Metrics"] = web.AppKey("metrics")
 SOURCE_KEY: web.AppKey["BatchSource"] = web.AppKey("source")
 HEALTH_KEY: web.AppKey["Health"] = web.AppKey("health")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The types a setting can have: each reads environment text and accepts a Python value the same way."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class Invalid(ValueError):
+    """A value a setting cannot take; the message reads on from the setting's name ("must be ..., got ...")."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One type of setting: environment text to value, a Python value to the stored value, and its README word."""
+
+    word: str
+    from_text: Callable[[str], Any]
+    from_value: Callable[[Any], Any]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"must be text, got {value!r}")
+    return value
+
+
+def _int_text(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise Invalid(f"must be an integer, got {raw!r}") from None
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):  # True is an int to Python, not to a reader
+        raise Invalid(f"must be an integer, got {value!r}")
+    return value
+
+
+def _number_text(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise Invalid(f"must be a number, got {raw!r}") from None
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Invalid(f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise Invalid(f"must be a path, got {value!r}")
+    return Path(value)
+
+
+def _items(raw: str) -> list[str]:
+    return [item for item in (part.strip() for part in raw.split(",")) if item]
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    """Every item of a list or tuple of non-empty strings; a bare string would be split into letters."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise Invalid(f"must be a list of {what}, got {value!r}")
+    items = list(value)
+    if not all(isinstance(item, str) and item for item in items):
+        raise Invalid(f"must be a list of non-empty {what}, got {value!r}")
+    return items
+
+
+_TOKENS_SHAPE = "must look like token:user,token2:user2"
+
+
+def _tokens_text(raw: str) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    for item in _items(raw):
+        token, sep, user = item.partition(":")
+        if not sep or not token or not user:
+            raise Invalid(_TOKENS_SHAPE)  # never echoes the text: it holds secrets
+        tokens[token] = user
+    return tokens
+
+
+def _tokens(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise Invalid("must map tokens to users")
+    pairs = list(value.items())
+    if not all(isinstance(item, str) and item for pair in pairs for item in pair):
+        raise Invalid("must map non-empty token strings to non-empty user strings")
+    return dict(pairs)
+
+
+def _origin(item: str) -> str:
+    """An origin as browsers send it (scheme://host[:port], no path), lower-cased, or "*"."""
+    if item == "*":
+        return item
+    parts = urlsplit(item)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment:
+        raise Invalid(f"must list origins like https://app.example.com:8443, got {item!r}")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+TEXT = Kind("text", _text, _text)
+INTEGER = Kind("integer", _int_text, _int)
+NUMBER = Kind("number", _number_text, _number)
+PATH = Kind("path", Path, _path)
+TOKENS = Kind("`token:user` list", _tokens_text, _tokens)
+NAMES = Kind("name list", lambda raw: tuple(_items(raw)), lambda value: tuple(_strings(value, "names")))
+ORIGINS = Kind(
+    "origin list",
+    lambda raw: tuple(_origin(item) for item in _items(raw)),
+    lambda value: tuple(_origin(item) for item in _strings(value, "origins")),
+)
