@@ -65,8 +65,10 @@ def _serve(
     while True:
         try:
             raw = conn.recv_bytes()
-        except EOFError:  # the server went away or cancelled: leave no partial file
-            pipeline.discard()
+        except EOFError:
+            # The server process died (a cancel kills this process instead): the partial file stays for the run
+            # that takes the job over, which may go on from its last checkpoint, or for the stale-file clean-up.
+            pipeline.abandon()
             return
         try:
             if raw == CHECKPOINT:

@@ -180,6 +180,13 @@ class ExportPipeline:
             )
         return PipelineResult(self.rows, self.part_path.stat().st_size, self.writer.columns, warnings)
 
+    def abandon(self) -> None:
+        """Close the partial file and leave it where it is."""
+        try:
+            self.file.close()
+        except OSError as exc:
+            log.debug("closing an abandoned export file failed: %s", exc)
+
     def discard(self) -> None:
         """Discard the partial file and the writer's temporary files. Closing flushes the buffer, which
         fails again on a full disk: that cannot matter for a file about to be removed."""

@@ -365,4 +365,5 @@ def test_without_socketio_it_falls_back_to_polling(service: ServiceProcess, task
     assert proxy.paths[1].startswith("/socket.io")
     assert proxy.paths.count(f"/api/exports/{job_id}") >= 2  # polled until completed, then once more for the download link
     with open(tmp_path / "p.csv", newline="", encoding="utf-8") as handle:
-        assert [row[0] for row in csv.reader(handle)][1:] == [str(d["seq"]) for d in tasks]
+        # Without a sort, an export reads in _id order.
+        assert [row[0] for row in csv.reader(handle)][1:] == [str(d["seq"]) for d in sorted(tasks, key=lambda d: d["_id"])]
