@@ -42,13 +42,13 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 # --- commands -------------------------------------------------------------------------------
 
 
-def parse_json_option(option: str, text: str) -> Any:
+def parse_json_option(option: str, text: str, kind: type = dict) -> Any:
     try:
         value = json.loads(text)
     except ValueError as exc:
         raise CliError(f"{option}: not valid JSON ({exc}); Extended JSON such as {{\"$oid\": \"...\"}} is fine", EXIT_USAGE) from exc
-    if not isinstance(value, dict):
-        raise CliError(f"{option}: must be a JSON object", EXIT_USAGE)
+    if not isinstance(value, kind):
+        raise CliError(f"{option}: must be a JSON {'object' if kind is dict else 'array of stages'}", EXIT_USAGE)
     return value
 
 
@@ -71,6 +71,10 @@ def create_body(args: argparse.Namespace) -> dict[str, Any]:
         body["sort"] = parse_json_option("--sort", args.sort)  # key order kept: it is the sort order
     if args.limit is not None:
         body["limit"] = args.limit
+    if args.pipeline is not None:  # the service refuses it beside --query, --fields or --sort, and says why
+        body["pipeline"] = parse_json_option("--pipeline", args.pipeline, list)
+    if args.count:
+        body["count"] = True
     options: dict[str, Any] = {}
     if args.noHeaderLine:
         options["csv"] = {"header": False}
@@ -220,6 +224,9 @@ def add_create(commands: Any, common: argparse.ArgumentParser) -> None:
     create.add_argument("-f", "--fields", help="comma-separated field paths, e.g. title,assignee.name")
     create.add_argument("--sort", help="sort document, e.g. '{\"createdAt\": -1}'")
     create.add_argument("--limit", type=int, help="at most this many documents")
+    create.add_argument("--pipeline", help="an aggregation pipeline instead of --query/--fields/--sort, e.g. "
+                        "'[{\"$match\": {\"status\": \"open\"}}, {\"$group\": {\"_id\": \"$priority\", \"n\": {\"$sum\": 1}}}]'")
+    create.add_argument("--count", action="store_true", help="with --pipeline: count its output first, for a percentage")
     create.add_argument("--noHeaderLine", action="store_true", help="csv without its header line")
     create.add_argument("--gzip", action="store_true", help="a gzip-compressed file")
     create.add_argument("-o", "--out", help="output file (default: the service's file name, here)")

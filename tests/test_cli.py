@@ -367,3 +367,22 @@ def test_without_socketio_it_falls_back_to_polling(service: ServiceProcess, task
     with open(tmp_path / "p.csv", newline="", encoding="utf-8") as handle:
         # Without a sort, an export reads in _id order.
         assert [row[0] for row in csv.reader(handle)][1:] == [str(d["seq"]) for d in sorted(tasks, key=lambda d: d["_id"])]
+
+
+def test_create_with_a_pipeline_counts_first_and_matches_python(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
+    pipeline = '[{"$match": {"seq": {"$lt": 1200}}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}, {"$sort": {"_id": 1}}]'
+    done = mexport(service, "create", "tasks", "--type", "csv", "--pipeline", pipeline, "--count", "-o", "groups.csv", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "groups.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    counts: dict[Any, int] = {}
+    for doc in tasks:
+        if doc["seq"] < 1200:
+            counts[doc.get("status")] = counts.get(doc.get("status"), 0) + 1
+    assert rows[0] == ["_id", "n"]
+    assert sorted((row[0], int(row[1])) for row in rows[1:]) == sorted((csv_text(k), n) for k, n in counts.items())
+    # Beside --query, the service says what conflicts; a pipeline that is not a list is refused before asking.
+    refused = mexport(service, "create", "tasks", "--pipeline", pipeline, "-q", "{}", cwd=tmp_path)
+    assert refused.returncode == 1 and "pipeline" in refused.stderr, refused.stderr
+    bad = mexport(service, "create", "tasks", "--pipeline", '{"$match": {}}', cwd=tmp_path)
+    assert bad.returncode == 2 and "--pipeline: must be a JSON array of stages" in bad.stderr, bad.stderr
