@@ -134,8 +134,11 @@ class JobRun:
         system), the current state is sent again with its phase and the time waited so far."""
         while True:
             await asyncio.sleep(max(0.05, self.last_event + HEARTBEAT_SECONDS - time.monotonic()))
+            event = STATUS_EVENTS.get(JobStatus(self.job["status"]))
+            if event is None:  # ended: its last event says so
+                return
             if time.monotonic() - self.last_event >= HEARTBEAT_SECONDS * 0.95:
-                await self.emit(STATUS_EVENTS[JobStatus(self.job["status"])])
+                await self.emit(event)
 
     # --- the loop ----------------------------------------------------------------------------
     def _find(self, resume: ResumePlan | None) -> FindSpec:
