@@ -1,26 +1,31 @@
-"""Encoder processes: each running export gets one, fed raw BSON batches through a pipe.
+"""Encoder processes: each running export gets one, fed raw BSON batches through a socket pair.
 
 Decoding and formatting are CPU work; doing them here keeps the event loop free for the API and
-Socket.IO, and lets several exports use several cores. The server process only moves bytes.
+Socket.IO, and lets several exports use several cores. The server process only moves bytes, with the event
+loop's own non-blocking socket calls: no thread waits on an encoder, and one that dies is an end of stream.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import os
-from concurrent.futures import ThreadPoolExecutor
+import pickle
+import socket
+import struct
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from bson.errors import BSONError
 
 from .files import PipelineResult, ResumePoint
 from .query import ExportSpec
+
+if TYPE_CHECKING:  # imported for real in the encoder process only (see _serve)
+    from .pipeline import ExportPipeline
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,18 @@ ENCODER_NICE = 5
 MAX_IN_FLIGHT = 2
 # The message that asks for a checkpoint; a batch is whole BSON documents, at least 5 bytes, and b"" ends the export.
 CHECKPOINT = b"C"
+# Frames are those of multiprocessing.connection, which the encoder side uses: a 4-byte big-endian signed
+# length (-1 and then an 8-byte length past 2 GiB), then the bytes. Replies are pickled tuples.
+_LENGTH = struct.Struct("!i")
+_LONG_LENGTH = struct.Struct("!Q")
+_LONG_FRAME = 0x7FFFFFFF
+# Small frames go out in one write with their header; a batch is sent after its header rather than copied.
+_JOIN_UP_TO = 16384
+# Replies are tens of bytes: one read brings every one that is back.
+_READ_SIZE = 65536
+# After its end of the socket closes, how long to wait for the fork server to report the encoder's exit.
+_EXIT_WAIT_SECONDS = 2.0
+_FINISH_EXIT_WAIT_SECONDS = 10.0
 
 
 class EncoderError(RuntimeError):
@@ -48,59 +65,151 @@ def _lower_priority() -> None:
         log.debug("could not lower the encoder's priority: %s", exc)
 
 
-def _serve(
-    conn: multiprocessing.connection.Connection, spec_doc: dict[str, Any], part_path: str, info: dict[str, Any], resume: dict[str, Any] | None
-) -> None:
-    """The encoder process: open the .part file, then answer each batch with its row count."""
-    _lower_priority()
-    try:
-        point = ResumePoint(Path(resume["source"]), resume["bytes"], resume["rows"], resume["columns"]) if resume else None
-        from .pipeline import ExportPipeline  # the encoder's own import: the server process never loads the writers
+def _disk_error(exc: OSError) -> tuple[str, str, str]:
+    return ("error", "disk_error", f"cannot write export file: {exc.strerror or exc}")
 
-        pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info, point)
+
+def _answer(pipeline: ExportPipeline, raw: bytes) -> tuple[Any, ...]:
+    """The encoder's reply to one message; a "done" or "error" reply ends the export."""
+    try:
+        if raw == CHECKPOINT:
+            return ("checkpoint", pipeline.checkpoint())
+        if raw:
+            return ("ok", pipeline.feed(raw))
+        return ("done", asdict(pipeline.finish()))
     except OSError as exc:
-        conn.send(("error", "disk_error", f"cannot write export file: {exc.strerror or exc}"))
-        return
-    conn.send(("ready",))
-    while True:
+        pipeline.discard()
+        return _disk_error(exc)
+    except (BSONError, ValueError, TypeError, OverflowError) as exc:
+        log.exception("encoding failed")
+        pipeline.discard()
+        return ("error", "encode_error", f"cannot encode a document: {exc}")
+
+
+def _serve(sock: socket.socket, spec_doc: dict[str, Any], part_path: str, info: dict[str, Any], resume: dict[str, Any] | None) -> None:
+    """The encoder process: open the .part file, then answer each message until the export ends."""
+    _lower_priority()
+    with multiprocessing.connection.Connection(sock.detach()) as conn:
         try:
-            raw = conn.recv_bytes()
-        except EOFError:
+            point = ResumePoint(Path(resume["source"]), resume["bytes"], resume["rows"], resume["columns"]) if resume else None
+            from .pipeline import ExportPipeline  # the encoder's own import: the server process never loads the writers
+
+            pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info, point)
+        except OSError as exc:
+            conn.send(_disk_error(exc))
+            return
+        try:
+            conn.send(("ready",))
+            while True:
+                reply = _answer(pipeline, conn.recv_bytes())
+                conn.send(reply)
+                if reply[0] in ("done", "error"):
+                    return
+        except (EOFError, ConnectionError):
             # The server process died (a cancel kills this process instead): the partial file stays for the run
             # that takes the job over, which may go on from its last checkpoint, or for the stale-file clean-up.
             pipeline.abandon()
-            return
-        try:
-            if raw == CHECKPOINT:
-                conn.send(("checkpoint", pipeline.checkpoint()))
-                continue
-            if raw:
-                conn.send(("ok", pipeline.feed(raw)))
-                continue
-            conn.send(("done", asdict(pipeline.finish())))
-            return
-        except OSError as exc:
-            pipeline.discard()
-            conn.send(("error", "disk_error", f"cannot write export file: {exc.strerror or exc}"))
-            return
-        except (BSONError, ValueError, TypeError, OverflowError) as exc:
-            log.exception("encoding failed")
-            pipeline.discard()
-            conn.send(("error", "encode_error", f"cannot encode a document: {exc}"))
-            return
+
+
+def _frame_header(size: int) -> bytes:
+    if size > _LONG_FRAME:
+        return _LENGTH.pack(-1) + _LONG_LENGTH.pack(size)
+    return _LENGTH.pack(size)
+
+
+def _launch(process: multiprocessing.process.BaseProcess, child: socket.socket) -> None:
+    # The child's end is closed here, once the fork server has its copy, even if the caller stopped waiting.
+    try:
+        process.start()
+    finally:
+        child.close()
+
+
+class _Channel:
+    """Frames over the server's end of the socket pair, sent and received by the event loop itself."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.buffer = bytearray()
+        self.ended = False  # the encoder's end is closed: what is buffered is all there will be
+
+    async def send(self, payload: bytes) -> None:
+        """Returns once payload is in the socket, that is held by the encoder's side; OSError if it is gone."""
+        header = _frame_header(len(payload))
+        if len(payload) <= _JOIN_UP_TO:
+            await self.loop.sock_sendall(self.sock, header + payload)
+        else:
+            await self.loop.sock_sendall(self.sock, header)
+            await self.loop.sock_sendall(self.sock, payload)
+
+    async def receive(self) -> bytes:
+        """The next frame; EOFError once the encoder's end is closed."""
+        (size,) = _LENGTH.unpack(await self._take(_LENGTH.size))
+        if size == -1:
+            (size,) = _LONG_LENGTH.unpack(await self._take(_LONG_LENGTH.size))
+        return await self._take(size)
+
+    def ready(self) -> bool:
+        """Whether receive() would return or fail without waiting."""
+        self._read_available()
+        return self.ended or self._complete()
+
+    def close(self) -> None:
+        # The loop forgets the descriptor before it is closed, so a reused number is never watched for us.
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+
+    def _complete(self) -> bool:
+        if len(self.buffer) < _LENGTH.size:
+            return False
+        (size,) = _LENGTH.unpack_from(self.buffer)
+        if size != -1:
+            return len(self.buffer) >= _LENGTH.size + size
+        head = _LENGTH.size + _LONG_LENGTH.size
+        return len(self.buffer) >= head and len(self.buffer) >= head + _LONG_LENGTH.unpack_from(self.buffer, _LENGTH.size)[0]
+
+    def _read_available(self) -> None:
+        while not self.ended:
+            try:
+                self._received(self.sock.recv(_READ_SIZE))
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionError:  # reset by a dying encoder: what was read before still counts
+                self.ended = True
+
+    async def _take(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            if self.ended:
+                raise EOFError
+            try:
+                self._received(await self.loop.sock_recv(self.sock, _READ_SIZE))
+            except ConnectionError:
+                self.ended = True
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def _received(self, data: bytes) -> None:
+        if data:
+            self.buffer += data
+        else:
+            self.ended = True
 
 
 class EncoderPool:
     """Starts encoder processes from a fork server that has the writers imported already."""
 
     def __init__(self, max_workers: int) -> None:
+        # max_workers, the exports running at once, sizes nothing here: each has its own process and socket.
+        self.max_workers = max_workers
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(["service.pipeline"])
-        # Blocking pipe I/O happens on these threads: one call at a time per running export, plus starts and joins.
-        self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * max_workers), thread_name_prefix="encoder-io")
-        # The fork server is a fresh interpreter importing the writers (a few hundred ms): start it now, in the
-        # background, instead of in the first export's time.
-        self.executor.submit(multiprocessing.forkserver.ensure_running)
+        # The fork server is a fresh interpreter importing the writers (a few hundred ms): start it now, so it
+        # is ready, or nearly, for the first export. Spawning it does not wait for the imports.
+        multiprocessing.forkserver.ensure_running()
         self.closed = False
 
     def usable(self) -> bool:
@@ -116,11 +225,11 @@ class EncoderPool:
 
     def close(self) -> None:
         self.closed = True
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class EncoderSession:
-    """The server's side of one encoder process. Calls are made one at a time (the runner awaits each)."""
+    """The server's side of one encoder process. Calls are made one at a time (the runner awaits each), and
+    kill() only when none is under way (the runner calls it once its await was cancelled or failed)."""
 
     def __init__(
         self, pool: EncoderPool, spec: ExportSpec, part_path: Path, info: Mapping[str, Any], resume: Mapping[str, Any] | None = None
@@ -130,113 +239,118 @@ class EncoderSession:
         self.part_path = part_path
         self.info = dict(info)
         self.resume = dict(resume) if resume else None
-        self.conn: multiprocessing.connection.Connection | None = None
+        self.channel: _Channel | None = None
         self.process: multiprocessing.process.BaseProcess | None = None
         self.in_flight = 0  # batches sent and not acknowledged yet
-        self.pending: concurrent.futures.Future[Any] | None = None  # the pool thread working for us, if any
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        self.pending = self.pool.executor.submit(fn, *args)
-        return await asyncio.wrap_future(self.pending)
-
-    def _start_blocking(self) -> tuple[Any, ...]:
-        parent, child = self.pool.ctx.Pipe(duplex=True)
+    async def start(self) -> None:
+        parent, child = socket.socketpair()
+        self.channel = _Channel(parent)
         self.process = self.pool.ctx.Process(
             target=_serve, args=(child, self.spec.to_doc(), str(self.part_path), self.info, self.resume), daemon=True
         )
-        self.process.start()
-        child.close()
-        self.conn = parent
-        return self._receive(parent)
-
-    # The blocking helpers below run on a pool thread and take the pipe as an argument: kill() may drop
-    # self.conn from the event loop while one of them is still inside a call.
-    def _receive(self, conn: multiprocessing.connection.Connection) -> tuple[Any, ...]:
         try:
-            reply = conn.recv()
-        except (EOFError, OSError):
-            code = self.process.exitcode if self.process else None
-            raise EncoderError("encoder_crashed", f"the encoder process ended unexpectedly (exit code {code})") from None
-        if reply[0] == "error":
-            raise EncoderError(reply[1], reply[2])
-        return reply
-
-    def _send(self, conn: multiprocessing.connection.Connection, raw: bytes) -> None:
-        try:
-            conn.send_bytes(raw)
-        except OSError:  # BrokenPipeError: the process died; its last reply, or EOF, says why
-            while True:
-                self._receive(conn)
-        self.in_flight += 1
-
-    def _collect(self, conn: multiprocessing.connection.Connection, keep: int) -> int:
-        """Read acknowledgements until at most keep batches are unacknowledged, and then those already
-        back; returns the rows they count."""
-        rows = 0
-        while self.in_flight and (self.in_flight > keep or conn.poll()):
-            reply = self._receive(conn)
-            self.in_flight -= 1
-            rows += int(reply[1])
-        return rows
-
-    def _feed_blocking(self, conn: multiprocessing.connection.Connection, raw: bytes) -> int:
-        # A batch larger than the pipe's buffer is sent only as the encoder reads it, that is once it has
-        # finished the one before; smaller ones are bounded by MAX_IN_FLIGHT.
-        self._send(conn, raw)
-        return self._collect(conn, MAX_IN_FLIGHT)
-
-    def _finish_blocking(self, conn: multiprocessing.connection.Connection) -> tuple[Any, ...]:
-        self._collect(conn, 0)
-        self._send(conn, b"")
-        reply = self._receive(conn)
-        self.in_flight = 0
-        if self.process is not None:
-            self.process.join(timeout=10)
-        return reply
-
-    def _checkpoint_blocking(self, conn: multiprocessing.connection.Connection) -> tuple[int, dict[str, Any]]:
-        rows = self._collect(conn, 0)
-        conn.send_bytes(CHECKPOINT)
-        return rows, self._receive(conn)[1]
-
-    def _pipe(self) -> multiprocessing.connection.Connection:
-        if self.conn is None:
-            raise EncoderError("encoder_crashed", "the encoder process was stopped")
-        return self.conn
-
-    async def start(self) -> None:
-        await self._call(self._start_blocking)
+            # Starting asks the fork server for a process and waits for its answer: a few ms, or the fork
+            # server's whole start-up for the first export, which the event loop must not wait out.
+            await asyncio.to_thread(_launch, self.process, child)
+            await self._receive()
+        except BaseException:
+            # Without the server's end, an encoder that did start reads the end of the stream and stops.
+            self.channel.close()
+            self.channel = None
+            raise
 
     async def feed(self, raw: bytes) -> int:
         """Hand raw to the encoder; returns once the encoder holds it, with the rows of the batches it has
         finished meanwhile (the encoder works on raw while the caller fetches the next batch)."""
-        return int(await self._call(self._feed_blocking, self._pipe(), raw))
+        # A batch larger than the socket's buffer is sent only as the encoder reads it, that is once it has
+        # finished the one before; smaller ones are bounded by MAX_IN_FLIGHT.
+        await self._send(raw)
+        self.in_flight += 1
+        return await self._collect(MAX_IN_FLIGHT)
 
     async def drain(self) -> int:
         """Wait until every batch handed over is encoded; returns the rows not reported by feed() yet."""
-        return int(await self._call(self._collect, self._pipe(), 0))
+        return await self._collect(0)
 
     async def checkpoint(self) -> tuple[int, dict[str, Any]]:
         """Wait until every batch handed over is written, then make the file whole and durable there; returns
         the rows not reported by feed() yet, and {bytes, rows, columns} of the file at that point."""
-        rows, state = await self._call(self._checkpoint_blocking, self._pipe())
-        return int(rows), state
+        rows = await self._collect(0)
+        await self._send(CHECKPOINT)
+        return rows, (await self._receive())[1]
 
     async def finish(self) -> PipelineResult:
-        reply = await self._call(self._finish_blocking, self._pipe())
+        await self._collect(0)
+        await self._send(b"")
+        reply = await self._receive()
+        await self._exit_code(_FINISH_EXIT_WAIT_SECONDS)  # reaped, not left for the next start to collect
+        self._channel().close()
+        self.channel = None
         return PipelineResult(**reply[1])
 
     def kill(self) -> None:
         """Stop the process now; the caller removes the .part file."""
         if self.process is not None and self.process.is_alive():
             self.process.kill()
+            # Dead before the caller removes its files: a write still under way cannot recreate one.
             self.process.join(timeout=5)
-        conn, self.conn = self.conn, None
-        if conn is None:
-            return
-        if self.pending is not None and not self.pending.done():
-            # A pool thread is still inside a send or receive on this pipe (it fails at once now that the
-            # process is gone): closing the descriptor under it could hand its number to another file.
-            self.pending.add_done_callback(lambda _: conn.close())
-        else:
-            conn.close()
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def _channel(self) -> _Channel:
+        if self.channel is None:
+            raise EncoderError("encoder_crashed", "the encoder process was stopped")
+        return self.channel
+
+    async def _send(self, payload: bytes) -> None:
+        try:
+            await self._channel().send(payload)
+        except ConnectionError:
+            # The encoder is gone: the replies it sent first end with the error that stopped it, or with
+            # the end of the stream, and _receive raises either.
+            for _ in range(self.in_flight + 1):
+                await self._receive()
+            raise await self._crashed() from None
+
+    async def _collect(self, keep: int) -> int:
+        """Read acknowledgements until at most keep batches are unacknowledged, and then those already
+        back; returns the rows they count."""
+        rows = 0
+        while self.in_flight and (self.in_flight > keep or self._channel().ready()):
+            reply = await self._receive()
+            self.in_flight -= 1
+            rows += int(reply[1])
+        return rows
+
+    async def _receive(self) -> tuple[Any, ...]:
+        try:
+            reply = pickle.loads(await self._channel().receive())
+        except EOFError:
+            raise await self._crashed() from None
+        if reply[0] == "error":
+            raise EncoderError(reply[1], reply[2])
+        return reply
+
+    async def _crashed(self) -> EncoderError:
+        code = await self._exit_code(_EXIT_WAIT_SECONDS)
+        return EncoderError("encoder_crashed", f"the encoder process ended unexpectedly (exit code {code})")
+
+    async def _exit_code(self, timeout: float) -> int | None:
+        """The process's exit code, waiting up to timeout for the fork server to report it (the socket
+        closes as the process dies, a moment before that report)."""
+        process = self.process
+        if process is None or process.exitcode is not None:
+            return process.exitcode if process is not None else None
+        loop = asyncio.get_running_loop()
+        reported = loop.create_future()
+        loop.add_reader(process.sentinel, lambda: reported.done() or reported.set_result(None))
+        try:
+            async with asyncio.timeout(timeout):
+                await reported
+        except TimeoutError:
+            log.warning("encoder process %s did not report its exit within %g s", process.pid, timeout)
+        finally:
+            loop.remove_reader(process.sentinel)
+        return process.exitcode
