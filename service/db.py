@@ -6,6 +6,7 @@ Driver errors leave this module as DatabaseUnavailable (the server cannot be rea
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -68,6 +69,15 @@ async def driver_errors() -> AsyncIterator[None]:
         yield
     except pymongo_errors.PyMongoError as exc:
         raise translate(exc) from exc
+
+
+def _raise_swallowed_cancel() -> None:
+    """Raise a cancellation the driver swallowed. On Python 3.11, asyncio.wait_for (which PyMongo wraps
+    around socket calls when the client has timeouts) returns the result of an operation that completes as
+    the cancel arrives, and the task goes on: a cancelled export would run to its end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _resolve(value: Any) -> Any:
@@ -232,6 +242,7 @@ class Database:
         if spec.pipeline is not None:
             async with aclosing(self._aggregate_batches(spec)) as batches:
                 async for batch in batches:
+                    _raise_swallowed_cancel()
                     yield batch
             return
         options = {"max_time_ms": spec.max_time_ms} if spec.max_time_ms else {}
@@ -247,6 +258,7 @@ class Database:
         try:
             async with driver_errors():
                 async for batch in cursor:
+                    _raise_swallowed_cancel()
                     yield batch
         finally:
             await _resolve(cursor.close())
