@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 VENDOR := service/static/vendor/socket.io.esm.min.js
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench system-deps clean
+.PHONY: install demo test test-fast bench bench-quick system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,12 @@ test: install system-deps
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not browser" $(PYTEST_ARGS)
 
+# The benchmark's report goes to var/bench.md; bench-quick runs every stage at small sizes (under two minutes).
 bench: install
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py run
+
+bench-quick: install
+	$(BIN)/python scripts/bench.py run --quick
 
 clean:
 	rm -rf $(VENV) var node_modules service/static/vendor test-output
