@@ -1,15 +1,13 @@
-"""Benchmark of the export service: one markdown report, printed and written to var/bench.md.
+"""Benchmark of the export service: a markdown report, printed and written to var/bench.md.
 
-    make bench                                    # every stage, about twelve minutes on two cores
-    make bench-quick                              # small sizes, a smoke run of every stage (under two minutes)
-    .venv/bin/python scripts/bench.py run --only writers --writer-formats csv,parquet
-    .venv/bin/python scripts/bench.py run --only instructions    # valgrind's instruction counts, minutes more
+    make bench            # every stage (scripts/bench.py run), about twelve minutes on two cores
+    make bench-quick      # every stage at small sizes, under two minutes: a smoke run
+    .venv/bin/python scripts/bench.py run --only writers,instructions --writer-formats csv,parquet
 
-Floors (the bare libraries) run in the same run as the service, beside it, so both meet the same neighbours on
-a shared machine. The service is driven as a user drives it, over HTTP and Socket.IO, as a child process; the
-rss, live and scale stages give it an in-process source of raw BSON batches (create_app's `source`), so the
-database is not the bottleneck; e2e and busy read the embedded server. The script exits 0 whether or not a
-target is met; a crash exits non-zero.
+Floors (the bare libraries) run in the same run, beside the service, so both meet the same neighbours. The
+service runs as a child process driven over HTTP and Socket.IO; rss, live and scale give it an in-process
+source of raw BSON batches (create_app's `source`), e2e and busy read the embedded server. Exits 0 whether or
+not a target is met.
 """
 from __future__ import annotations
 
@@ -491,7 +489,7 @@ def quiet(run: Run) -> tuple[list[float], list[float]]:
     """Each job's longest time without an event, from its subscription to its end (repeated events count), and
     its wait for the first export-processing event."""
     return ([max(b[0] - a[0] for a, b in zip(events, events[1:])) for events in run.events],
-            [next(t for t, name in events if name == "export-processing") - events[0][0] for events in run.events])
+            [next((t for t, name in events if name == "export-processing"), events[-1][0]) - events[0][0] for events in run.events])
 
 
 class Scale(NamedTuple):
@@ -656,10 +654,6 @@ def render_live(figures: list[tuple[list[float], list[int], Run]], bench: Bench,
             "Socket.IO client, from the subscription to the job's end event; events a waiting job sends again count.", ""]
 
 
-def render_busy(figures: list[tuple[list[float], list[int], Run]], bench: Bench, accept: list[str]) -> list[str]:
-    return render_live(figures, bench, accept, "the embedded server")
-
-
 def render_scale(figures: list[Scale], bench: Bench, accept: list[str]) -> list[str]:
     rows, notes = [], []
     for s in figures:
@@ -714,16 +708,13 @@ class Bench:
         return job_body(fmt, self.columns if fields else (), limit, self.collection)
 
 
-def in_thread(stage: Callable[[Bench], list[Any]]) -> Callable[[Bench], Awaitable[list[Any]]]:
-    return lambda bench: asyncio.to_thread(stage, bench)
-
-
 STAGES: dict[str, tuple[Callable[[Bench], Awaitable[list[Any]]], Callable[..., list[str]]]] = {  # in report order
-    "writers": (in_thread(stage_writers), render_writers),
-    "instructions": (in_thread(stage_instructions), render_instructions),  # only when named: valgrind, minutes more
+    "writers": (lambda bench: asyncio.to_thread(stage_writers, bench), render_writers),
+    # Only when named: valgrind takes minutes more.
+    "instructions": (lambda bench: asyncio.to_thread(stage_instructions, bench), render_instructions),
     "rss": (stage_rss, render_rss),
     "live": (lambda bench: live(bench, bench.sizes.live_rows, inproc=True), render_live),
-    "busy": (lambda bench: live(bench, bench.sizes.busy_rows, inproc=False), render_busy),
+    "busy": (lambda bench: live(bench, bench.sizes.busy_rows, inproc=False), functools.partial(render_live, source="the embedded server")),
     "scale": (stage_scale, render_scale),
     "e2e": (stage_e2e, render_e2e),
 }
