@@ -126,7 +126,6 @@ class FindSpec:
     projection: Mapping[str, Any] | None
     sort: Sequence[tuple[str, int]]
     limit: int
-    skip: int = 0
     batch_size: int = 1000
     max_time_ms: int = 0  # the cursor's server-side time limit, over all its batches (0: none)
     count_max_time_ms: int = 0  # the pre-count's (0: none)
@@ -224,12 +223,10 @@ class Database:
             return [doc async for doc in cursor]
 
     async def count(self, spec: FindSpec) -> int:
-        """Count matches with an aggregation ($match, $skip, $limit, $count), which every server runs fast."""
+        """Count matches with an aggregation ($match, $limit, $count), which every server runs fast."""
         if spec.pipeline is not None:
             return await self._count_pipeline(spec)
         pipeline: list[dict[str, Any]] = [{"$match": dict(spec.filter)}]
-        if spec.skip:
-            pipeline.append({"$skip": spec.skip})
         if spec.limit:
             pipeline.append({"$limit": spec.limit})
         return await _aggregate_count(self.collection(spec.collection), pipeline, spec.count_max_time_ms)
@@ -251,8 +248,6 @@ class Database:
         )
         if spec.sort:
             cursor = cursor.sort(list(spec.sort))
-        if spec.skip:
-            cursor = cursor.skip(spec.skip)
         if spec.limit:
             cursor = cursor.limit(spec.limit)
         try:
@@ -333,10 +328,6 @@ class Database:
         finally:
             if cursor is not None:
                 await _resolve(cursor.close())
-
-    async def drop_collection(self, name: str) -> None:
-        async with driver_errors():
-            await self.db.drop_collection(name)
 
     # --- the jobs collection -------------------------------------------------------------------
     async def insert_job(self, doc: Mapping[str, Any]) -> None:

@@ -14,7 +14,6 @@ from bson import json_util
 from bson.json_util import JSONOptions, JSONMode
 
 FORMATS = ("csv", "json", "ndjson", "xlsx", "parquet")
-EXTENSIONS = {"csv": "csv", "json": "json", "ndjson": "ndjson", "xlsx": "xlsx", "parquet": "parquet"}
 # Formats that compress inside the file: gzip around them would only cost time.
 SELF_COMPRESSED = frozenset({"xlsx", "parquet"})
 FORBIDDEN_OPERATORS = frozenset({"$where", "$function", "$accumulator"})
@@ -105,8 +104,8 @@ class ExportSpec:
 
     @property
     def extension(self) -> str:
-        ext = EXTENSIONS[self.format]
-        return f"{ext}.gz" if self.compress == "gzip" else ext
+        # Each format's name is its file extension.
+        return f"{self.format}.gz" if self.compress == "gzip" else self.format
 
     def projection(self) -> dict[str, int] | None:
         """Top-level projection: dotted paths are resolved client-side, the same on every server."""
