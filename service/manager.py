@@ -70,8 +70,6 @@ class JobManager:
         self.tasks: list[asyncio.Task[None]] = []
         self.running: dict[str, asyncio.Task[JobStatus]] = {}
         self.cancelling: set[str] = set()
-        self.claiming = asyncio.Event()  # cleared by pause(): workers finish their job and claim no other
-        self.claiming.set()
         self.last_order = 0
         self.stopping = False
 
@@ -294,19 +292,9 @@ class JobManager:
         self.last_order = max(time.time_ns() // 1000, self.last_order + 1)
         return self.last_order
 
-    def pause(self) -> None:
-        """Stop claiming queued jobs (running ones go on), e.g. to drain an instance before maintenance."""
-        self.claiming.clear()
-
-    def resume(self) -> None:
-        self.claiming.set()
-        self.last_order = 0
-        self.wake.set()
-
     async def _worker(self) -> None:
         # The flag as well as the cancel: a cancel that lands inside the driver can be swallowed there.
         while not self.stopping:
-            await self.claiming.wait()
             try:
                 job = await self._claim()
             except DatabaseError as exc:

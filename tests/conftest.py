@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import os
 import secrets
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Iterator
 
 import pytest
 import socketio
@@ -18,8 +19,9 @@ from pymongo import MongoClient
 
 from scripts.generate_data import make_documents
 from service.app import create_app
+from service.db import Database, FindSpec
 from service.embedded_db import EmbeddedMongo
-from service.settings import Settings, settings_from_env
+from service.settings import SETTINGS_KEY, Settings, settings_from_env
 from wire_proxy import WireProxy
 
 SEED = 20240101
@@ -116,6 +118,113 @@ def proxy(mongo_url: str) -> Iterator[WireProxy]:
     wire.close()
 
 
+_job_collections: list[str] = []
+
+
+def new_jobs_collection() -> str:
+    """A jobs collection of the test's own (each test sees only its own jobs), dropped after the test."""
+    name = f"jobs_{secrets.token_hex(4)}"
+    _job_collections.append(name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def drop_job_collections(request: pytest.FixtureRequest) -> Iterator[None]:
+    # The database is asked for only by tests that use it; unit tests never start the embedded server.
+    db = request.getfixturevalue("sync_db") if "mongo_url" in request.fixturenames else None
+    yield
+    names = list(dict.fromkeys(_job_collections))
+    _job_collections.clear()
+    for name in names if db is not None else ():
+        db.drop_collection(name)
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """Wait until condition() (a plain or an async function) returns something true, and return that; an
+    AssertionError naming what was awaited if it does not within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}, in vain")
+        await asyncio.sleep(interval)
+
+
+class Gate:
+    """A BatchSource reading the test database whose exports all wait at their first batch until open().
+    Given to create_app(settings, source=...), it holds the workers: with every worker held, jobs created
+    meanwhile stay queued (hold_queue)."""
+
+    def __init__(self, mongo_url: str) -> None:
+        self.db = Database.connect(mongo_url, DATA_DB)
+        self.opened = asyncio.Event()
+        self.held = 0  # exports waiting at the gate now
+
+    async def count(self, spec: FindSpec) -> int:
+        return await self.db.count(spec)
+
+    async def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]:
+        self.held += 1
+        try:
+            await self.opened.wait()
+        finally:
+            self.held -= 1
+        async for batch in self.db.raw_batches(spec):
+            yield batch
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def shut(self) -> None:
+        """Hold exports that ask for their first batch from now on (those past the gate go on)."""
+        self.opened.clear()
+
+
+@pytest.fixture
+async def gate(mongo_url: str) -> AsyncIterator[Gate]:
+    gate = Gate(mongo_url)
+    yield gate
+    await gate.db.close()
+
+
+@pytest.fixture
+async def gated_client(aiohttp_client: Any, settings: Settings, gate: Gate) -> Any:
+    """The client fixture's app, reading rows through the gate (the jobs' state stays in the database)."""
+    return await aiohttp_client(create_app(settings, source=gate))
+
+
+@pytest.fixture
+async def idle_client(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate) -> Any:
+    """An app whose exports never get past the (closed) gate: accepted requests cost no export, for tests where
+    what matters is the answer."""
+    return await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, max_active_per_user=10_000), source=gate))
+
+
+HOLDER = {"collection": "tasks", "format": "ndjson", "limit": 1, "filename": "holder"}
+
+
+async def hold_queue(api: Any, gate: Gate, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Occupy every worker of the app with a one-row job held at the gate: jobs created from now on stay
+    queued until gate.open() (then the holders complete, and the queue runs in order). The holders' snapshots."""
+    workers = api.server.app[SETTINGS_KEY].max_concurrent
+    gate.shut()
+    holders = [await (await api.post("/api/exports", json=HOLDER, headers=headers)).json() for _ in range(workers)]
+    await until(lambda: gate.held == workers, f"{workers} job(s) held at the gate")
+    return holders
+
+
+async def release_queue(api: Any, gate: Gate, holders: list[dict[str, Any]], headers: dict[str, str] | None = None) -> None:
+    """Cancel the holders (they leave no file) and open the gate: the queued jobs run."""
+    for holder in holders:
+        resp = await api.delete(f"/api/exports/{holder['id']}", headers=headers)
+        assert resp.status == 200 and (await resp.json())["status"] == "cancelled", await resp.text()
+    gate.open()
+
+
 @pytest.fixture(params=["pymongo", "motor"])
 def driver(request: pytest.FixtureRequest) -> str:
     return request.param
@@ -127,7 +236,7 @@ def make_settings(mongo_url: str, tmp_path: Path, driver: str = os.environ.get("
         db_name=DATA_DB,
         driver=driver,
         export_dir=tmp_path / "exports",
-        jobs_collection=f"jobs_{secrets.token_hex(4)}",  # each test sees only its own jobs
+        jobs_collection=new_jobs_collection(),
         max_active_per_user=50,
         max_concurrent=2,
     )

@@ -7,9 +7,8 @@ from typing import Any
 import pytest
 
 from service.app import create_app
-from service.settings import MANAGER_KEY
 
-from conftest import make_settings, wait_status
+from conftest import Gate, hold_queue, make_settings, release_queue, wait_status
 
 VALID = {"collection": "tasks", "format": "csv"}
 
@@ -92,18 +91,19 @@ async def test_jobs_collection_and_collections_outside_the_allow_list_are_reject
     assert names == ["tasks"]
 
 
-async def test_unknown_id_404_and_unfinished_download_409(api: Any) -> None:
+async def test_unknown_id_404_and_unfinished_download_409(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate) -> None:
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, max_concurrent=1), source=gate))
     for path in ("/api/exports/0123456789abcdef01234567", "/api/exports/../../etc/passwd", "/api/exports/nope/download"):
         resp = await api.get(path)
         assert resp.status == 404, path
     assert (await api.delete("/api/exports/0123456789abcdef01234567")).status == 404
 
-    api.server.app[MANAGER_KEY].pause()  # keep the job queued
+    holders = await hold_queue(api, gate)  # keep the job queued
     job = await (await api.post("/api/exports", json=VALID)).json()
     resp = await api.get(f"/api/exports/{job['id']}/download")
     assert resp.status == 409
     assert (await resp.json())["error"]["code"] == "not_ready"
-    api.server.app[MANAGER_KEY].resume()
+    await release_queue(api, gate, holders)
     snap = await wait_status(api, job["id"])
     assert snap["status"] == "completed"
     assert (await api.get(f"/api/exports/{job['id']}/download")).status == 200

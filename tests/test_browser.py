@@ -18,7 +18,7 @@ import openpyxl
 import pytest
 
 from service.app import create_app
-from service.settings import MANAGER_KEY, Settings
+from service.settings import Settings
 
 from expected import csv_text, lookup
 from conftest import BIG_ROWS, make_settings
@@ -76,7 +76,8 @@ PROGRESS_RECORDER = """
 # --- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture
 def browser_settings(mongo_url: str, tmp_path: Path, big_tasks: list[dict[str, Any]]) -> Settings:
-    return make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,))
+    # One worker: an export started while another runs stays queued, as the screenshot wants one.
+    return make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,), max_concurrent=1)
 
 
 @pytest.fixture
@@ -167,7 +168,6 @@ async def test_export_progress_download_cancel_and_screenshot(
     aiohttp_client: Any, browser_settings: Settings, browser: Any, big_tasks: list[dict[str, Any]], tmp_path: Path, output_dir: Path
 ) -> None:
     client = await aiohttp_client(create_app(browser_settings))
-    manager = client.server.app[MANAGER_KEY]
     page, errors = await open_page(browser, str(client.make_url("/")))
     await expect(page.get_by_text("No exports yet")).to_be_visible()
     await expect(page.locator("#collection-hint")).to_contain_text("About 20,000 documents")
@@ -232,13 +232,11 @@ async def test_export_progress_download_cancel_and_screenshot(
     # 4. A screenshot with a running, a queued and finished jobs.
     running_id = await start_export(page, "xlsx")
     await wait_running(page, running_id)
-    manager.pause()
     queued_id = await start_export(page, "ndjson")
     await expect(job_item(page, queued_id)).to_have_attribute("data-status", "queued")
     await expect(job_item(page, queued_id).locator(".progress-text")).to_contain_text("Waiting in queue")
     assert await job_item(page, running_id).get_attribute("data-status") in ("processing", "finalizing")
     await page.screenshot(path=str(output_dir / "export-page.png"), full_page=True, animations="disabled")
-    manager.resume()
     # The running one is cancelled too (no need to wait for it); the queued one runs and completes.
     await job_item(page, running_id).get_by_role("button", name=re.compile("^Cancel export")).click()
     await expect(job_item(page, running_id)).to_have_attribute("data-status", "cancelled", timeout=15_000)

@@ -2,7 +2,6 @@
 with independent parsers and compare with the same query evaluated here, in Python, on the source documents."""
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -13,9 +12,9 @@ import openpyxl
 from openpyxl.utils.escape import unescape
 from bson import json_util
 
-from service.settings import MANAGER_KEY
+import socketio
 
-from conftest import EVENTS
+from conftest import EVENTS, Gate, hold_queue, release_queue, until
 from expected import csv_text, lookup
 
 FILTER = {"status": {"$in": ["open", "in_progress", "done"]}}
@@ -53,27 +52,30 @@ async def run_export(client: Any, sio: Any, body: dict[str, Any]) -> dict[str, A
     return job
 
 
-async def test_export_all_formats_end_to_end(client: Any, sio_client: Any, tasks: list[dict[str, Any]]) -> None:
-    manager = client.server.app[MANAGER_KEY]
+async def test_export_all_formats_end_to_end(gated_client: Any, gate: Gate, tasks: list[dict[str, Any]]) -> None:
+    client = gated_client
     seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    sio_client = socketio.AsyncClient(reconnection=False)
     for name in EVENTS:
         sio_client.on(name, lambda data, _n=name: seen.setdefault(data["id"], []).append((_n, data)))
-
-    # Hold the queue while subscribing, so every event of every job is seen from the first.
-    manager.pause()
-    jobs = {}
-    for fmt in ("csv", "json", "ndjson", "xlsx"):
-        fields = DOC_FIELDS if fmt in ("json", "ndjson") else TABLE_FIELDS
-        body = {"collection": "tasks", "format": fmt, "filter": FILTER, "sort": SORT, "fields": fields, "filename": f"tasks {fmt}"}
-        job = await run_export(client, sio_client, body)
-        assert job["status"] == "queued" and job["queue_position"] >= 1
-        jobs[fmt] = job
-    manager.resume()
-
-    for _ in range(600):
-        if all(seen.get(j["id"]) and seen[j["id"]][-1][0] in ("export-completed", "export-failed") for j in jobs.values()):
-            break
-        await asyncio.sleep(0.1)
+    await sio_client.connect(str(client.make_url("/")), transports=["websocket"])
+    try:
+        # Hold the queue while subscribing, so every event of every job is seen from the first.
+        holders = await hold_queue(client, gate)
+        jobs = {}
+        for fmt in ("csv", "json", "ndjson", "xlsx"):
+            fields = DOC_FIELDS if fmt in ("json", "ndjson") else TABLE_FIELDS
+            body = {"collection": "tasks", "format": fmt, "filter": FILTER, "sort": SORT, "fields": fields, "filename": f"tasks {fmt}"}
+            job = await run_export(client, sio_client, body)
+            assert job["status"] == "queued" and job["queue_position"] >= 1
+            jobs[fmt] = job
+        await release_queue(client, gate, holders)
+        await until(
+            lambda: all(seen.get(j["id"]) and seen[j["id"]][-1][0] in ("export-completed", "export-failed") for j in jobs.values()),
+            "the last event of every job", timeout=60,
+        )
+    finally:
+        await sio_client.disconnect()
 
     expected = expected_docs(tasks)
     assert len(expected) >= 2500

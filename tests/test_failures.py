@@ -1,7 +1,6 @@
 """Faults end in a clear job state: failed with an export-failed event, and no partial file left."""
 from __future__ import annotations
 
-import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
@@ -9,30 +8,28 @@ from typing import Any
 from service.app import create_app
 from service.settings import MANAGER_KEY, Settings
 
-from conftest import export_files, make_settings, subscribe, wait_status
+from conftest import Gate, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
 
 
-async def test_unwritable_export_directory_fails_the_job_cleanly(client: Any, settings: Settings) -> None:
-    api = client
+async def test_unwritable_export_directory_fails_the_job_cleanly(gated_client: Any, gate: Gate, settings: Settings) -> None:
+    api = gated_client
     export_dir = Path(settings.export_dir)
+    holders = await hold_queue(api, gate)  # the job below stays queued until subscribed to
     # The directory disappears behind the service's back and a file takes its name.
     shutil.rmtree(export_dir)
     export_dir.write_text("not a directory")
-    manager = api.server.app[MANAGER_KEY]
-    manager.pause()
     job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
     seen: list[tuple[float, str, dict[str, Any]]] = []
     sio = await subscribe(api, job["id"], seen)
-    manager.resume()
+    await release_queue(api, gate, holders)
     snap = await wait_status(api, job["id"])
-    await asyncio.sleep(0.2)
+    await until(lambda: seen and seen[-1][1] == "export-failed", "the export-failed event", timeout=5)
     await sio.disconnect()
 
     assert snap["status"] == "failed"
     assert snap["error"]["code"] == "disk_error"
     assert "cannot write export file" in snap["error"]["message"]
     assert snap["download_url"] is None
-    assert [n for _, n, _ in seen][-1] == "export-failed"
     assert seen[-1][2]["error"]["code"] == "disk_error"
     export_dir.unlink()
     export_dir.mkdir()
@@ -43,16 +40,16 @@ async def test_unwritable_export_directory_fails_the_job_cleanly(client: Any, se
     assert export_files(export_dir) == [f"{job2['id']}.ndjson"]
 
 
-async def test_full_disk_fails_the_job_with_a_clear_message(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+async def test_full_disk_fails_the_job_with_a_clear_message(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate) -> None:
     settings = make_settings(mongo_url, tmp_path)
-    api = await aiohttp_client(create_app(settings))
-    manager = api.server.app[MANAGER_KEY]
-    manager.pause()
+    api = await aiohttp_client(create_app(settings, source=gate))
+    holders = await hold_queue(api, gate)
     job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson"})).json()
-    # The job's partial file leads to /dev/full, where every write fails with ENOSPC, as on a full disk.
-    part = Path(settings.export_dir) / f"{job['id']}.ndjson.{manager.instance_id}.part"
+    # The job's partial file leads to /dev/full, where every write fails with ENOSPC, as on a full disk. Its
+    # name is the service's own: no public behaviour points a job's writes elsewhere.
+    part = Path(settings.export_dir) / f"{job['id']}.ndjson.{api.server.app[MANAGER_KEY].instance_id}.part"
     part.symlink_to("/dev/full")
-    manager.resume()
+    await release_queue(api, gate, holders)
     snap = await wait_status(api, job["id"])
     assert snap["status"] == "failed"
     assert snap["error"]["code"] == "disk_error"

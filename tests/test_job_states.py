@@ -17,7 +17,7 @@ from service.jobs import JobStatus, new_job_doc, now_ms
 from service.query import validate_request
 from service.settings import MANAGER_KEY
 
-from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, wait_status
+from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, until, wait_status
 
 SPEC = {"collection": "tasks", "format": "csv", "fields": ["seq", "title"], "sort": {"seq": 1}}
 
@@ -47,10 +47,7 @@ async def test_a_cancel_that_races_a_transition_wins_and_leaves_no_file(
     sio = await subscribe(api, job["id"], seen)
     try:
         final = await wait_status(api, job["id"])
-        for _ in range(100):
-            if any(name == "export-cancelled" for _, name, _ in seen):
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: any(name == "export-cancelled" for _, name, _ in seen), "the export-cancelled event", timeout=5)
     finally:
         await sio.disconnect()
     assert final["status"] == "cancelled" and final["download_url"] is None, final
@@ -82,15 +79,20 @@ async def test_a_job_interrupted_too_often_is_failed_and_a_cancel_first_stays_a_
     cancelled = await insert_queued(mongo_url, settings.jobs_collection, attempts=manager_module.MAX_ATTEMPTS)
     real = manager_module.transition
 
+    gave_up = asyncio.Event()
+
     async def cancelled_first(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
-        if to == JobStatus.FAILED:
-            await asyncio.to_thread(foreign_cancel, mongo_url, settings.jobs_collection, kwargs["job_id"])
-        return await real(db, expected, to, **kwargs)
+        if to != JobStatus.FAILED:
+            return await real(db, expected, to, **kwargs)
+        await asyncio.to_thread(foreign_cancel, mongo_url, settings.jobs_collection, kwargs["job_id"])
+        try:
+            return await real(db, expected, to, **kwargs)
+        finally:
+            gave_up.set()
 
     monkeypatch.setattr(manager_module, "transition", cancelled_first)
     api = await aiohttp_client(create_app(settings))
-    final = await wait_status(api, cancelled)
-    await asyncio.sleep(0.5)  # a give-up that overwrote the cancel would have done so by now
+    await asyncio.wait_for(gave_up.wait(), 30)  # the give-up was tried after the cancel, and is over
     final = await (await api.get(f"/api/exports/{cancelled}")).json()
     assert final["status"] == "cancelled" and final["error"] is None, final
 

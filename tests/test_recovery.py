@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from scripts.generate_data import make_documents
 from service.app import create_app
 from service.embedded_db import EmbeddedMongo, free_port
 
-from conftest import DATA_DB, export_files, make_settings, replace_collection, wait_status
+from conftest import DATA_DB, export_files, make_settings, new_jobs_collection, replace_collection, until, wait_status
 from service_process import ROOT, ServiceProcess
 
 @pytest.fixture
@@ -29,7 +28,7 @@ def service_env(mongo_url: str, tmp_path: Path, tasks: Any) -> Iterator[dict[str
         "EXPORT_BATCH_SIZE": "10",  # many round trips: the export is surely mid-way when killed
         "EXPORT_MAX_CONCURRENT": "1",
         "EXPORT_API_TOKENS": "",
-        "EXPORT_JOBS_COLLECTION": f"jobs_{secrets.token_hex(4)}",
+        "EXPORT_JOBS_COLLECTION": new_jobs_collection(),
         "EXPORT_LEASE_SECONDS": "3",  # a killed instance's job is run again once its lease runs out
     }
 
@@ -127,11 +126,8 @@ async def test_database_outage_fails_the_job_then_service_recovers(aiohttp_clien
         assert snap["status"] == "processing", snap
 
         server.kill()
-        for _ in range(200):
-            if events:
-                break
-            await asyncio.sleep(0.05)
-        assert events and events[0][1]["error"]["code"] == "database_unavailable", events
+        await until(lambda: events, "the export-failed event", timeout=10)
+        assert events[0][1]["error"]["code"] == "database_unavailable", events
         # Liveness is the service's own: it stays up; readiness follows the database, from the cached pings.
         assert (await api.get("/healthz")).status == 200
         ready = await poll_until(api, "/readyz", 503, timeout=20)

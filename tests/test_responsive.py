@@ -17,7 +17,7 @@ from scripts.generate_data import make_documents
 from service.app import create_app
 from service.db import Database, FindSpec, QueryTimeout, make_client, translate
 
-from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, wait_status
+from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, until, wait_status
 from playwright.async_api import expect
 from test_browser import COLLECTION, browser, job_item, open_page, start_export  # noqa: F401 - browser is a fixture
 from wire_proxy import WireProxy
@@ -62,10 +62,8 @@ async def run_watched(aiohttp_client: Any, tmp_path: Path, mongo_url: str, sourc
     subscribed = time.monotonic()
     try:
         final = await wait_status(api, job["id"], END_STATES, timeout=60)
-        for _ in range(100):  # the end event may trail the state written before it
-            if seen and seen[-1][1] in ("export-completed", "export-failed", "export-cancelled"):
-                break
-            await asyncio.sleep(0.05)
+        # The end event may trail the state written before it.
+        await until(lambda: seen and seen[-1][1] in ("export-completed", "export-failed", "export-cancelled"), "the job's end event", timeout=5)
     finally:
         await sio.disconnect()
     return final, seen, subscribed

@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import secrets
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +16,7 @@ import socketio
 
 from service.embedded_db import free_port
 
-from conftest import BIG_ROWS, DATA_DB, EVENTS, wait_status
+from conftest import BIG_ROWS, DATA_DB, EVENTS, new_jobs_collection, until, wait_status
 from service_process import ServiceProcess
 
 
@@ -30,18 +30,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
         stdout=subprocess.DEVNULL,
     )
-    import socket
-    import time
-
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    asyncio.run(until(lambda: accepts(port), f"redis-server to accept connections on port {port}", timeout=10))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def cluster_env(mongo_url: str, redis_url: str, tmp_path: Path, tasks: Any, big_
         "EXPORT_DB": DATA_DB,
         "EXPORT_DIR": str(tmp_path / "shared-exports"),
         "EXPORT_REDIS_URL": redis_url,
-        "EXPORT_JOBS_COLLECTION": f"jobs_{secrets.token_hex(4)}",
+        "EXPORT_JOBS_COLLECTION": new_jobs_collection(),
         "EXPORT_MAX_CONCURRENT": "1",
         "EXPORT_BATCH_SIZE": "20",
         "EXPORT_LEASE_SECONDS": "3",
@@ -89,12 +89,18 @@ async def test_jobs_created_on_one_instance_run_once_across_both_and_events_reac
                 ack = await sio.call("subscribe", {"id": job["id"]})
                 assert ack["ok"] and ack["job"]["status"] == "queued"
                 jobs.append(job["id"])
-            for blocker in blockers:
+            # B's blocker first, and B takes a queued job before A's worker is free: both instances work.
+            on_b = [blocker for blocker in blockers if job_docs(sync_db, cluster_env)[blocker]["instance"] == b.instance]
+            assert len(on_b) == 1, on_b
+            for blocker in on_b + [blocker for blocker in blockers if blocker not in on_b]:
                 async with http.delete(f"{a.url}/api/exports/{blocker}") as resp:
                     assert resp.status == 200
+                if blocker in on_b:
+                    await until(lambda: any(job_docs(sync_db, cluster_env)[j].get("instance") == b.instance for j in jobs), "instance B to take a queued job")
             finals = [await wait_status(http, j, timeout=90, base=a.url) for j in jobs]
             assert all(f["status"] == "completed" and f["processed"] == 1000 for f in finals), finals
-            await asyncio.sleep(0.5)  # let the last events cross Redis
+            # Events cross Redis after the state is written.
+            await until(lambda: all(seen.get(j, [])[-1:] == ["export-completed"] for j in jobs), "every job's export-completed event at B", timeout=10)
         docs = job_docs(sync_db, cluster_env)
         assert all(docs[j]["attempts"] == 1 for j in jobs)  # each ran exactly once
         assert {docs[j]["instance"] for j in jobs} == {a.instance, b.instance}  # and both instances worked
