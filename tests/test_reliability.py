@@ -77,7 +77,13 @@ async def test_queue_is_fifo_with_positions_and_per_user_limit_answers_429(aioht
     assert resp.status == 429
     assert int(resp.headers["Retry-After"]) > 0
     assert (await resp.json())["error"]["code"] == "too_many_active_exports"
-    await release_queue(api, gate, holders)
+    # The holder goes and the gate stays shut: the worker takes the oldest job, and the others move up.
+    assert (await api.delete(f"/api/exports/{holders[0]['id']}")).status == 200
+    await wait_status(api, jobs[0]["id"], ("fetching",))
+    await until(lambda: gate.held == 1, "the oldest job to wait at the gate")
+    snaps = [await (await api.get(f"/api/exports/{j['id']}")).json() for j in jobs]
+    assert [(s["status"], s.get("queue_position")) for s in snaps] == [("fetching", None), ("queued", 1), ("queued", 2)], snaps
+    gate.open()
     finals = [await wait_status(api, j["id"]) for j in jobs]
     assert all(f["status"] == "completed" for f in finals)
     started = [f["started_at"] for f in finals]
