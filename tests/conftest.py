@@ -10,12 +10,14 @@ import secrets
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, AsyncGenerator, AsyncIterator, Callable, Iterator
 
 import pytest
 import socketio
 from pymongo import MongoClient
+from pymongo.errors import OperationFailure
 
 from scripts.generate_data import make_documents
 from service.app import create_app
@@ -30,6 +32,8 @@ DATA_DB = "export_tests"
 END_STATES = ("completed", "failed", "cancelled", "expired")
 EVENTS = ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled")
 BIG_ROWS = 20_000
+_job_collections: list[str] = []  # named by the running test
+_undropped: list[str] = []  # refused by the server when their test ended
 HANG_REPORT_SECONDS = 240  # before pytest-timeout's 300 s, whose report shows threads but not coroutines
 
 
@@ -76,7 +80,10 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def sync_db(mongo_url: str) -> Iterator[Any]:
     client = MongoClient(mongo_url, tz_aware=True)
     yield client[DATA_DB]
+    left = [name for name in _undropped if not drop_collection(client[DATA_DB], name)]
     client.close()
+    if left:
+        warnings.warn(f"the server refused to drop {len(left)} jobs collection(s): {', '.join(left)}", stacklevel=1)
 
 
 def export_files(export_dir: Path) -> list[str]:
@@ -118,8 +125,6 @@ def proxy(mongo_url: str) -> Iterator[WireProxy]:
     wire.close()
 
 
-_job_collections: list[str] = []
-
 
 def new_jobs_collection() -> str:
     """A jobs collection of the test's own (each test sees only its own jobs), dropped after the test."""
@@ -136,7 +141,27 @@ def drop_job_collections(request: pytest.FixtureRequest) -> Iterator[None]:
     names = list(dict.fromkeys(_job_collections))
     _job_collections.clear()
     for name in names if db is not None else ():
-        db.drop_collection(name)
+        drop_jobs_collection(db, name)
+
+
+def drop_jobs_collection(db: Any, name: str) -> None:
+    """Drop it now or, if the server refuses for now, at the end of the session."""
+    if not drop_collection(db, name):
+        _undropped.append(name)
+
+
+def drop_collection(db: Any, name: str) -> bool:
+    """Drop db[name]; False if the server refused for now. The embedded server (SQLite underneath) refuses to
+    drop a table while any statement is open, as one of a stopped service's cursors may still be for a while."""
+    for attempt in range(3):
+        try:
+            db.drop_collection(name)
+            return True
+        except OperationFailure as exc:
+            if "locked" not in str(exc):
+                raise
+        time.sleep(0.1 * (attempt + 1))
+    return False
 
 
 async def until(condition: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.02) -> Any:

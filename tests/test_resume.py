@@ -2,9 +2,7 @@
 finishes is byte for byte the one an uninterrupted export writes."""
 from __future__ import annotations
 
-import asyncio
 import gzip
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from service.pipeline import ExportPipeline, ResumePoint
 from service.query import validate_request
 from service.resume import after, plan, resumable
 
-from conftest import DATA_DB, wait_status
+from conftest import DATA_DB, new_jobs_collection, until, wait_status
 from service_process import ServiceProcess
 
 BATCH = 40
@@ -110,18 +108,19 @@ async def test_sigkill_mid_export_resumes_at_the_checkpoint_and_the_file_is_whol
     env = {
         "EXPORT_MONGO_URL": mongo_url, "EXPORT_DB": DATA_DB, "EXPORT_DIR": str(tmp_path / "exports"),
         "EXPORT_BATCH_SIZE": "50", "EXPORT_CHECKPOINT_BATCHES": "4", "EXPORT_MAX_CONCURRENT": "1",
-        "EXPORT_LEASE_SECONDS": "2", "EXPORT_API_TOKENS": "", "EXPORT_JOBS_COLLECTION": f"jobs_{secrets.token_hex(4)}",
+        "EXPORT_LEASE_SECONDS": "2", "EXPORT_API_TOKENS": "", "EXPORT_JOBS_COLLECTION": new_jobs_collection(),
     }
     service = await ServiceProcess(env).start()
     try:
         async with aiohttp.ClientSession() as http:
             job = await (await http.post(service.url + "/api/exports", json=body)).json()
-            for _ in range(1500):  # until the wanted checkpoint is on record; the run goes on past it meanwhile
+            def checkpointed() -> bool:
                 doc = job_doc(mongo_url, env["EXPORT_JOBS_COLLECTION"], job["id"])
-                if (doc.get("checkpoint") or {}).get("rows", 0) >= checkpoints * 200:
-                    break
                 assert doc.get("status") != "completed", "the export finished before it could be killed"
-                await asyncio.sleep(0.02)
+                return (doc.get("checkpoint") or {}).get("rows", 0) >= checkpoints * 200
+
+            # The run goes on past the wanted checkpoint meanwhile.
+            await until(checkpointed, f"checkpoint {checkpoints} on record", timeout=30)
             service.kill()
             at_kill = job_doc(mongo_url, env["EXPORT_JOBS_COLLECTION"], job["id"])
 
