@@ -21,7 +21,7 @@ from service.app import create_app
 from service.db import Database, FindSpec, make_client
 from service.settings import MANAGER_KEY
 
-from conftest import DATA_DB, Gate, export_files, hold_queue, make_settings, release_queue, subscribe, wait_status
+from conftest import DATA_DB, Gate, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
 from expected import csv_text
 from test_responsive import CommandLog
 
@@ -233,6 +233,8 @@ async def test_count_true_gives_total_and_percent(gated_client: Any, gate: Gate,
         sio = await subscribe(client, job["id"], seen)
         await release_queue(client, gate, holders)
         snap = await wait_status(client, job["id"], timeout=120)
+        # The end event may trail the state written before it.
+        await until(lambda: "export-completed" in [name for _, name, _ in seen], "the export-completed event", timeout=5)
         await sio.disconnect()
         assert snap["status"] == "completed" and snap["total"] == snap["processed"] == expected and snap["count"] is count
         envelope = json_util.loads((await (await client.get(snap["download_url"])).read()).decode("utf-8"), json_options=JSON_OPTIONS)
