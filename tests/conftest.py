@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import warnings
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncGenerator, AsyncIterator, Callable, Iterator
 
@@ -125,7 +126,6 @@ def proxy(mongo_url: str) -> Iterator[WireProxy]:
     wire.close()
 
 
-
 def new_jobs_collection() -> str:
     """A jobs collection of the test's own (each test sees only its own jobs), dropped after the test."""
     name = f"jobs_{secrets.token_hex(4)}"
@@ -198,8 +198,9 @@ class Gate:
             await self.opened.wait()
         finally:
             self.held -= 1
-        async for batch in self.db.raw_batches(spec):
-            yield batch
+        async with aclosing(self.db.raw_batches(spec)) as batches:  # the cursor closes with this generator
+            async for batch in batches:
+                yield batch
 
     def open(self) -> None:
         self.opened.set()
@@ -234,7 +235,7 @@ HOLDER = {"collection": "tasks", "format": "ndjson", "limit": 1, "filename": "ho
 
 async def hold_queue(api: Any, gate: Gate, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Occupy every worker of the app with a one-row job held at the gate: jobs created from now on stay
-    queued until gate.open() (then the holders complete, and the queue runs in order). The holders' snapshots."""
+    queued until release_queue() (or gate.open(), and then the holders complete first). The holders' snapshots."""
     workers = api.server.app[SETTINGS_KEY].max_concurrent
     gate.shut()
     holders = [await (await api.post("/api/exports", json=HOLDER, headers=headers)).json() for _ in range(workers)]

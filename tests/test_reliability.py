@@ -48,23 +48,23 @@ async def test_cancel_running_job_within_a_second_and_remove_its_partial_file(sl
 
 
 async def test_cancel_queued_job_and_delete_finished_job(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate) -> None:
-    slow_api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, max_concurrent=1), source=gate))
-    manager = slow_api.server.app[MANAGER_KEY]
-    holders = await hold_queue(slow_api, gate)
-    queued = await (await slow_api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, max_concurrent=1), source=gate))
+    manager = api.server.app[MANAGER_KEY]
+    holders = await hold_queue(api, gate)
+    queued = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
     assert queued["status"] == "queued"
-    resp = await slow_api.delete(f"/api/exports/{queued['id']}")
+    resp = await api.delete(f"/api/exports/{queued['id']}")
     assert (await resp.json())["status"] == "cancelled"
-    await release_queue(slow_api, gate, holders)
-    done = await (await slow_api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 50})).json()
-    assert (await wait_status(slow_api, done["id"]))["status"] == "completed"
-    assert (await wait_status(slow_api, queued["id"]))["status"] == "cancelled"  # it never ran
+    await release_queue(api, gate, holders)
+    done = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 50})).json()
+    assert (await wait_status(api, done["id"]))["status"] == "completed"
+    assert (await wait_status(api, queued["id"]))["status"] == "cancelled"  # it never ran
     path = Path(manager.settings.export_dir) / f"{done['id']}.csv"
     assert path.is_file()
-    resp = await slow_api.delete(f"/api/exports/{done['id']}")
+    resp = await api.delete(f"/api/exports/{done['id']}")
     assert resp.status == 200 and (await resp.json())["deleted"] is True
     assert not path.exists()
-    assert (await slow_api.get(f"/api/exports/{done['id']}")).status == 404
+    assert (await api.get(f"/api/exports/{done['id']}")).status == 404
 
 
 async def test_queue_is_fifo_with_positions_and_per_user_limit_answers_429(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate) -> None:
