@@ -141,13 +141,8 @@ def drop_job_collections(request: pytest.FixtureRequest) -> Iterator[None]:
     names = list(dict.fromkeys(_job_collections))
     _job_collections.clear()
     for name in names if db is not None else ():
-        drop_jobs_collection(db, name)
-
-
-def drop_jobs_collection(db: Any, name: str) -> None:
-    """Drop it now or, if the server refuses for now, at the end of the session."""
-    if not drop_collection(db, name):
-        _undropped.append(name)
+        if not drop_collection(db, name):
+            _undropped.append(name)  # tried again at the end of the session
 
 
 def drop_collection(db: Any, name: str) -> bool:
