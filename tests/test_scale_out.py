@@ -90,13 +90,14 @@ async def test_jobs_created_on_one_instance_run_once_across_both_and_events_reac
                 assert ack["ok"] and ack["job"]["status"] == "queued"
                 jobs.append(job["id"])
             # B's blocker first, and B takes a queued job before A's worker is free: both instances work.
-            on_b = [blocker for blocker in blockers if job_docs(sync_db, cluster_env)[blocker]["instance"] == b.instance]
-            assert len(on_b) == 1, on_b
-            for blocker in on_b + [blocker for blocker in blockers if blocker not in on_b]:
-                async with http.delete(f"{a.url}/api/exports/{blocker}") as resp:
-                    assert resp.status == 200
-                if blocker in on_b:
-                    await until(lambda: any(job_docs(sync_db, cluster_env)[j].get("instance") == b.instance for j in jobs), "instance B to take a queued job")
+            docs = job_docs(sync_db, cluster_env)
+            on_b, on_a = sorted(blockers, key=lambda blocker: docs[blocker]["instance"] != b.instance)
+            assert (docs[on_b]["instance"], docs[on_a]["instance"]) == (b.instance, a.instance), docs
+            async with http.delete(f"{a.url}/api/exports/{on_b}") as resp:
+                assert resp.status == 200
+            await until(lambda: any(job_docs(sync_db, cluster_env)[j].get("instance") == b.instance for j in jobs), "instance B to take a queued job")
+            async with http.delete(f"{a.url}/api/exports/{on_a}") as resp:
+                assert resp.status == 200
             finals = [await wait_status(http, j, timeout=90, base=a.url) for j in jobs]
             assert all(f["status"] == "completed" and f["processed"] == 1000 for f in finals), finals
             # Events cross Redis after the state is written.
