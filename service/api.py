@@ -233,7 +233,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: whether the database answered the background pinger lately; never waits for a ping."""
+    """Readiness: whether the driver's server monitoring knows a server that takes writes; never waits for a ping."""
     return _probe(*request.app[HEALTH_KEY].readiness(), request)
 
 

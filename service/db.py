@@ -190,10 +190,6 @@ class Database:
         errors = [str(server.error) for server in description.server_descriptions().values() if server.error]
         return False, "; ".join(errors)[:500] or "no server that takes writes is known yet"
 
-    async def ping(self) -> None:
-        async with driver_errors():
-            await self.client.admin.command("ping")
-
     async def ensure_indexes(self) -> None:
         async with driver_errors():
             await self.jobs.create_index([("status", ASCENDING), ("order", ASCENDING)])

@@ -5,7 +5,7 @@ import secrets
 import time
 from datetime import datetime, timezone
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import orjson
 from bson import json_util
@@ -145,8 +145,9 @@ def eta(processed: int, total: int | None, rate: float | None) -> float | None:
     return round(max(0, total - processed) / rate, 1)
 
 
-def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, download_url: str | None = None) -> dict[str, Any]:
-    """The job as the API and the events show it; download_url (a signed link) is shown once completed."""
+def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, sign: Callable[[str, str], str] | None = None) -> dict[str, Any]:
+    """The job as the API and the events show it; once completed, with the download link sign(job id, owner)
+    gives (signed only then: progress events, sent many times a second, need none)."""
     spec = ExportSpec.from_doc(doc["spec"])
     status = JobStatus(doc["status"])
     processed = int(doc.get("processed") or 0)
@@ -177,7 +178,7 @@ def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, download
         "eta_seconds": eta(processed, total, rate) if status.running else None,
         "bytes": int(doc.get("bytes") or 0),
         "file_name": doc.get("file_name"),
-        "download_url": download_url if status == JobStatus.COMPLETED else None,
+        "download_url": sign(doc["_id"], doc["user"]) if sign is not None and status == JobStatus.COMPLETED else None,
         "error": doc.get("error"),
         "warnings": list(doc.get("warnings") or []),
         "resumed_from": doc.get("resumed_from"),  # {rows, bytes, reread_rows} when a run went on from a checkpoint

@@ -14,7 +14,7 @@ import time
 from bisect import bisect_left
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .db import Database, DatabaseError
 from .encoder import EncoderPool
@@ -137,12 +137,15 @@ class JobManager:
         parts = {*export_dir.glob("*.part"), *(scratch.with_suffix("") for scratch in export_dir.glob("*.part.tmp"))}
         if not parts:
             return
-        ids = sorted({part.name.split(".", 1)[0] for part in parts})
-        active = {job["_id"] for job in await self.db.find_jobs({"_id": {"$in": ids}, "status": {"$in": ACTIVE_VALUES}})}
+        active = await self._jobs_in({part.name.split(".", 1)[0] for part in parts}, ACTIVE_VALUES)
         for part in parts:
             if part.name.split(".", 1)[0] not in active:
                 discard_partial(part)
                 log.info("removed stale partial file %s", part.name)
+
+    async def _jobs_in(self, ids: Iterable[str], states: Iterable[str]) -> set[str]:
+        """Which of the job ids (named by files in the export directory) are in one of states."""
+        return {job["_id"] for job in await self.db.find_jobs({"_id": {"$in": sorted(ids)}, "status": {"$in": sorted(states)}})}
 
     async def requeue_expired_leases(self) -> int:
         """Queue again the running jobs whose instance stopped renewing their lease. The lease is the only
@@ -166,7 +169,7 @@ class JobManager:
         files = {m.group(1): path for path in Path(self.settings.export_dir).iterdir() if (m := FINAL_FILE.match(path.name))}
         if not files:
             return 0
-        kept = {job["_id"] for job in await self.db.find_jobs({"_id": {"$in": list(files)}, "status": {"$in": sorted(FILE_KEEPING_STATES)}})}
+        kept = await self._jobs_in(files, FILE_KEEPING_STATES)
         removed = 0
         for job_id, path in files.items():
             if job_id not in kept and path.is_file():
@@ -204,7 +207,7 @@ class JobManager:
         return self.snapshot(doc, position)
 
     def snapshot(self, doc: dict[str, Any], queue_position: int | None = None) -> dict[str, Any]:
-        return snapshot(doc, queue_position, self.signer.download_url(doc["_id"], doc["user"]))
+        return snapshot(doc, queue_position, self.signer.download_url)
 
     async def get_doc(self, user: str, job_id: str) -> dict[str, Any]:
         doc = await self.db.get_job(job_id) if _plausible_id(job_id) else None

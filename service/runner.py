@@ -114,7 +114,7 @@ class JobRun:
         return now_ms() + int(self.ctx.settings.lease_seconds * 1000)
 
     def snapshot(self) -> dict[str, Any]:
-        return snapshot(self.job, download_url=self.ctx.signer.download_url(self.id, self.job["user"]))
+        return snapshot(self.job, sign=self.ctx.signer.download_url)
 
     async def emit(self, event: str, **extra: Any) -> None:
         """Tell the job's room; every event says what the run is doing (phase) and how long it has waited."""
@@ -209,13 +209,14 @@ class JobRun:
         await self.emit("export-fetching")
 
     def _info(self) -> dict[str, Any]:
+        snap = self.snapshot()
         return {
             "collection": self.spec.collection,
-            "filter": self.snapshot()["filter"],
+            "filter": snap["filter"],
             "fields": list(self.spec.fields) if self.spec.fields else None,
             "sort": dict(self.spec.sort),
             "limit": self.spec.limit,
-            **({"pipeline": self.snapshot()["pipeline"]} if self.spec.pipeline_json is not None else {}),
+            **({"pipeline": snap["pipeline"]} if self.spec.pipeline_json is not None else {}),
             "total": self.job.get("total"),
         }
 

@@ -98,7 +98,7 @@ def test_snapshot_of_a_completed_job_has_a_signed_download_url_bound_to_job_owne
     doc = {"_id": "a" * 24, "status": "completed", "spec": spec().to_doc(), "processed": 10, "total": 10,
            "created_at": 0, "finished_at": 1000, "file_name": "x.csv", "user": "alice"}
     signer = UrlSigner(b"k" * 32, ttl_seconds=300)
-    snap = snapshot(doc, download_url=signer.download_url(doc["_id"], "alice", now=1_000_000))
+    snap = snapshot(doc, sign=lambda job_id, user: signer.download_url(job_id, user, now=1_000_000))
     assert snap["percent"] == 100.0 and snap["finished_at"] == "1970-01-01T00:00:01.000Z"
     url = urlsplit(snap["download_url"])
     assert url.path == f"/api/exports/{'a' * 24}/download"
@@ -118,7 +118,7 @@ def test_snapshot_of_a_completed_job_has_a_signed_download_url_bound_to_job_owne
         assert caught.value.code == code
     with pytest.raises(SignatureError):
         UrlSigner(b"another key", 300).verify("a" * 24, "alice", query["exp"], query["sig"], now=1_000_000)
-    assert snapshot({**doc, "status": "failed"}, download_url="/x")["download_url"] is None
+    assert snapshot({**doc, "status": "failed"}, sign=lambda *_: "/x")["download_url"] is None
 
 
 def test_the_signing_key_is_generated_once_and_shared_through_the_export_dir(tmp_path: Path) -> None:
