@@ -87,6 +87,15 @@ def sync_db(mongo_url: str) -> Iterator[Any]:
         warnings.warn(f"the server refused to drop {len(left)} jobs collection(s): {', '.join(left)}", stacklevel=1)
 
 
+async def assert_refused(api: Any, resp: Any, case: str, code: str, field: str) -> None:
+    """resp is a 400 with the error code and field expected, and nothing was created."""
+    assert resp.status == 400, (case, await resp.text())
+    error = (await resp.json())["error"]
+    assert (error["code"], error["field"]) == (code, field), error
+    assert error["message"]
+    assert (await (await api.get("/api/exports")).json())["exports"] == []
+
+
 def export_files(export_dir: Path) -> list[str]:
     """The names in an export directory but the service's own hidden files (the signing key)."""
     return sorted(p.name for p in Path(export_dir).iterdir() if not p.name.startswith("."))

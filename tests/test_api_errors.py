@@ -8,7 +8,7 @@ import pytest
 
 from service.app import create_app
 
-from conftest import Gate, hold_queue, make_settings, release_queue, wait_status
+from conftest import Gate, assert_refused, hold_queue, make_settings, release_queue, wait_status
 
 VALID = {"collection": "tasks", "format": "csv"}
 
@@ -71,12 +71,7 @@ async def test_rejections_answer_400_naming_the_field(api: Any, case: str, body:
         resp = await api.post("/api/exports", data=body, headers={"Content-Type": "application/json"})
     else:
         resp = await api.post("/api/exports", json=body)
-    assert resp.status == 400, (case, await resp.text())
-    error = (await resp.json())["error"]
-    assert (error["code"], error["field"]) == (code, field), error
-    assert error["message"]
-    # nothing was created and the service is still fine
-    assert (await (await api.get("/api/exports")).json())["exports"] == []
+    await assert_refused(api, resp, case, code, field)  # and nothing was created
     assert (await api.get("/healthz")).status == 200
 
 

@@ -104,7 +104,9 @@ class PageErrors(list):
         assert not self, f"errors in the page: {list(self)}"
 
 
-async def open_page(browser: Any, url: str, width: int = 1280, height: int = 900, wait_live: bool = True) -> tuple[Any, PageErrors]:
+async def open_page(
+    browser: Any, url: str, width: int = 1280, height: int = 900, wait_live: bool = True, collection: str = COLLECTION
+) -> tuple[Any, PageErrors]:
     context = await browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
     page = await context.new_page()
     errors = PageErrors()
@@ -114,7 +116,7 @@ async def open_page(browser: Any, url: str, width: int = 1280, height: int = 900
     await page.goto(url)
     if wait_live:
         await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
-        await expect(page.get_by_label("Collection", exact=True)).to_have_value(COLLECTION)
+        await expect(page.get_by_label("Collection", exact=True)).to_have_value(collection)
     return page, errors
 
 

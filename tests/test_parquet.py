@@ -382,9 +382,7 @@ async def test_the_page_exports_parquet_with_its_options(
 ) -> None:
     settings = make_settings(mongo_url, tmp_path, "pymongo", collections=("tasks",))
     client = await aiohttp_client(create_app(settings))
-    page, errors = await open_page(browser, str(client.make_url("/")), wait_live=False)
-    await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
-    await expect(page.get_by_label("Collection", exact=True)).to_have_value("tasks")
+    page, errors = await open_page(browser, str(client.make_url("/")), collection="tasks")
     options = page.get_by_role("group", name="Parquet options")
     await expect(options).to_be_hidden()
     await page.locator('label[for="format-parquet"]').click()

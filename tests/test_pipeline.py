@@ -21,7 +21,7 @@ from service.app import create_app
 from service.db import Database, FindSpec, make_client
 from service.settings import MANAGER_KEY
 
-from conftest import DATA_DB, Gate, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
+from conftest import DATA_DB, Gate, assert_refused, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
 from expected import csv_text
 from test_responsive import CommandLog
 
@@ -98,12 +98,7 @@ async def api(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[d
 
 @pytest.mark.parametrize("case,body,code,field", REJECTIONS, ids=[r[0] for r in REJECTIONS])
 async def test_rejections_name_the_stage_path(api: Any, case: str, body: dict[str, Any], code: str, field: str) -> None:
-    resp = await api.post("/api/exports", json=body)
-    assert resp.status == 400, (case, await resp.text())
-    error = (await resp.json())["error"]
-    assert (error["code"], error["field"]) == (code, field), error
-    assert error["message"]
-    assert (await (await api.get("/api/exports")).json())["exports"] == []
+    await assert_refused(api, await api.post("/api/exports", json=body), case, code, field)
 
 
 async def test_lookup_from_outside_the_allow_list_or_the_jobs_collection_is_rejected(

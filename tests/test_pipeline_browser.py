@@ -28,9 +28,7 @@ async def test_pipeline_tab_validates_exports_and_reports_server_errors(
 ) -> None:
     settings = make_settings(mongo_url, tmp_path, "pymongo", collections=("tasks",))
     client = await aiohttp_client(create_app(settings))
-    page, errors = await open_page(browser, str(client.make_url("/")), wait_live=False)
-    await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
-    await expect(page.get_by_label("Collection", exact=True)).to_have_value("tasks")
+    page, errors = await open_page(browser, str(client.make_url("/")), collection="tasks")
 
     pipeline_tab, find_tab = page.get_by_role("tab", name="Pipeline"), page.get_by_role("tab", name="Find")
     box = page.get_by_label("Aggregation pipeline")
