@@ -222,7 +222,13 @@ def parquet_floor(path: Path, columns: Sequence[str]) -> Side:
     def flush() -> None:
         sink[0].write_table(pa.concat_tables(pending), row_group_size=group)
         pending.clear()
-    return feed, lambda: (pending and flush(), sink[0].close(), durable(open(path, "rb+")))
+
+    def finish() -> None:
+        if pending:
+            flush()
+        sink[0].close()
+        durable(open(path, "rb+"))
+    return feed, finish
 
 
 FLOORS = {"csv": csv_floor, "json": json_floor, "ndjson": json_floor, "xlsx": xlsx_floor, "parquet": parquet_floor}
@@ -296,7 +302,7 @@ class Run:
 
     def failure(self) -> str | None:
         """The error code of the first job that did not complete."""
-        return next((str((data.get("error") or {}).get("code") or name) for name, data in self.ends if name != END_EVENTS[0]), None)
+        return next((str((data.get("error") or {}).get("code") or name) for name, data in self.ends if name != "export-completed"), None)
 
 
 @dataclass
@@ -570,9 +576,10 @@ STAGES: dict[str, Callable[[Bench], Awaitable[Section]]] = {  # in report order
 async def run(args: argparse.Namespace) -> None:
     started, load = datetime.now(timezone.utc), " ".join(f"{x:.2f}" for x in os.getloadavg())
     sections = []
+    stages = [name for name in STAGES if name in args.only.split(",")] if args.only else list(STAGES)
     with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp, contextlib.ExitStack() as stack:
         bench = Bench(QUICK if args.quick else FULL, Path(tmp), args.writer_formats.split(","), args.scale_formats.split(","))
-        for name in [s for s in STAGES if s in args.only.split(",")] if args.only else STAGES:
+        for name in stages:
             if name != "writers" and not bench.mongo_url:
                 server = stack.enter_context(EmbeddedMongo(Path(args.db_dir), db_file="bench.db"))
                 stack.callback(drop_jobs_collections, server.url)
@@ -606,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("serve", help="the service until stdin closes, settings from EXPORT_* (run's child)").add_argument(
         "--inproc", action="store_true", help="rows from the in-process source instead of the database")
     args = parser.parse_args(argv)
+    if args.command == "run" and set(filter(None, args.only.split(","))) - set(STAGES):
+        parser.error(f"--only: stages are {', '.join(STAGES)}")
     # SIGTERM unwinds like Ctrl-C, so the embedded database is stopped and temporary files removed; a service child
     # exits by itself when its stdin closes with this process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
