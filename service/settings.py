@@ -120,7 +120,7 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting("job_timeout_seconds", "EXPORT_JOB_TIMEOUT_SECONDS", INTEGER, 43_200,
-        "a job's wall-clock limit, then `failed` with `timeout`; `0`: none",
+        "each attempt's wall-clock limit (a job taken over after a crash starts a new one), then `failed` with `timeout`; `0`: none",
         minimum=0,
     ),
     Setting("secret_key", "EXPORT_SECRET_KEY", TEXT, None,
