@@ -46,7 +46,7 @@ from aiohttp import web  # noqa: E402
 from pymongo import MongoClient  # noqa: E402
 
 from scripts.generate_data import make_documents  # noqa: E402
-from service.app import create_app  # noqa: E402
+from service.app import EMBEDDED_CONNECT_TIMEOUT_MS, create_app  # noqa: E402
 from service.embedded_db import EmbeddedMongo  # noqa: E402
 from service.query import validate_request  # noqa: E402
 from service.settings import settings_from_env  # noqa: E402
@@ -286,6 +286,8 @@ def child_command() -> list[str]:
 
 async def serve(args: argparse.Namespace) -> None:
     """The service in this process, settings from the environment, until stdin closes."""
+    if args.inproc:
+        replay_batches()  # made before the service starts: made on its loop, they would stall the first export's probes
     runner = web.AppRunner(create_app(settings_from_env(), source=InProcessSource() if args.inproc else None), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -335,10 +337,11 @@ class Service:
     async def run(self, bodies: Sequence[dict[str, Any]], check: bool = True) -> Run:
         """Every job created (and followed) before any is waited for, so they run at once; deleted after. With check,
         raises when one did not complete."""
-        started = time.monotonic()
-        ids = [await self.create(body) for body in bodies]
+        started, ids = time.monotonic(), []
         try:
-            ends = [await asyncio.wait_for(self.ended.setdefault(job_id, asyncio.Future()), 900) for job_id in ids]
+            for body in bodies:
+                ids.append(await self.create(body))
+            ends = await asyncio.wait_for(asyncio.gather(*(self.ended.setdefault(job_id, asyncio.Future()) for job_id in ids)), 900)
             run = Run(time.monotonic() - started, ends, [self.events[job_id] for job_id in ids])
         finally:
             for job_id in ids:
@@ -394,26 +397,29 @@ async def peak_rss(service: Service, body: dict[str, Any]) -> tuple[float, float
                 peaks[:] = max(peaks[0], top.memory_info().rss / 2**20), max([peaks[1], *below])
             await asyncio.sleep(0.02)
     sampler = asyncio.create_task(sample())
-    await service.run([body])
-    sampler.cancel()
+    try:
+        await service.run([body])
+    finally:
+        sampler.cancel()
     return peaks[0], peaks[1]
 
 
 async def stage_rss(bench: Bench) -> Section:
-    """Per format, an export of the small size then one of the large size, in one service process."""
+    """Per format, in a service process of its own, an export of the small size then one of the large size: what an
+    earlier format's large export left in the service's heap would hide a later format's growth."""
     small, large = bench.sizes.rss_rows
     section = Section("Peak RSS (MiB) during one export, rows from an in-process source",
                       ["format", f"service {small:,}", f"service {large:,}", "Δ", f"encoder {small:,}", f"encoder {large:,}",
-                       "Δ", "limit"], "Sampled every 20 ms with psutil: the service process (one for every case) and the "
-                                      "export's encoder process.")
-    async with service_child(bench, 1, inproc=True) as service:
-        for fmt in FORMATS:
+                       "Δ", "limit"], "Sampled every 20 ms with psutil: the service process (one per format, the small export first) "
+                                      "and the export's encoder process (one per export).")
+    for fmt in FORMATS:
+        async with service_child(bench, 1, inproc=True) as service:
             (s1, e1), (s2, e2) = [await peak_rss(service, bench.body(fmt, rows)) for rows in (small, large)]
-            growth = max(s2 - s1, e2 - e1)
-            verdict = section.judge(f"peak RSS growth {fmt}, {large:,} rows against {small:,}", f"{growth:+.1f} MiB",
-                                    f"≤ {RSS_GROWTH_LIMIT_MIB}", growth <= RSS_GROWTH_LIMIT_MIB)
-            section.rows.append([fmt, f"{s1:.1f}", f"{s2:.1f}", f"{s2 - s1:+.1f}", f"{e1:.1f}", f"{e2:.1f}", f"{e2 - e1:+.1f}", verdict])
-            log(f"rss {fmt}: service {s1:.1f} → {s2:.1f} MiB, encoder {e1:.1f} → {e2:.1f} MiB")
+        growth = max(s2 - s1, e2 - e1)
+        verdict = section.judge(f"peak RSS growth {fmt}, {large:,} rows against {small:,}", f"{growth:+.1f} MiB",
+                                f"≤ {RSS_GROWTH_LIMIT_MIB}", growth <= RSS_GROWTH_LIMIT_MIB)
+        section.rows.append([fmt, f"{s1:.1f}", f"{s2:.1f}", f"{s2 - s1:+.1f}", f"{e1:.1f}", f"{e2:.1f}", f"{e2 - e1:+.1f}", verdict])
+        log(f"rss {fmt}: service {s1:.1f} → {s2:.1f} MiB, encoder {e1:.1f} → {e2:.1f} MiB")
     return section
 
 
@@ -439,9 +445,11 @@ async def stage_live(bench: Bench, rows: dict[str, int], inproc: bool) -> Sectio
             await asyncio.sleep(0.05)
     async with service_child(bench, 4, inproc) as service:
         prober = asyncio.create_task(probe(service))
-        await asyncio.sleep(1.0)
-        run = await service.run([bench.body(fmt, rows[fmt]) for fmt in LIVE_PLAN])
-        prober.cancel()
+        try:
+            await asyncio.sleep(1.0)
+            run = await service.run([bench.body(fmt, rows[fmt]) for fmt in LIVE_PLAN])
+        finally:
+            prober.cancel()
     source, p99 = "an in-process source" if inproc else "the embedded server", p(latencies, 99)
     section = Section(f"Responsiveness with 4 exports at once (2 xlsx, 2 csv; rows from {source})", ["figure", "value", "limit"],
                       f"All four took {run.seconds:.1f} s. Gaps are measured at the Socket.IO client, from the subscription "
@@ -585,11 +593,13 @@ async def run(args: argparse.Namespace) -> None:
                 stack.callback(drop_jobs_collections, server.url)
                 bench.collection = await asyncio.to_thread(seed, server.url, bench.sizes.e2e_rows)
                 # The connect timeout the service gives an embedded server of its own: a busy one is slow to accept.
-                bench.mongo_url = f"{server.url}&connectTimeoutMS=30000"
+                bench.mongo_url = f"{server.url}&connectTimeoutMS={EMBEDDED_CONNECT_TIMEOUT_MS}"
             log(name)
             sections.append(await STAGES[name](bench))
     took = (datetime.now(timezone.utc) - started).total_seconds() / 60
-    out = ["## Benchmark", "", f"{started:%Y-%m-%d %H:%M} UTC · {platform.machine()} · {psutil.cpu_count()} cores · Python "
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    out = ["## Benchmark", "", f"{started:%Y-%m-%d %H:%M} UTC · {platform.machine()} · {cpu} · {psutil.cpu_count()} cores · Python "
            f"{platform.python_version()} · load average {load} at start, {' '.join(f'{x:.2f}' for x in os.getloadavg())} at end"
            f" · run took {took:.1f} min" + (" · quick sizes" if args.quick else ""), "",
            "Rerun: `make bench` (`make bench-quick` for a smoke run); the report is also written to `var/bench.md`.", "",
