@@ -273,7 +273,7 @@ class JobManager:
         cancelled = await transition(self.db, ACTIVE, JobStatus.CANCELLED, job_id=job_id, fields={"finished_at": now_ms(), "owner": None})
         if cancelled is not None:
             self.metrics.job_ended("cancelled")
-            await self.events.emit("export-cancelled", self.snapshot(cancelled))
+            await self.events.emit("export-cancelled", self.snapshot(cancelled), phase="done", waiting_seconds=None)
             return self.snapshot(cancelled)
         return await self.get(user, job_id)
 
@@ -365,7 +365,7 @@ class JobManager:
             log.info("job %s: not given up, it changed first (now %s)", job["_id"], (await self.db.get_job(job["_id"]) or {}).get("status"))
             return
         self.metrics.job_ended("too_many_attempts")
-        await self.events.emit("export-failed", self.snapshot(failed), error=error)
+        await self.events.emit("export-failed", self.snapshot(failed), error=error, phase="done", waiting_seconds=None)
 
     # --- maintenance -------------------------------------------------------------------------
     async def _maintenance(self) -> None:

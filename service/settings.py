@@ -99,7 +99,7 @@ SETTINGS: tuple[Setting, ...] = (
         positive=True,
     ),
     Setting("sweep_interval_seconds", "EXPORT_SWEEP_INTERVAL_SECONDS", NUMBER, 60.0,
-        "how often retention runs",
+        "how often retention runs; the same loop requeues expired leases, so it runs at least every half `EXPORT_LEASE_SECONDS`",
         positive=True,
     ),
     Setting("xlsx_max_rows_per_sheet", "EXPORT_XLSX_MAX_ROWS", INTEGER, XLSX_MAX_ROWS,

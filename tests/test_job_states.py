@@ -17,7 +17,7 @@ from service.jobs import JobStatus, new_job_doc, now_ms
 from service.query import validate_request
 from service.settings import MANAGER_KEY
 
-from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, until, wait_status
+from conftest import DATA_DB, END_STATES, Gate, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
 
 SPEC = {"collection": "tasks", "format": "csv", "fields": ["seq", "title"], "sort": {"seq": 1}}
 
@@ -65,11 +65,21 @@ async def insert_queued(mongo_url: str, jobs_collection: str, attempts: int) -> 
 
 
 async def test_a_job_interrupted_too_often_is_failed_and_a_cancel_first_stays_a_cancel(
-    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = make_settings(mongo_url, tmp_path)
+    api = await aiohttp_client(create_app(settings, source=gate))
+    holders = await hold_queue(api, gate)  # so a subscriber is there before the job is claimed
     given_up = await insert_queued(mongo_url, settings.jobs_collection, attempts=manager_module.MAX_ATTEMPTS)
-    api = await aiohttp_client(create_app(settings))
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    sio = await subscribe(api, given_up, seen)
+    try:
+        await release_queue(api, gate, holders)
+        await until(lambda: any(name == "export-failed" for _, name, _ in seen), "the export-failed event", timeout=30)
+    finally:
+        await sio.disconnect()
+    [failed] = [data for _, name, data in seen if name == "export-failed"]
+    assert (failed["error"]["code"], failed["phase"], failed["waiting_seconds"]) == ("too_many_attempts", "done", None), failed
     final = await wait_status(api, given_up)
     assert final["status"] == "failed" and final["error"]["code"] == "too_many_attempts", final
     await api.close()

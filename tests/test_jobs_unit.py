@@ -27,7 +27,7 @@ class RecordingHub(EventHub):
         """These tests subscribe no client."""
 
     async def emit(self, event: str, snap: Any, **extra: Any) -> None:
-        self.sent.append((event, dict(snap)))
+        self.sent.append((event, {**snap, **extra}))
 
 
 @pytest.fixture
@@ -72,7 +72,8 @@ async def test_cancelling_a_queued_job_emits_and_frees_the_slot(manager: JobMana
     jobs = [await manager.create(spec(), "alice") for _ in range(3)]
     result = await manager.cancel_or_delete("alice", jobs[0]["id"])
     assert result["status"] == "cancelled"
-    assert manager.events.sent[-1][0] == "export-cancelled"  # type: ignore[attr-defined]
+    event, payload = manager.events.sent[-1]  # type: ignore[attr-defined]
+    assert (event, payload["phase"], payload["waiting_seconds"]) == ("export-cancelled", "done", None), payload
     await manager.create(spec(), "alice")  # the cancelled job no longer counts
     deleted = await manager.cancel_or_delete("alice", jobs[0]["id"])
     assert deleted["deleted"] is True
