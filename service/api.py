@@ -22,6 +22,7 @@ from .signing import SignatureError
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 USER_KEY = web.RequestKey("user", str)
+DOWNLOAD_PATH = "/api/exports/{id}/download"
 CONTENT_TYPES = {
     "csv": "text/csv; charset=utf-8",
     "json": "application/json",
@@ -114,7 +115,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     if not request.path.startswith("/api/") and request.path != "/metrics":
         return await handler(request)  # the page, static files, health and Socket.IO (which checks its own auth)
-    if "sig" in request.query and request.method in ("GET", "HEAD") and request.path.endswith("/download"):
+    resource = request.match_info.route.resource
+    if "sig" in request.query and resource is not None and resource.canonical == DOWNLOAD_PATH:
         return await handler(request)  # a signed download link: the handler checks the signature
     # Only the header: a token in a query string ends up in logs, histories and Referer headers.
     token = bearer_token(request.headers.get("Authorization", ""))
@@ -158,7 +160,7 @@ async def list_exports(request: web.Request) -> web.Response:
     if status is not None and status not in {s.value for s in JobStatus}:
         raise ValidationError("status", f"status must be one of {', '.join(s.value for s in JobStatus)}", "invalid_status")
     raw_limit = request.query.get("limit", str(LIST_LIMIT_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6) or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
         raise ValidationError("limit", f"limit must be an integer from 1 to {LIST_LIMIT_MAX}", "invalid_limit")
     jobs = await request.app[MANAGER_KEY].list(request[USER_KEY], status, int(raw_limit))
     return json_response({"exports": jobs})
@@ -183,7 +185,7 @@ def content_disposition(file_name: str) -> str:
     return value
 
 
-@routes.get("/api/exports/{id}/download", allow_head=True)
+@routes.get(DOWNLOAD_PATH, allow_head=True)
 async def download_export(request: web.Request) -> web.StreamResponse:
     manager = request.app[MANAGER_KEY]
     job_id = request.match_info["id"]

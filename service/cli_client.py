@@ -89,7 +89,10 @@ class Api:
 
     async def download(self, url: str, dest: Path) -> int:
         """Stream url into a temporary file next to dest, renamed to dest only once whole."""
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        except OSError as exc:
+            raise CliError(f"cannot write {dest}: {exc.strerror or exc}") from None
         try:
             with os.fdopen(fd, "wb") as out:
                 written, expected = await self._copy(url, out)

@@ -9,8 +9,10 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+import bson
 import orjson
 from bson import json_util
+from bson.errors import BSONError
 from bson.json_util import JSONOptions, JSONMode
 
 FORMATS = ("csv", "json", "ndjson", "xlsx", "parquet")
@@ -32,6 +34,10 @@ ALLOWED_STAGES = frozenset({
     "$lookup", "$count", "$facet", "$bucket", "$replaceRoot", "$replaceWith", "$sample", "$sortByCount",
 })
 MAX_STAGES = 100
+MAX_INT64 = 2**63 - 1
+# What bson raises for a malformed value: a bad $oid (InvalidId), $numberDecimal (InvalidOperation), an
+# integer beyond 64 bits (OverflowError), a document BSON cannot hold (InvalidDocument).
+EJSON_ERRORS = (ValueError, TypeError, KeyError, OverflowError, ArithmeticError, BSONError)
 OPTION_KEYS = frozenset({"csv", "json", "parquet", "compress"})
 CSV_OPTION_KEYS = frozenset({"delimiter", "header", "bom", "escape_formulas"})
 JSON_OPTION_KEYS = frozenset({"mode", "envelope"})
@@ -188,16 +194,24 @@ def _object(value: Any, where: str, allowed: frozenset[str]) -> dict[str, Any]:
     return value
 
 
+def _from_extended_json(value: Any, field: str, code: str) -> Any:
+    """value parsed as relaxed Extended JSON, and encoded to BSON once: what the server could not be sent is
+    refused now, not when the job runs."""
+    try:
+        parsed = json_util.loads(orjson.dumps(value), json_options=RELAXED)
+        bson.encode({field: parsed})
+    except EJSON_ERRORS as exc:
+        raise ValidationError(field, f"{field} is not valid Extended JSON: {exc}", code) from None
+    return parsed
+
+
 def _filter(value: Any) -> str:
     if value is None:
         return "{}"
     if not isinstance(value, dict):
         raise ValidationError("filter", "filter must be a JSON object", "invalid_filter")
     _check_depth_and_operators(value, "filter")
-    try:
-        parsed = json_util.loads(orjson.dumps(value), json_options=RELAXED)
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise ValidationError("filter", f"filter is not valid Extended JSON: {exc}", "invalid_filter") from None
+    parsed = _from_extended_json(value, "filter", "invalid_filter")
     if not isinstance(parsed, dict):
         raise ValidationError("filter", "filter must be a JSON object", "invalid_filter")
     return json_util.dumps(parsed, json_options=CANONICAL)
@@ -240,8 +254,8 @@ def _sort(value: Any) -> tuple[tuple[str, int], ...]:
 def _limit(value: Any) -> int:
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError("limit", "limit must be a non-negative integer (0 = no limit)", "invalid_limit")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT64:
+        raise ValidationError("limit", "limit must be an integer from 0 (no limit) to 2^63-1", "invalid_limit")
     return value
 
 
@@ -391,11 +405,7 @@ def _pipeline(body: Mapping[str, Any], jobs_collection: str, allowed: tuple[str,
                 key, f"{key} cannot be combined with pipeline; use $match, $project and $sort stages instead", "conflicting_fields"
             )
     _PipelineCheck(jobs_collection, allowed).pipeline(value, "pipeline", 0)
-    try:
-        parsed = json_util.loads(orjson.dumps(value), json_options=RELAXED)
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise ValidationError("pipeline", f"pipeline is not valid Extended JSON: {exc}", "invalid_pipeline") from None
-    return json_util.dumps(parsed, json_options=CANONICAL)
+    return json_util.dumps(_from_extended_json(value, "pipeline", "invalid_pipeline"), json_options=CANONICAL)
 
 
 def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_jobs", allowed: tuple[str, ...] = ()) -> ExportSpec:

@@ -1,6 +1,7 @@
 """The types a setting can have: each reads environment text and accepts a Python value the same way."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -43,14 +44,19 @@ def _int(value: Any) -> int:
 
 def _number_text(raw: str) -> float:
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise Invalid(f"must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise Invalid(f"must be a finite number, got {raw!r}")
+    return value
 
 
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Invalid(f"must be a number, got {value!r}")
+    if not math.isfinite(value):  # no limit or interval is infinite: int(inf * 1000) fails at its first use
+        raise Invalid(f"must be a finite number, got {value!r}")
     return float(value)
 
 

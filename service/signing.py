@@ -70,7 +70,7 @@ class UrlSigner:
 
     def verify(self, job_id: str, user: str, expires: str, signature: str, now: float | None = None) -> None:
         """Raise SignatureError unless the signature is this job's and its owner's, and not expired."""
-        if not expires.isdigit():
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):  # "²".isdigit(), and int() of 5,000 digits
             raise SignatureError("invalid_signature", "the download link is malformed: exp must be a Unix time", "exp")
         expected = self._signature(job_id, user, int(expires))
         if not hmac.compare_digest(expected.encode(), signature.encode()):

@@ -37,6 +37,11 @@ REJECTIONS: list[tuple[str, Any, str, str]] = [
     ("$function deep", {**VALID, "filter": {"$expr": {"$and": [{"$function": {"body": "x", "args": [], "lang": "js"}}]}}}, "forbidden_operator", "filter"),
     ("$accumulator deep", {**VALID, "filter": {"a": {"$elemMatch": {"b": {"$accumulator": {}}}}}}, "forbidden_operator", "filter"),
     ("bad extended json", {**VALID, "filter": {"createdAt": {"$date": "not a date"}}}, "invalid_filter", "filter"),
+    ("bad $oid", {**VALID, "filter": {"_id": {"$oid": "zz"}}}, "invalid_filter", "filter"),
+    ("bad $numberDecimal", {**VALID, "filter": {"price": {"$numberDecimal": "1,5"}}}, "invalid_filter", "filter"),
+    ("$date out of range", {**VALID, "filter": {"at": {"$date": {"$numberLong": "999999999999999999"}}}}, "invalid_filter", "filter"),
+    ("integer beyond 64 bits", {**VALID, "filter": {"n": 2**63}}, "invalid_filter", "filter"),
+    ("bad $oid in a pipeline", {**VALID, "pipeline": [{"$match": {"_id": {"$oid": "zz"}}}]}, "invalid_pipeline", "pipeline"),
     ("too deep", {**VALID, "filter": nested(40)}, "invalid_filter", "filter"),
     ("fields not a list", {**VALID, "fields": "title"}, "invalid_fields", "fields"),
     ("fields empty path part", {**VALID, "fields": ["assignee..name"]}, "invalid_fields", "fields"),
@@ -49,6 +54,7 @@ REJECTIONS: list[tuple[str, Any, str, str]] = [
     ("negative limit", {**VALID, "limit": -1}, "invalid_limit", "limit"),
     ("fractional limit", {**VALID, "limit": 1.5}, "invalid_limit", "limit"),
     ("string limit", {**VALID, "limit": "10"}, "invalid_limit", "limit"),
+    ("limit beyond 64 bits", {**VALID, "limit": 2**63}, "invalid_limit", "limit"),
     ("unknown option", {**VALID, "options": {"zip": True}}, "unknown_option", "options.zip"),
     ("unknown csv option", {**VALID, "options": {"csv": {"quote": "'"}}}, "unknown_option", "options.csv.quote"),
     ("unknown json option", {**VALID, "options": {"json": {"pretty": True}}}, "unknown_option", "options.json.pretty"),
@@ -107,5 +113,8 @@ async def test_unknown_id_404_and_unfinished_download_409(aiohttp_client: Any, m
 async def test_list_filters_and_validates(api: Any) -> None:
     assert (await api.get("/api/exports?status=bogus")).status == 400
     assert (await api.get("/api/exports?limit=0")).status == 400
+    for limit in ("%C2%B2", "9" * 5000):  # a superscript two is a digit to str.isdigit, not to int()
+        resp = await api.get(f"/api/exports?limit={limit}")
+        assert resp.status == 400 and (await resp.json())["error"]["field"] == "limit", limit
     listing = await (await api.get("/api/exports?status=completed&limit=5")).json()
     assert listing == {"exports": []}

@@ -193,6 +193,8 @@ def test_list_status_download_and_delete(service: ServiceProcess, tmp_path: Path
     assert header.split() == ["ID", "STATUS", "COLLECTION", "FORMAT", "ROWS", "CREATED", "FILE"]
     assert [row.split()[:5] for row in rows] == [[job_id, "completed", "tasks", "csv", "10"]]
     assert job_id not in mexport(service, "list", cwd=tmp_path).stdout  # alice does not see bob's exports
+    nowhere = mexport(service, "download", job_id, "-o", "missing/again.csv", cwd=tmp_path, token=OTHER_TOKEN)
+    assert nowhere.returncode == 1 and nowhere.stderr.startswith("mexport: cannot write missing/again.csv:"), nowhere.stderr
     downloaded = mexport(service, "download", job_id, "-o", "again.csv", cwd=tmp_path, token=OTHER_TOKEN)
     assert downloaded.returncode == 0, downloaded.stderr
     assert (tmp_path / "again.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()

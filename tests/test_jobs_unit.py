@@ -112,6 +112,8 @@ def test_snapshot_of_a_completed_job_has_a_signed_download_url_bound_to_job_owne
         ("a" * 24, "alice", "1000999", query["sig"], 1_000_000, "invalid_signature"),  # a longer life
         ("a" * 24, "alice", query["exp"], query["sig"], 1_000_301, "link_expired"),
         ("a" * 24, "alice", "soon", query["sig"], 1_000_000, "invalid_signature"),
+        ("a" * 24, "alice", "\u00b2", query["sig"], 1_000_000, "invalid_signature"),  # a digit to isdigit, not to int
+        ("a" * 24, "alice", "9" * 5000, query["sig"], 1_000_000, "invalid_signature"),  # past int()'s digit limit
     ]
     for job_id, user, exp, sig, now, code in refused:
         with pytest.raises(SignatureError) as caught:

@@ -69,6 +69,10 @@ async def test_the_signed_link_downloads_without_a_token_and_nothing_else_does(a
     for path in (f"/api/exports/{done['id']}/download?token=alice-token", "/api/exports?token=alice-token"):
         resp = await api.get(path)
         assert resp.status == 401 and (await resp.json())["error"]["field"] == "Authorization", path
+    # A signature opens the download route only, not every path that ends like it.
+    for path in ("/api/exports/download?sig=x", f"/api/exports/{done['id']}%2Fdownload?sig=x"):
+        resp = await api.get(path)
+        assert resp.status == 401 and (await resp.json())["error"]["field"] == "Authorization", path
 
 
 async def test_an_expired_link_is_refused_and_the_snapshot_gives_a_fresh_one(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
