@@ -152,6 +152,8 @@ class JobManager:
         truth: a job whose lease still runs belongs to a live instance, whether instances share Redis or not."""
         requeued = 0
         for job in await self.db.find_jobs({"status": {"$in": RUNNING_VALUES}, "lease_until": {"$lt": now_ms()}}):
+            if job["_id"] in self.running:
+                continue  # still running here (its renewals failed in an outage): queued, it would run twice
             # Guarded by the lease as read: an owner that renews it meanwhile keeps its job.
             if await transition(
                 self.db, RUNNING, JobStatus.QUEUED, job_id=job["_id"], owner=job.get("owner"),
@@ -268,7 +270,8 @@ class JobManager:
             self.cancelling.add(job_id)
             task.cancel()
             await asyncio.wait([task], timeout=5)
-            return await self.get(user, job_id)
+            # And on to the guarded write below, which finds the job ended when the run recorded its end: a run
+            # cancelled before its first step, or inside the write of its own failure, recorded nothing.
         # Queued, or running on another instance, which sees the change at its next write.
         cancelled = await transition(self.db, ACTIVE, JobStatus.CANCELLED, job_id=job_id, fields={"finished_at": now_ms(), "owner": None})
         if cancelled is not None:
@@ -317,10 +320,12 @@ class JobManager:
                 except TimeoutError:
                     pass
                 continue
-            if job.get("attempts", 1) > MAX_ATTEMPTS:
-                await self._give_up(job)
-                continue
-            await self._supervise(job)
+            try:
+                await (self._give_up(job) if job.get("attempts", 1) > MAX_ATTEMPTS else self._supervise(job))
+            except DatabaseError as exc:
+                log.warning("job %s: its end could not be handled (%s); its lease decides what comes next", job["_id"], exc)
+            except Exception:  # a defect in one job's handling must not end the worker, and with it the queue
+                log.exception("job %s: its end could not be handled; its lease decides what comes next", job["_id"])
 
     async def _supervise(self, job: dict[str, Any]) -> None:
         """Run a claimed job in a task of its own: a user's cancel ends that task, not this worker; a stop

@@ -80,9 +80,10 @@ class JobRun:
         self.last_event = 0.0
         self.last_persist = 0.0
         self.waiting_since: float | None = None  # when the run began waiting for the database, while it waits
-        self.total_known = False  # the count arrived and is not persisted yet
-        self.renamed = False  # the final file is ours: it goes if the job does not end completed
+        self.unsaved_total: int | None = None  # the count, arrived and not persisted yet
+        self.renamed = False  # the final file is ours: it goes if the job is recorded as ended otherwise
         self.lost = False  # set when the lease shows the job was cancelled or claimed elsewhere
+        self.completing = False  # the completed state is being written: the lease no longer matters
 
     # --- persistence -------------------------------------------------------------------------
     async def _change(self, fields: dict[str, Any], expected: Iterable[JobStatus], to: JobStatus | None = None) -> None:
@@ -92,6 +93,8 @@ class JobRun:
         if doc is None:
             raise JobLost(self.id)
         self.job.update(doc)
+        if self.unsaved_total is not None:  # counted while this write was on its way: the stored null is older
+            self.job["total"] = self.unsaved_total
 
     async def keep_lease(self, task: asyncio.Task[Any]) -> None:
         """Renew the lease while the job runs, even when no batch arrives (a slow count or cursor);
@@ -106,6 +109,8 @@ class JobRun:
             except DatabaseError:
                 continue  # an outage fails the run itself; the lease only matters once the database is back
             if still_ours is None:
+                if self.completing:  # it met the completed state this run wrote; a real loss fails that write
+                    return
                 self.lost = True
                 task.cancel()
                 return
@@ -171,8 +176,7 @@ class JobRun:
         except (DatabaseError, TimeoutError) as exc:
             log.warning("job %s: no total, the count did not finish: %s", self.id, exc or "client-side time limit")
             return None
-        self.job["total"] = total
-        self.total_known = True
+        self.job["total"] = self.unsaved_total = total
         return total
 
     async def export(self) -> None:
@@ -267,8 +271,8 @@ class JobRun:
         now = time.monotonic()
         elapsed = max(now - self.started, 1e-6)
         fields: dict[str, Any] = {"processed": processed, "rate": processed / elapsed, **(extra or {})}
-        if self.total_known:
-            fields["total"] = self.job["total"]
+        if self.unsaved_total is not None:
+            fields["total"] = self.unsaved_total
         if self.job["status"] == JobStatus.FETCHING.value:
             await self._change(fields, [JobStatus.FETCHING], JobStatus.PROCESSING)
         elif force or now - self.last_persist >= PERSIST_EVERY:
@@ -278,7 +282,8 @@ class JobRun:
             fields = {}
         if fields:
             self.last_persist = now
-            self.total_known = False
+        if "total" in fields:  # persisted now; a count that came in while the write was on its way is not
+            self.unsaved_total = None
         if force or now - self.last_event >= MIN_EVENT_GAP:
             await self.emit("export-processing")
 
@@ -301,14 +306,19 @@ class JobRun:
             "expires_at": expiry(finished, self.ctx.settings.ttl_hours),
             "owner": None,
         }
+        self.completing = True
         await self._change(fields, [JobStatus.FINALIZING], JobStatus.COMPLETED)
         self.renamed = False  # the completed job names the file now
+        await self._completed()
+
+    async def _completed(self) -> None:
+        """Count the completed export and tell the room, from the job as recorded."""
         duration = time.monotonic() - self.started
-        self.ctx.metrics.job_completed(self.spec.format, result.rows, result.bytes, duration)
+        self.ctx.metrics.job_completed(self.spec.format, self.job["processed"], self.job["bytes"], duration)
         snap = self.snapshot()
         await self.emit(
             "export-completed",
-            bytes=result.bytes,
+            bytes=snap["bytes"],
             file_name=snap["file_name"],
             download_url=snap["download_url"],
             duration_seconds=round(duration, 3),
@@ -320,58 +330,76 @@ class JobRun:
         )
 
     def discard(self) -> None:
-        """Stop the encoder and remove the partial file, the writer's temporary files, and the final file if
-        this run renamed it but the job did not end completed."""
+        """Stop the encoder and remove the partial file and the writer's temporary files. A renamed final file
+        stays: the job may have been recorded completed even when the reply was lost; record_end removes it
+        once it has recorded another end, and the sweep removes any file no active or completed job names."""
         if self.encoder is not None:
             self.encoder.kill()
             self.encoder = None
         discard_partial(self.part_path)
-        if self.renamed:
-            remove_file(self.final_path)
-            self.renamed = False
 
     async def _record_later(self, status: JobStatus, fields: dict[str, Any]) -> None:
         for _ in range(RECORD_RETRIES):
             await asyncio.sleep(RECORD_RETRY_SECONDS)
             try:
-                await transition(self.ctx.db, ACTIVE, status, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
-                log.info("job %s: recorded %s once the database was back", self.id, status.value)
-                return
+                recorded = await transition(self.ctx.db, ACTIVE, status, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
             except DatabaseError:
                 continue
+            if recorded is None:
+                log.info("job %s: not recorded %s, it had ended or moved on meanwhile", self.id, status.value)
+            else:
+                log.info("job %s: recorded %s once the database was back", self.id, status.value)
+            return
         log.error("job %s: could not record %s; it is run again once its lease runs out", self.id, status.value)
 
-    async def record_end(self, status: JobStatus, error: dict[str, str] | None = None) -> None:
-        """Record a failed or cancelled end and tell the room."""
+    async def record_end(self, status: JobStatus, error: dict[str, str] | None = None) -> JobStatus:
+        """Record a failed or cancelled end, count it and tell the room, and return it; when the job is no longer
+        this run's to end (completed, cancelled or claimed meanwhile), stop as taken over and return what it is."""
         self.discard()
         fields: dict[str, Any] = {"finished_at": now_ms(), "owner": None}
         if error is not None:
             fields["error"] = error
-        # The job may already be cancelled by a DELETE; only an active job changes here.
-        # Only while it is still ours: another instance may have claimed it after our lease ran out.
+        # Only an active job that is still ours changes here: a DELETE may have cancelled it, the completed
+        # state may have been written before a lost reply, another instance may have claimed it.
         try:
-            await transition(self.ctx.db, ACTIVE, status, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
+            recorded = await transition(self.ctx.db, ACTIVE, status, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
         except DatabaseError:
             # The database is down (often the very reason for the failure): keep trying in the background.
             task = asyncio.create_task(self._record_later(status, fields), name=f"record-{self.id}")
             self.ctx.background.add(task)
             task.add_done_callback(self.ctx.background.discard)
+        else:
+            if recorded is None:
+                return await self.taken_over()
+            if self.renamed:
+                remove_file(self.final_path)
+                self.renamed = False
+        self.ctx.metrics.job_ended(error["code"] if error is not None else "cancelled")
         self.job.update(fields, status=status.value)
         self.waiting_since = None
         if status == JobStatus.FAILED:
             await self.emit("export-failed", error=error, phase="done")
         else:
             await self.emit("export-cancelled", phase="done")
+        return status
 
     async def taken_over(self) -> JobStatus:
         """The job document says someone else decides now: a user cancelled it, or another instance claimed
         it after our lease ran out. Stop without touching its state."""
-        current = await self.ctx.db.get_job(self.id)
-        status = JobStatus(current["status"]) if current else JobStatus.CANCELLED
-        if status == JobStatus.COMPLETED:
-            self.renamed = False  # completed by its new owner: the file is theirs
         self.discard()
-        if status == JobStatus.CANCELLED:
+        try:
+            current = await self.ctx.db.get_job(self.id)
+        except DatabaseError as exc:
+            log.warning("job %s was taken over; its state cannot be read: %s", self.id, exc)
+            return JobStatus(self.job["status"])  # a renamed file stays for the sweep to judge
+        status = JobStatus(current["status"]) if current else JobStatus.CANCELLED
+        if self.renamed and not status.active and status != JobStatus.COMPLETED:
+            remove_file(self.final_path)  # the job ended otherwise for good: nothing will name this file
+        self.renamed = False  # else the file is the completed job's, or an active job's new owner's
+        if status == JobStatus.COMPLETED and self.completing and current is not None:
+            self.job.update(current)  # this run's own completion, whose reply a cancel or an outage cut short
+            await self._completed()
+        elif status == JobStatus.CANCELLED:
             self.job.update(current or {})
             await self.emit("export-cancelled", phase="done", waiting_seconds=None)
         log.info("job %s was taken over (now %s); this instance stops running it", self.id, status.value)
@@ -412,37 +440,33 @@ async def run_job(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
         if run.lost:
             return await run.taken_over()
         if cancelled():
-            await run.record_end(JobStatus.CANCELLED)
-            ctx.metrics.job_ended("cancelled")
-            return JobStatus.CANCELLED
+            return await run.record_end(JobStatus.CANCELLED)
         run.discard()
         raise
     except TimeoutError as exc:
         if not deadline.expired():
-            return await _fail_unexpected(ctx, run, exc)
+            return await _fail_unexpected(run, exc)
         log.warning("job %s ran out of time after %s s", run.id, limit)
-        return await _fail(ctx, run, "timeout", f"the export did not finish within {limit:g} s (EXPORT_JOB_TIMEOUT_SECONDS)")
+        return await _fail(run, "timeout", f"the export did not finish within {limit:g} s (EXPORT_JOB_TIMEOUT_SECONDS)")
     except JobLost:
         return await run.taken_over()
     except DatabaseError as exc:
         log.warning("job %s failed: %s", run.id, exc)
-        return await _fail(ctx, run, exc.code, str(exc))
+        return await _fail(run, exc.code, str(exc))
     except EncoderError as exc:
         log.warning("job %s failed in the encoder: %s", run.id, exc.message)
-        return await _fail(ctx, run, exc.code, exc.message)
+        return await _fail(run, exc.code, exc.message)
     except OSError as exc:
         log.exception("job %s failed writing its file", run.id)
-        return await _fail(ctx, run, "disk_error", f"cannot write export file: {exc.strerror or exc}")
+        return await _fail(run, "disk_error", f"cannot write export file: {exc.strerror or exc}")
     except Exception as exc:  # a defect must not leave the job active forever: fail it, loudly
-        return await _fail_unexpected(ctx, run, exc)
+        return await _fail_unexpected(run, exc)
 
 
-async def _fail_unexpected(ctx: RunContext, run: JobRun, exc: BaseException) -> JobStatus:
+async def _fail_unexpected(run: JobRun, exc: BaseException) -> JobStatus:
     log.error("job %s failed unexpectedly", run.id, exc_info=exc)
-    return await _fail(ctx, run, "internal_error", f"internal error: {exc.__class__.__name__}")
+    return await _fail(run, "internal_error", f"internal error: {exc.__class__.__name__}")
 
 
-async def _fail(ctx: RunContext, run: JobRun, code: str, message: str) -> JobStatus:
-    ctx.metrics.job_ended(code)
-    await run.record_end(JobStatus.FAILED, {"code": code, "message": message})
-    return JobStatus.FAILED
+async def _fail(run: JobRun, code: str, message: str) -> JobStatus:
+    return await run.record_end(JobStatus.FAILED, {"code": code, "message": message})

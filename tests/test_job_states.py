@@ -171,3 +171,143 @@ async def test_without_redis_a_restarting_instance_never_takes_a_job_another_one
     with MongoClient(mongo_url) as client:
         doc = client[DATA_DB][first.jobs_collection].find_one({"_id": job["id"]})
     assert doc["instance"] == owner_id and doc["attempts"] == 1, doc  # finished once, by its owner
+
+
+async def follow(api: Any, gate: Gate, body: dict[str, Any]) -> tuple[str, list[tuple[float, str, dict[str, Any]]], Any]:
+    """A job created behind the shut gate and subscribed to before its first batch: (id, its events, the client)."""
+    gate.shut()
+    job = await (await api.post("/api/exports", json=body)).json()
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    sio = await subscribe(api, job["id"], seen)
+    gate.open()
+    return job["id"], seen, sio
+
+
+async def test_a_cancel_that_lands_after_the_completed_write_keeps_the_job_completed_with_its_file(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DELETE's cancel reaches the run after the server applied the completed state, before its reply came
+    back: the job is completed, so its file stays and its room hears export-completed, never export-cancelled."""
+    settings = make_settings(mongo_url, tmp_path)
+    api = await aiohttp_client(create_app(settings, source=gate))
+    manager = api.server.app[MANAGER_KEY]
+    real = runner_module.transition
+
+    async def cancelled_in_flight(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        doc = await real(db, expected, to, **kwargs)
+        if to == JobStatus.COMPLETED:
+            manager.cancelling.add(kwargs["job_id"])  # what a DELETE does to a job running here, no public way to time it
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)  # the cancel lands here, as if while waiting for the reply
+        return doc
+
+    monkeypatch.setattr(runner_module, "transition", cancelled_in_flight)
+    job_id, seen, sio = await follow(api, gate, SPEC)
+    try:
+        await until(lambda: any(name in ("export-completed", "export-failed", "export-cancelled") for _, name, _ in seen), "an end event")
+    finally:
+        await sio.disconnect()
+    final = await wait_status(api, job_id)
+    assert final["status"] == "completed", final
+    resp = await api.get(f"/api/exports/{job_id}/download")
+    assert resp.status == 200 and len((await resp.text()).splitlines()) == len(tasks) + 1
+    names = [name for _, name, _ in seen]
+    assert "export-completed" in names and "export-cancelled" not in names, names
+
+
+async def test_a_cancel_before_the_run_takes_its_first_step_is_recorded(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, real_run = asyncio.Event(), manager_module.run_job
+
+    async def late_start(ctx: Any, job: dict[str, Any], cancelled: Any) -> Any:
+        started.set()
+        await asyncio.Event().wait()  # the DELETE's cancel lands here, before anything of the run has run
+        return await real_run(ctx, job, cancelled)
+
+    monkeypatch.setattr(manager_module, "run_job", late_start)
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path)))
+    job = await (await api.post("/api/exports", json=SPEC)).json()
+    await asyncio.wait_for(started.wait(), 30)
+    resp = await api.delete(f"/api/exports/{job['id']}")
+    assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
+    # Recorded, not left running without a lease to be queued again later.
+    assert (await (await api.get(f"/api/exports/{job['id']}")).json())["status"] == "cancelled"
+
+
+async def test_a_count_that_arrives_while_a_write_is_on_its_way_is_kept(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count comes in between the processing write leaving and its reply (which carries the stored null
+    total): the total is not lost for the rest of the run."""
+    in_flight, counted = asyncio.Event(), asyncio.Event()
+    real_transition, real_count = runner_module.transition, gate.count
+
+    async def late_count(spec: Any) -> int:
+        await in_flight.wait()
+        total = await real_count(spec)
+        counted.set()
+        return total
+
+    async def slow_reply(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        doc = await real_transition(db, expected, to, **kwargs)
+        if to == JobStatus.PROCESSING:
+            in_flight.set()
+            await counted.wait()
+        return doc
+
+    monkeypatch.setattr(gate, "count", late_count)
+    monkeypatch.setattr(runner_module, "transition", slow_reply)
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=gate))
+    job_id, seen, sio = await follow(api, gate, SPEC)
+    try:
+        await until(lambda: any(name == "export-completed" for _, name, _ in seen), "the export-completed event")
+    finally:
+        await sio.disconnect()
+    [finalizing] = [data for _, name, data in seen if name == "export-finalizing"]
+    assert (finalizing["total"], finalizing["percent"]) == (len(tasks), 100.0), finalizing
+
+
+async def test_a_lease_renewal_that_meets_the_completed_state_does_not_silence_the_end(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renewal_refused, real = asyncio.Event(), runner_module.transition
+
+    async def renewal_after_completion(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        doc = await real(db, expected, to, **kwargs)
+        if to is None and set(kwargs.get("fields") or {}) == {"lease_until"} and doc is None:
+            renewal_refused.set()  # a renewal found the job no longer running
+        if to == JobStatus.COMPLETED:
+            await renewal_refused.wait()  # the reply comes back only after a renewal met the completed state
+        return doc
+
+    monkeypatch.setattr(runner_module, "transition", renewal_after_completion)
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, lease_seconds=0.3), source=gate))
+    job_id, seen, sio = await follow(api, gate, SPEC)
+    try:
+        await until(lambda: any(name == "export-completed" for _, name, _ in seen), "the export-completed event")
+    finally:
+        await sio.disconnect()
+    assert (await wait_status(api, job_id))["status"] == "completed"
+
+
+async def test_a_job_still_running_here_is_not_queued_again_when_its_lease_looks_expired(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate
+) -> None:
+    """Renewals that failed in an outage leave an old lease behind a live run: this instance's own sweep must not
+    queue the job for a second run beside the first."""
+    settings = make_settings(mongo_url, tmp_path)
+    api = await aiohttp_client(create_app(settings, source=gate))
+    gate.shut()
+    job = await (await api.post("/api/exports", json=SPEC)).json()
+    await until(lambda: gate.held == 1, "the export held at its first batch")
+    with MongoClient(mongo_url) as client:
+        client[DATA_DB][settings.jobs_collection].update_one({"_id": job["id"]}, {"$set": {"lease_until": now_ms() - 60_000}})
+    assert await api.server.app[MANAGER_KEY].requeue_expired_leases() == 0
+    gate.open()
+    final = await wait_status(api, job["id"])
+    assert final["status"] == "completed", final
+    with MongoClient(mongo_url) as client:  # claimed once: never queued for a second run
+        assert client[DATA_DB][settings.jobs_collection].find_one({"_id": job["id"]})["attempts"] == 1
