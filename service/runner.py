@@ -338,6 +338,16 @@ class JobRun:
             self.encoder = None
         discard_partial(self.part_path)
 
+    def stop(self) -> None:
+        """The service is stopping and the job goes back to the queue: stop the encoder. The partial file stays
+        when this run's last checkpoint describes it, for the next run to go on from as after a crash."""
+        point = self.job.get("checkpoint") or {}
+        if point.get("part") != self.part_path.name or not resumable(self.spec):
+            self.discard()
+        elif self.encoder is not None:
+            self.encoder.kill()
+            self.encoder = None
+
     async def _record_later(self, status: JobStatus, fields: dict[str, Any]) -> None:
         for _ in range(RECORD_RETRIES):
             await asyncio.sleep(RECORD_RETRY_SECONDS)
@@ -441,7 +451,7 @@ async def run_job(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
             return await run.taken_over()
         if cancelled():
             return await run.record_end(JobStatus.CANCELLED)
-        run.discard()
+        run.stop()
         raise
     except TimeoutError as exc:
         if not deadline.expired():

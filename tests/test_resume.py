@@ -88,7 +88,7 @@ def test_which_exports_resume_and_the_bound_that_follows_a_checkpoint(tmp_path: 
     assert plan(job, validate_request({"collection": "t", "format": "csv", "limit": 80}), tmp_path) is None  # nothing left
 
 
-# --- the service, killed ---------------------------------------------------------------------------------
+# --- the service, killed or stopped -----------------------------------------------------------------------
 KILL_CASES = {
     "csv-early": ({"format": "csv", "fields": ["seq", "title", "description", "createdAt"]}, 1),
     "ndjson-late": ({"format": "ndjson"}, 6),
@@ -101,8 +101,14 @@ def job_doc(mongo_url: str, jobs: str, job_id: str) -> dict[str, Any]:
         return client[DATA_DB][jobs].find_one({"_id": job_id}) or {}
 
 
-@pytest.mark.parametrize("case", sorted(KILL_CASES))
-async def test_sigkill_mid_export_resumes_at_the_checkpoint_and_the_file_is_whole(mongo_url: str, tmp_path: Path, big_tasks: Any, case: str) -> None:
+# A stop (SIGTERM) puts the job back in the queue at once and keeps its checkpoint's file, as a kill leaves it.
+ENDINGS = [*((case, "kill") for case in sorted(KILL_CASES)), ("ndjson-late", "stop")]
+
+
+@pytest.mark.parametrize(("case", "ending"), ENDINGS)
+async def test_an_export_killed_or_stopped_mid_way_resumes_at_the_checkpoint_and_the_file_is_whole(
+    mongo_url: str, tmp_path: Path, big_tasks: Any, case: str, ending: str
+) -> None:
     body, checkpoints = KILL_CASES[case]
     body = {"collection": "tasks_big", **body}
     env = {
@@ -121,8 +127,9 @@ async def test_sigkill_mid_export_resumes_at_the_checkpoint_and_the_file_is_whol
 
             # The run goes on past the wanted checkpoint meanwhile.
             await until(checkpointed, f"checkpoint {checkpoints} on record", timeout=30)
-            service.kill()
+            service.kill() if ending == "kill" else service.stop()
             at_kill = job_doc(mongo_url, env["EXPORT_JOBS_COLLECTION"], job["id"])
+            assert at_kill["status"] == ("queued" if ending == "stop" else "processing"), at_kill["status"]
 
             service = await ServiceProcess(env).start()
             final = await wait_status(http, job["id"], timeout=90, base=service.url)
