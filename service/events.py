@@ -102,11 +102,14 @@ class EventHub:
         if job_id is None:
             return {"ok": False, "error": {"code": "invalid_request", "message": "subscribe needs {\"id\": ...}", "field": "id"}}
         session = await self.sio.get_session(sid)
-        snap = await self.lookup(session["user"], job_id)
-        if snap is None:
+        if await self.lookup(session["user"], job_id) is None:  # only its owner may enter the job's room
             return {"ok": False, "error": {"code": "not_found", "message": f"no export {job_id}", "field": "id"}}
-        # Enter the room before answering, so no event falls between the snapshot and the subscription.
+        # In the room first, then the snapshot: no event can fall between the two unseen.
         await self.sio.enter_room(sid, room(job_id))
+        snap = await self.lookup(session["user"], job_id)
+        if snap is None:  # deleted in between
+            await self.sio.leave_room(sid, room(job_id))
+            return {"ok": False, "error": {"code": "not_found", "message": f"no export {job_id}", "field": "id"}}
         return {"ok": True, "job": snap}
 
     async def _unsubscribe(self, sid: str, data: Any) -> dict[str, Any]:

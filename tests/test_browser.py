@@ -35,7 +35,7 @@ CHROMIUM_ARGS = [
 COLLECTION = "tasks_big"
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 FIELDS = ["seq", "title", "assignee.name", "createdAt", "estimate"]  # the column order the test builds in the page
-TOKEN = "browser-test-token"
+TOKEN = "browser+test/token="  # the characters of a base64 token, "+" among them
 RECONNECT_ROWS = 6000  # XLSX at about a thousand rows a second: still running when the socket is killed
 
 # Kills the page's Socket.IO connection (its engine) and says what state the job showed at that moment.

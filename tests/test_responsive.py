@@ -184,11 +184,17 @@ async def test_the_page_says_it_waits_for_the_database_instead_of_freezing(
     aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: Any, browser: Any
 ) -> None:
     settings = make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,))
-    client = await aiohttp_client(create_app(settings, source=SlowSource(first_delay=4.0, count_delay=6.0)))
+    client = await aiohttp_client(create_app(settings, source=SlowSource(first_delay=4.0, batch_delay=0.2, count_delay=6.0)))
     page, errors = await open_page(browser, str(client.make_url("/")))
     job_id = await start_export(page, "csv")
     text = job_item(page, job_id).locator(".progress-text")
     await expect(text).to_contain_text(re.compile(r"waiting for the database [23] s"), timeout=10_000)
+    # Rows flowing before the count is in: the bar moves without a value, not an empty bar at 0%.
+    await page.wait_for_function(
+        """(id) => { const li = document.querySelector(`li.job[data-job-id="${id}"]`);
+                    return li && li.dataset.status === "processing" && li.querySelector(".progress").dataset.indeterminate === "true"; }""",
+        arg=job_id, timeout=10_000,
+    )
     await expect(job_item(page, job_id)).to_have_attribute("data-status", "completed", timeout=30_000)
     await expect(text).not_to_contain_text("waiting for the database")
     errors.check()

@@ -85,20 +85,17 @@ async function api(path, { method = "GET", body } = {}) {
   return data;
 }
 
-// Download links are signed by the service and work for a few minutes; an older one is asked for again
-// before the browser follows it, so a page left open for an hour still downloads.
-const LINK_MARGIN_SECONDS = 15;
-
+// Download links are signed by the service and work for a few minutes. A click asks for a fresh one and
+// follows that: a page left open for an hour still downloads, and neither a short link life nor a browser
+// clock that differs from the service's can make the page follow a stale link (or renew one forever).
 async function followDownload(event, jobId) {
   const link = event.currentTarget;
-  const expires = Number(new URL(link.href, location.href).searchParams.get("exp") || 0);
-  if (expires - Date.now() / 1000 > LINK_MARGIN_SECONDS) return; // fresh: the browser follows it
   event.preventDefault();
   try {
     const job = await api(`/api/exports/${jobId}`);
     if (!job.download_url) throw new ApiError(409, { code: "not_ready", message: `The export is ${job.status}.` });
     link.href = job.download_url;
-    link.click();
+    location.assign(job.download_url);
   } catch (error) {
     showBanner(`The download link could not be renewed: ${error.message}`);
   }
@@ -108,14 +105,15 @@ async function followDownload(event, jobId) {
 // Token
 function initToken() {
   const url = new URL(location.href);
-  // In the fragment (#token=...), which browsers never send to the server, so it stays out of its logs.
-  const fragment = new URLSearchParams(url.hash.slice(1));
-  const fromUrl = fragment.get("token");
+  // In the fragment (#token=...), which browsers never send to the server, so it stays out of its logs. Split
+  // by hand: URLSearchParams would read a "+" in a token as a space.
+  const parts = url.hash.slice(1).split("&").filter(Boolean);
+  const tokenPart = parts.find((part) => part.startsWith("token="));
+  const fromUrl = tokenPart ? decodeURIComponent(tokenPart.slice("token=".length)) : "";
   if (fromUrl) {
     state.token = fromUrl;
     storeToken(fromUrl);
-    fragment.delete("token"); // keep it out of the history and of bookmarks
-    const rest = fragment.toString();
+    const rest = parts.filter((part) => part !== tokenPart).join("&"); // out of the history and of bookmarks
     history.replaceState(null, "", url.pathname + url.search + (rest ? `#${rest}` : ""));
   } else {
     try { state.token = localStorage.getItem(TOKEN_KEY) || ""; } catch { state.token = ""; }
@@ -264,6 +262,11 @@ function merge(data, source) {
   if (accept) {
     job.seenAt = Date.now();
     if (source === "snapshot" && job.status !== "queued") delete job.queue_position;
+    if (source === "snapshot" && !("phase" in data)) {
+      // Only events say what a run is doing; a newer snapshot makes an older event's "waiting" stale.
+      delete job.phase;
+      delete job.waiting_seconds;
+    }
   }
   renderJob(job, Object.keys(data));
   afterChange(job, previous, source);
@@ -386,7 +389,7 @@ function renderJob(job, changed) {
   bar.setAttribute("aria-label", `Progress of ${name}`);
   if (pct === null) {
     bar.removeAttribute("aria-valuenow");
-    bar.dataset.indeterminate = String(job.status === "fetching");
+    bar.dataset.indeterminate = String(ACTIVE.has(job.status) && job.status !== "queued"); // running, total unknown
   } else {
     bar.setAttribute("aria-valuenow", String(pct));
     bar.dataset.indeterminate = "false";
