@@ -199,3 +199,33 @@ async def test_the_page_says_it_waits_for_the_database_instead_of_freezing(
     await expect(text).not_to_contain_text("waiting for the database")
     errors.check()
     await page.context.close()
+
+
+@pytest.mark.browser
+async def test_a_failed_cancel_stays_on_screen_while_the_job_runs_on(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: Any, browser: Any
+) -> None:
+    settings = make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,))
+    client = await aiohttp_client(create_app(settings, source=SlowSource(first_delay=8.0)))
+    page, _ = await open_page(browser, str(client.make_url("/")))  # the refused DELETE is a console error, by design
+    job_id = await start_export(page, "csv")
+    item = job_item(page, job_id)
+    text = item.locator(".progress-text")
+    await expect(text).to_contain_text("waiting for the database", timeout=10_000)
+
+    async def refuse_deletes(route: Any) -> None:
+        if route.request.method != "DELETE":
+            await route.continue_()
+            return
+        body = '{"error": {"code": "database_unavailable", "message": "the database is unavailable", "field": null}}'
+        await route.fulfill(status=503, content_type="application/json", body=body)
+
+    await page.route("**/api/exports/*", refuse_deletes)
+    await item.get_by_role("button", name=re.compile("^Cancel export")).click()
+    error = item.locator(".job-error")
+    await expect(error).to_contain_text("Cancelling failed: the database is unavailable")
+    # A message that must stay is watched for a while: three heartbeats (one every 0.6 s) redraw the row meanwhile.
+    await page.wait_for_timeout(2000)
+    await expect(item).to_have_attribute("data-status", "fetching")
+    await expect(error).to_be_visible()
+    await page.context.close()

@@ -261,6 +261,7 @@ function merge(data, source) {
   }
   if (accept) {
     job.seenAt = Date.now();
+    if (job.status !== previous) delete job.actionError; // a failed cancel or removal is news only in its state
     if (source === "snapshot" && job.status !== "queued") delete job.queue_position;
     if (source === "snapshot" && !("phase" in data)) {
       // Only events say what a run is doing; a newer snapshot makes an older event's "waiting" stale.
@@ -405,12 +406,10 @@ function renderJob(job, changed) {
   }));
 
   const errorBox = $(".job-error", li);
-  if (job.status === "failed" || (job.error && job.status !== "completed")) {
-    errorBox.hidden = false;
-    errorBox.textContent = describeError(job.error);
-  } else {
-    errorBox.hidden = true;
-  }
+  // The job's own error, or else the last failed action on it (kept on the job: the next event redraws it).
+  const message = job.status === "failed" || (job.error && job.status !== "completed") ? describeError(job.error) : job.actionError;
+  errorBox.hidden = !message;
+  if (message) errorBox.textContent = message;
 
   if (full) renderWarnings(job, $(".job-warnings", li));
 
@@ -629,6 +628,8 @@ async function removeJob(id) {
 }
 
 function showJobError(id, text) {
+  const job = state.jobs.get(id);
+  if (job) job.actionError = text;
   const box = $(".job-error", state.elements.get(id));
   box.hidden = false;
   box.textContent = text;
