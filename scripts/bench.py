@@ -1,6 +1,6 @@
 """Benchmark of the export service: a markdown report, printed and written to var/bench.md.
 
-    make bench          # every stage (scripts/bench.py run), about nine minutes on two cores
+    make bench          # every stage (scripts/bench.py run), about ten minutes on two cores
     make bench-quick    # every stage at small sizes, under two minutes: a smoke run
     .venv/bin/python scripts/bench.py run --only writers,scale --writer-formats csv,parquet
 
