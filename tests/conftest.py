@@ -319,3 +319,25 @@ async def subscribe(api: Any, job_id: str, seen: list[tuple[float, str, dict[str
     ack = await sio.call("subscribe", {"id": job_id})
     assert ack["ok"], ack
     return sio
+
+
+# --- the headless browser the page's tests drive -------------------------------------------------------------
+CHROMIUM = os.environ.get("EXPORT_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright  # only the browser tests need Playwright loaded
+
+    if not Path(CHROMIUM).exists():  # a failure, not a skip: `make test` installs it
+        pytest.fail(f"no Chromium at {CHROMIUM}; `make test` installs Debian's chromium package")
+    async with async_playwright() as pw:
+        instance = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield instance
+        finally:
+            await instance.close()

@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import os
 import re
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import openpyxl
 import pytest
@@ -23,15 +22,10 @@ from service.settings import Settings
 from expected import csv_text, lookup
 from conftest import BIG_ROWS, make_settings
 
-from playwright.async_api import async_playwright, expect
+from playwright.async_api import expect
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("EXPORT_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 COLLECTION = "tasks_big"
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 FIELDS = ["seq", "title", "assignee.name", "createdAt", "estimate"]  # the column order the test builds in the page
@@ -78,18 +72,6 @@ PROGRESS_RECORDER = """
 def browser_settings(mongo_url: str, tmp_path: Path, big_tasks: list[dict[str, Any]]) -> Settings:
     # One worker: an export started while another runs stays queued, as the screenshot wants one.
     return make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,), max_concurrent=1)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not Path(CHROMIUM).exists():  # a failure, not a skip: `make test` installs it
-        pytest.fail(f"no Chromium at {CHROMIUM}; `make test` installs Debian's chromium package")
-    async with async_playwright() as pw:
-        instance = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield instance
-        finally:
-            await instance.close()
 
 
 @pytest.fixture(scope="module")

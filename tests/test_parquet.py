@@ -33,7 +33,7 @@ from service.writers import parquet_arrow
 from conftest import make_settings, wait_status
 from expected import INF, NAN, OID, UUID, lookup
 from playwright.async_api import expect
-from test_browser import OUTPUT, browser, job_item, open_page, start_export  # noqa: F401 - browser is a fixture
+from test_browser import OUTPUT, job_item, open_page, start_export
 
 # One document with a value of every BSON type; the second batch repeats it with another _id, so the first
 # batch's path (decoded documents) and the later batches' path (PyMongoArrow where it reads the column)

@@ -16,7 +16,7 @@ from service.app import create_app
 
 from conftest import make_settings
 from expected import csv_text
-from test_browser import browser, job_item, open_page, output_dir  # noqa: F401  (fixtures and helpers)
+from test_browser import job_item, open_page, output_dir  # noqa: F401 - output_dir is a fixture
 
 pytestmark = pytest.mark.browser
 

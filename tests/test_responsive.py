@@ -19,7 +19,7 @@ from service.db import Database, FindSpec, QueryTimeout, make_client, translate
 
 from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, until, wait_status
 from playwright.async_api import expect
-from test_browser import COLLECTION, browser, job_item, open_page, start_export  # noqa: F401 - browser is a fixture
+from test_browser import COLLECTION, job_item, open_page, start_export
 from wire_proxy import WireProxy
 
 ROWS = 2500  # three batches
