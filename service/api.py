@@ -15,7 +15,7 @@ from . import catalog
 from .db import DatabaseError, DatabaseUnavailable
 from .jobs import JobStatus
 from .manager import JobConflict, JobNotFound, TooManyJobs
-from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, validate_request
+from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, plain_int, validate_request
 from .settings import DB_KEY, HEALTH_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, bearer_token
 from .signing import SignatureError
 
@@ -160,9 +160,10 @@ async def list_exports(request: web.Request) -> web.Response:
     if status is not None and status not in {s.value for s in JobStatus}:
         raise ValidationError("status", f"status must be one of {', '.join(s.value for s in JobStatus)}", "invalid_status")
     raw_limit = request.query.get("limit", str(LIST_LIMIT_DEFAULT))
-    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6) or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+    limit = plain_int(raw_limit, 6)
+    if limit is None or not 1 <= limit <= LIST_LIMIT_MAX:
         raise ValidationError("limit", f"limit must be an integer from 1 to {LIST_LIMIT_MAX}", "invalid_limit")
-    jobs = await request.app[MANAGER_KEY].list(request[USER_KEY], status, int(raw_limit))
+    jobs = await request.app[MANAGER_KEY].list(request[USER_KEY], status, limit)
     return json_response({"exports": jobs})
 
 

@@ -194,6 +194,12 @@ def _object(value: Any, where: str, allowed: frozenset[str]) -> dict[str, Any]:
     return value
 
 
+def plain_int(text: str, max_digits: int) -> int | None:
+    """text as an unsigned integer of at most max_digits ASCII digits, else None: str.isdigit() also takes "²",
+    which int() refuses, and int() of thousands of digits is refused too."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= max_digits else None
+
+
 def _from_extended_json(value: Any, field: str, code: str) -> Any:
     """value parsed as relaxed Extended JSON, and encoded to BSON once: what the server could not be sent is
     refused now, not when the job runs."""

@@ -333,10 +333,13 @@ class JobRun:
         """Stop the encoder and remove the partial file and the writer's temporary files. A renamed final file
         stays: the job may have been recorded completed even when the reply was lost; record_end removes it
         once it has recorded another end, and the sweep removes any file no active or completed job names."""
+        self._kill_encoder()
+        discard_partial(self.part_path)
+
+    def _kill_encoder(self) -> None:
         if self.encoder is not None:
             self.encoder.kill()
             self.encoder = None
-        discard_partial(self.part_path)
 
     def stop(self) -> None:
         """The service is stopping and the job goes back to the queue: stop the encoder. The partial file stays
@@ -344,9 +347,8 @@ class JobRun:
         point = self.job.get("checkpoint") or {}
         if point.get("part") != self.part_path.name or not resumable(self.spec):
             self.discard()
-        elif self.encoder is not None:
-            self.encoder.kill()
-            self.encoder = None
+        else:
+            self._kill_encoder()
 
     async def _record_later(self, status: JobStatus, fields: dict[str, Any]) -> None:
         for _ in range(RECORD_RETRIES):

@@ -42,22 +42,24 @@ def _int(value: Any) -> int:
     return value
 
 
+def _finite(value: float, given: Any) -> float:
+    if not math.isfinite(value):  # no limit or interval is infinite: int(inf * 1000) fails at its first use
+        raise Invalid(f"must be a finite number, got {given!r}")
+    return value
+
+
 def _number_text(raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
         raise Invalid(f"must be a number, got {raw!r}") from None
-    if not math.isfinite(value):
-        raise Invalid(f"must be a finite number, got {raw!r}")
-    return value
+    return _finite(value, raw)
 
 
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Invalid(f"must be a number, got {value!r}")
-    if not math.isfinite(value):  # no limit or interval is infinite: int(inf * 1000) fails at its first use
-        raise Invalid(f"must be a finite number, got {value!r}")
-    return float(value)
+    return _finite(float(value), value)
 
 
 def _path(value: Any) -> Path:

@@ -15,6 +15,8 @@ import secrets
 import time
 from pathlib import Path
 
+from .query import plain_int
+
 log = logging.getLogger(__name__)
 KEY_FILE = ".signing-key"
 
@@ -70,10 +72,11 @@ class UrlSigner:
 
     def verify(self, job_id: str, user: str, expires: str, signature: str, now: float | None = None) -> None:
         """Raise SignatureError unless the signature is this job's and its owner's, and not expired."""
-        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):  # "²".isdigit(), and int() of 5,000 digits
+        expires_at = plain_int(expires, 12)
+        if expires_at is None:
             raise SignatureError("invalid_signature", "the download link is malformed: exp must be a Unix time", "exp")
-        expected = self._signature(job_id, user, int(expires))
+        expected = self._signature(job_id, user, expires_at)
         if not hmac.compare_digest(expected.encode(), signature.encode()):
             raise SignatureError("invalid_signature", "the download link's signature is not valid", "sig")
-        if int(expires) < (time.time() if now is None else now):
+        if expires_at < (time.time() if now is None else now):
             raise SignatureError("link_expired", "the download link has expired; ask the job for a new one", "exp")
