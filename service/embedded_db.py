@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,16 @@ def free_port() -> int:
 
 
 def _server_command() -> list[str]:
-    exe = shutil.which("nx-27017", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if exe:
-        return [exe]
-    return [sys.executable, "-m", "nx_27017.nx_27017"]
+    """nx-27017 under a guard that ends it with this process, however this process ends."""
+    return [sys.executable, "-m", "service.embedded_guard", str(os.getpid())]
+
+
+def _running(pid: int) -> bool:
+    # A zombie has ended: it only waits for its parent to collect its exit status.
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class EmbeddedMongo:
@@ -53,17 +60,18 @@ class EmbeddedMongo:
         return self.data_dir / f"{self.db_file}.pid"
 
     def _stop_orphan(self) -> None:
-        """A server left by a killed service still holds the data file: end it before starting anew."""
+        """A server still holding the data file (its guard ends it within a second of a killed service, and a restart
+        can come sooner): end it before starting anew."""
         try:
             pid = int(self.pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
+            cmdline = psutil.Process(pid).cmdline()
+        except (OSError, ValueError, psutil.Error):
             return
-        if b"nx" in cmdline and str(self.data_dir / self.db_file).encode() in cmdline:
+        if "service.embedded_guard" in cmdline and str(self.data_dir / self.db_file) in cmdline:
             log.warning("stopping the embedded database left running by a previous process (pid %d)", pid)
             os.kill(pid, signal.SIGKILL)
             for _ in range(50):
-                if not Path(f"/proc/{pid}").exists():
+                if not _running(pid):
                     break
                 time.sleep(0.1)
 

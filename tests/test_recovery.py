@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import aiohttp
+import psutil
 import pytest
 from pymongo import MongoClient
 
@@ -148,3 +149,34 @@ async def test_database_outage_fails_the_job_then_service_recovers(aiohttp_clien
         await sio.disconnect()
     finally:
         server.stop()
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet: either way it no longer serves."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_the_embedded_database_ends_with_a_killed_service(tmp_path: Path) -> None:
+    db_dir = tmp_path / "db"
+    env = {"EXPORT_MONGO_URL": "", "EXPORT_EMBEDDED_DIR": str(db_dir), "EXPORT_DIR": str(tmp_path / "exports"),
+           "EXPORT_API_TOKENS": ""}
+    service = await ServiceProcess(env).start()
+    try:
+        server = int((db_dir / "export.db.pid").read_text())
+        assert not ended(server)
+    finally:
+        service.kill()
+    await until(lambda: ended(server), "the embedded database to end after its service was killed", timeout=15)
+
+
+def test_a_server_left_on_the_data_file_is_stopped_before_another_starts(tmp_path: Path) -> None:
+    left = EmbeddedMongo(tmp_path).start()  # as a killed service would leave it, its pid file in place
+    try:
+        with EmbeddedMongo(tmp_path) as server, MongoClient(server.url, serverSelectionTimeoutMS=5000) as client:
+            assert left.process is not None and left.process.poll() is not None, "the earlier server still runs"
+            assert client.admin.command("ping")["ok"] == 1
+    finally:
+        left.stop()
