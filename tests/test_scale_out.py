@@ -81,6 +81,7 @@ async def test_jobs_created_on_one_instance_run_once_across_both_and_events_reac
                     blockers.append((await resp.json())["id"])
             for blocker in blockers:
                 assert (await wait_status(http, blocker, ("processing",), timeout=60, base=a.url))["status"] == "processing"
+                assert (await sio.call("subscribe", {"id": blocker}))["ok"]
             jobs = []
             for fmt in ("csv", "json", "ndjson", "xlsx", "csv", "ndjson"):
                 async with http.post(a.url + "/api/exports", json={"collection": "tasks", "format": fmt, "limit": 1000, "sort": {"seq": 1}}) as resp:
@@ -111,6 +112,9 @@ async def test_jobs_created_on_one_instance_run_once_across_both_and_events_reac
             assert "export-processing" in names
         for blocker in blockers:
             assert docs[blocker]["status"] == "cancelled"
+            # Cancelled through A while running on A and on B: whatever the running instance sent before it saw the
+            # cancel, the last word at B is the cancel.
+            assert seen[blocker][-1] == "export-cancelled", seen[blocker][-5:]
         assert not list(Path(cluster_env["EXPORT_DIR"]).glob("*.part"))
     finally:
         await sio.disconnect()
