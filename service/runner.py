@@ -449,30 +449,44 @@ async def run_job(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
                 helper.cancel()
         return JobStatus.COMPLETED
     except asyncio.CancelledError:
-        if run.lost:
-            return await run.taken_over()
-        if cancelled():
-            return await run.record_end(JobStatus.CANCELLED)
-        run.stop()
-        raise
-    except TimeoutError as exc:
-        if not deadline.expired():
-            return await _fail_unexpected(run, exc)
-        log.warning("job %s ran out of time after %s s", run.id, limit)
-        return await _fail(run, "timeout", f"the export did not finish within {limit:g} s (EXPORT_JOB_TIMEOUT_SECONDS)")
-    except JobLost:
+        return await _cancelled(run, cancelled)
+    except Exception as exc:
+        if this_task.cancelling():
+            # A cancel that landed inside a library and came out as its own error (the driver reports a
+            # connection it closed on the way out): still the cancel, not a failure of the export.
+            return await _cancelled(run, cancelled)
+        return await _failed(run, exc, limit if deadline.expired() else None)
+
+
+async def _cancelled(run: JobRun, cancelled: Callable[[], bool]) -> JobStatus:
+    """The run's task was cancelled: the job was taken over, a user cancelled it, or the service is stopping,
+    which leaves the job to be run again and goes on cancelling."""
+    if run.lost:
         return await run.taken_over()
-    except DatabaseError as exc:
+    if cancelled():
+        return await run.record_end(JobStatus.CANCELLED)
+    run.stop()
+    raise asyncio.CancelledError
+
+
+async def _failed(run: JobRun, exc: Exception, expired_limit: float | None) -> JobStatus:
+    """Record why the export failed; expired_limit is EXPORT_JOB_TIMEOUT_SECONDS when that ended it."""
+    if isinstance(exc, TimeoutError) and expired_limit is not None:
+        log.warning("job %s ran out of time after %s s", run.id, expired_limit)
+        return await _fail(run, "timeout", f"the export did not finish within {expired_limit:g} s (EXPORT_JOB_TIMEOUT_SECONDS)")
+    if isinstance(exc, JobLost):
+        return await run.taken_over()
+    if isinstance(exc, DatabaseError):
         log.warning("job %s failed: %s", run.id, exc)
         return await _fail(run, exc.code, str(exc))
-    except EncoderError as exc:
+    if isinstance(exc, EncoderError):
         log.warning("job %s failed in the encoder: %s", run.id, exc.message)
         return await _fail(run, exc.code, exc.message)
-    except OSError as exc:
-        log.exception("job %s failed writing its file", run.id)
+    if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+        log.error("job %s failed writing its file", run.id, exc_info=exc)
         return await _fail(run, "disk_error", f"cannot write export file: {exc.strerror or exc}")
-    except Exception as exc:  # a defect must not leave the job active forever: fail it, loudly
-        return await _fail_unexpected(run, exc)
+    # A defect must not leave the job active forever: fail it, loudly.
+    return await _fail_unexpected(run, exc)
 
 
 async def _fail_unexpected(run: JobRun, exc: BaseException) -> JobStatus:

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 import socketio
+from pymongo import MongoClient
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 from service.app import create_app
+from service.db import DatabaseUnavailable
 from service.settings import MANAGER_KEY
 
 from conftest import END_STATES, Gate, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
@@ -225,6 +227,38 @@ class SlowSource:
                 yield self.batch
         finally:
             self.closed.set()
+
+
+class DriverLikeSource(SlowSource):
+    """As the driver can: a cancel that lands inside it comes out as an error about the connection it closed."""
+
+    async def raw_batches(self, spec: Any) -> Any:
+        try:
+            async for batch in super().raw_batches(spec):
+                yield batch
+        except asyncio.CancelledError:
+            raise DatabaseUnavailable("AutoReconnect: connection is already closed") from None
+
+
+async def test_a_stop_puts_a_running_job_back_when_the_driver_turns_the_cancel_into_an_error(
+        aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]) -> None:
+    settings = make_settings(mongo_url, tmp_path)
+    api = await aiohttp_client(create_app(settings, source=DriverLikeSource(tasks[:100])))
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
+    assert (await wait_status(api, job["id"], ("processing",)))["status"] == "processing"
+    await api.close()  # the service stops while the export runs
+    with MongoClient(mongo_url) as client:
+        doc = client[settings.db_name][settings.jobs_collection].find_one({"_id": job["id"]})
+    assert doc["status"] == "queued" and doc["error"] is None, doc  # to be run again, not failed
+
+
+async def test_a_cancel_the_driver_turns_into_an_error_is_still_a_cancel(
+        aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]) -> None:
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=DriverLikeSource(tasks[:100])))
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
+    assert (await wait_status(api, job["id"], ("processing",)))["status"] == "processing"
+    assert (await (await api.delete(f"/api/exports/{job['id']}")).json())["status"] == "cancelled"
+    assert (await wait_status(api, job["id"]))["status"] == "cancelled"
 
 
 async def test_cancel_closes_the_cursor(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]) -> None:
