@@ -339,6 +339,12 @@ def test_csv_numbers_are_never_escaped(tmp_path: Path) -> None:
     assert csv_rows(data)[1] == ["-1", "-4611686018427387904", "-0.5", "-Infinity", "-3.25", "'-x", "'+1", "'@a"]
 
 
+def test_csv_header_names_are_escaped_like_strings(tmp_path: Path) -> None:
+    doc = {"=HYPERLINK(\"http://x\",\"y\")": 1, "@SUM(A1)": 2, "plain": 3}
+    assert csv_rows(export(tmp_path, "csv", [[doc]])[0])[0] == ["'=HYPERLINK(\"http://x\",\"y\")", "'@SUM(A1)", "plain"]
+    assert csv_rows(export(tmp_path, "csv", [[doc]], csv=CsvOptions(escape_formulas=False))[0])[0] == list(doc)
+
+
 def test_empty_export_of_every_format(tmp_path: Path) -> None:
     assert export(tmp_path, "csv", [])[0] == b""  # no documents, no fields: no columns, no header
     assert export(tmp_path, "csv", [], fields=("a", "b"))[0] == b"a,b\r\n"

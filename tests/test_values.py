@@ -251,6 +251,8 @@ EJSON = [
         '{"v":{"$code":"f(d, n)","$scope":{"d":{"$date":{"$numberLong":"1709214330123"}},"n":{"$numberLong":"5"},'
         '"o":{"$oid":"65a1b2c3d4e5f60718293a4b"}}}}',
     ),
+    ("Code with a non-finite double in its scope", Code("f(y)", {"y": [NAN]}), '{"v":{"$code":"f(y)","$scope":{"y":[{"$numberDouble":"NaN"}]}}}',
+     '{"v":{"$code":"f(y)","$scope":{"y":[{"$numberDouble":"NaN"}]}}}'),
     ("Code in an array", [Code("a()"), Code("b()", {})], '{"v":[{"$code":"a()"},{"$code":"b()","$scope":{}}]}',
      '{"v":[{"$code":"a()"},{"$code":"b()","$scope":{}}]}'),
     ("Int64", Int64(9007199254740993), '{"v":9007199254740993}', '{"v":{"$numberLong":"9007199254740993"}}'),

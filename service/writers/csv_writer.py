@@ -29,7 +29,8 @@ class CsvWriter(Writer):
         if self.spec.csv.bom:
             self.text.write("\ufeff")
         if self.spec.csv.header and self.columns:
-            self.csv.writerow(self.columns)
+            # The names come from the documents' keys as much as from the request: escaped like any string.
+            self.csv.writerow([csv_cell(name, self.spec.csv.escape_formulas) for name in self.columns])
 
     def resume(self, rows: int) -> None:
         self._prepare()  # the BOM and the header row are in the file already

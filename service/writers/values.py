@@ -269,8 +269,9 @@ def _relaxed_default(value: Any) -> Any:
     elif kind is NonFiniteDouble:
         return {"$numberDouble": float_text(value)}
     elif kind is Code:
-        # As mongoexport writes it, with or without a scope; the scope is relaxed EJSON like the rest.
-        return {"$code": str(value)} if value.scope is None else {"$code": str(value), "$scope": value.scope}
+        # As mongoexport writes it, with or without a scope; the scope is relaxed EJSON like the rest (the
+        # document's own scan for NaN and infinities does not look inside code).
+        return {"$code": str(value)} if value.scope is None else {"$code": str(value), "$scope": mark_non_finite(value.scope)}
     return _relaxed_other(value)
 
 
