@@ -58,7 +58,8 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     # The embedded server answers nothing while it builds a large query's first batch (seconds for
     # 100,000 documents); the driver's heartbeat, whose timeout is connectTimeoutMS, must outwait it.
     connect_timeout_ms = EMBEDDED_CONNECT_TIMEOUT_MS if embedded is not None else 5000
-    app[DB_KEY] = Database.connect(url, settings.db_name, settings.driver, settings.jobs_collection, connect_timeout_ms)
+    app[DB_KEY] = Database.connect(url, settings.db_name, settings.driver, settings.jobs_collection, connect_timeout_ms,
+                                   settings.query_max_time_ms)
     try:
         if settings.seed_demo_rows:
             await _seed_demo(url, settings)

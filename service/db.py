@@ -31,6 +31,9 @@ SERVER_SELECTION_TIMEOUT_MS = 5000
 # job in "processing" (and its worker) for good. Five minutes outlasts a getMore that scans a large collection
 # for sparse matches; a connection string that sets socketTimeoutMS (0 = no limit) wins.
 SOCKET_TIMEOUT_MS = 300_000
+# A blocking stage ($sort, $group) can spend the query's whole time limit before its first reply: the wait for a
+# reply outlasts that limit by this much, so the server's own time-out is the one a user sees.
+REPLY_MARGIN_MS = 60_000
 # Closing ends the server sessions and kills open cursors: if the server drops one of those replies, stopping
 # the service waits this long, not the whole socket timeout.
 CLOSE_TIMEOUT_SECONDS = 10.0
@@ -99,14 +102,19 @@ def url_options(url: str) -> set[str]:
     return {name.lower() for name in parse_qs(urlsplit(url).query, keep_blank_values=True)}
 
 
-def make_client(url: str, driver: str = "pymongo", connect_timeout_ms: int = 5000) -> Any:
+def reply_timeout_ms(query_max_time_ms: int) -> int:
+    """The longest wait for one reply: five minutes, or the query's time limit and a minute when that is longer."""
+    return max(SOCKET_TIMEOUT_MS, query_max_time_ms + REPLY_MARGIN_MS) if query_max_time_ms else SOCKET_TIMEOUT_MS
+
+
+def make_client(url: str, driver: str = "pymongo", connect_timeout_ms: int = 5000, query_max_time_ms: int = 0) -> Any:
     """A client with the service's timeouts, except those the connection string sets itself (the driver
     would let a keyword argument override the string)."""
     given = url_options(url)
     defaults = {
         "serverSelectionTimeoutMS": SERVER_SELECTION_TIMEOUT_MS,
         "connectTimeoutMS": connect_timeout_ms,
-        "socketTimeoutMS": SOCKET_TIMEOUT_MS,
+        "socketTimeoutMS": reply_timeout_ms(query_max_time_ms),
     }
     common: dict[str, Any] = {name: value for name, value in defaults.items() if name.lower() not in given}
     common["tz_aware"] = True
@@ -154,9 +162,10 @@ class Database:
 
     @classmethod
     def connect(
-        cls, url: str, name: str, driver: str = "pymongo", jobs_collection: str = "export_jobs", connect_timeout_ms: int = 5000
+        cls, url: str, name: str, driver: str = "pymongo", jobs_collection: str = "export_jobs", connect_timeout_ms: int = 5000,
+        query_max_time_ms: int = 0,
     ) -> "Database":
-        return cls(make_client(url, driver, connect_timeout_ms), name, jobs_collection)
+        return cls(make_client(url, driver, connect_timeout_ms, query_max_time_ms), name, jobs_collection)
 
     async def close(self) -> None:
         # A client-side operation timeout covers the round trips inside close() for both drivers (Motor closes

@@ -53,7 +53,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("mongo_url", "EXPORT_MONGO_URL", TEXT, None,
         "MongoDB connection string; the service waits 5 s to reach a server (`serverSelectionTimeoutMS`, "
-        "`connectTimeoutMS`; 30 s for connecting to the embedded server) and 5 minutes for any one reply "
+        "`connectTimeoutMS`; 30 s for connecting to the embedded server) and 5 minutes for any one reply, or "
+        "`EXPORT_QUERY_MAX_TIME_MS` and a minute when that is longer "
         "(`socketTimeoutMS`; a job whose reply never comes fails with `database_unavailable`), and the string's "
         "own values of those options win (`socketTimeoutMS=0`: no limit)",
         shown_default="*(empty: embedded server)*",

@@ -135,6 +135,7 @@ def test_the_signing_key_is_generated_once_and_shared_through_the_export_dir(tmp
 async def test_timeouts_in_the_connection_string_win_over_the_defaults(driver: str) -> None:
     given = make_client("mongodb://127.0.0.1:1/?connectTimeoutMS=30000&serverSelectionTimeoutMS=45000&socketTimeoutMS=0", driver)
     default = make_client("mongodb://127.0.0.1:1/", driver, connect_timeout_ms=7000)
+    long_queries = make_client("mongodb://127.0.0.1:1/", driver, query_max_time_ms=15 * 60_000)
     try:
         assert given.options.pool_options.connect_timeout == 30
         assert given.options.server_selection_timeout == 45
@@ -142,6 +143,8 @@ async def test_timeouts_in_the_connection_string_win_over_the_defaults(driver: s
         assert default.options.pool_options.connect_timeout == 7
         assert default.options.server_selection_timeout == SERVER_SELECTION_TIMEOUT_MS / 1000
         assert default.options.pool_options.socket_timeout == SOCKET_TIMEOUT_MS / 1000
+        # A query allowed 15 minutes of server time may wait that long for its first reply, and a minute more.
+        assert long_queries.options.pool_options.socket_timeout == 16 * 60
     finally:
-        for client in (given, default):
+        for client in (given, default, long_queries):
             await Database(client, "unit").close()

@@ -12,6 +12,7 @@ import pytest
 from service import db as db_module
 from service import manager as manager_module
 from service.app import create_app
+from service.settings import DB_KEY
 
 from conftest import make_settings, wait_status
 from wire_proxy import WireProxy
@@ -90,3 +91,11 @@ async def test_a_lost_reply_mid_export_fails_the_job_after_the_socket_timeout(
     job = await (await client.post("/api/exports", json={**SPEC, "limit": 25})).json()
     snap = await wait_status(client, job["id"], timeout=30)
     assert snap["status"] == "completed" and snap["processed"] == 25, snap
+
+
+async def test_the_wait_for_a_reply_outlasts_the_query_time_limit(aiohttp_client: Any, mongo_url: str, tmp_path: Path) -> None:
+    # A $sort or $group may use the query's whole time limit before its first reply: the server's time-out, not a
+    # lost-reply one, is what the user should see.
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, query_max_time_ms=15 * 60_000)))
+    client = api.server.app[DB_KEY].client
+    assert client.options.pool_options.socket_timeout == 16 * 60
