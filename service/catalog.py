@@ -102,8 +102,9 @@ async def sample_fields(db: Database, name: str, size: int = SAMPLE_SIZE, paths_
     return merge_paths(document_paths(doc) for doc in docs)
 
 
-async def _within(deadline: float, work: Any) -> Any:
-    """work's result, or None when it timed out (at the server or at the deadline)."""
+async def _within(deadline: float, work: Any, errors: list[str]) -> Any:
+    """work's result, or None when it timed out (at the server or at the deadline) or the server refused it (a
+    view whose pipeline fails, a collection this user may not read): that error goes to errors."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         work.close()
@@ -112,22 +113,27 @@ async def _within(deadline: float, work: Any) -> Any:
         return await asyncio.wait_for(work, remaining)
     except (asyncio.TimeoutError, QueryTimeout):
         return None
+    except DatabaseError as exc:
+        errors.append(str(exc))
+        return None
 
 
 async def describe(db: Database, name: str, deadline: float, gate: asyncio.Semaphore, paths_on_server: bool) -> dict[str, Any]:
+    errors: list[str] = []
     async with gate:
         count, sample = await asyncio.gather(
-            _within(deadline, db.estimated_count(name, SERVER_TIME_MS)),
-            _within(deadline, sample_fields(db, name, paths_on_server=paths_on_server)),
+            _within(deadline, db.estimated_count(name, SERVER_TIME_MS), errors),
+            _within(deadline, sample_fields(db, name, paths_on_server=paths_on_server), errors),
         )
     if sample is None:
-        sample = Sample([], timed_out=True)
+        sample = Sample([], timed_out=not errors)
     return {
         "name": name,
-        "estimated_count": count,  # null when the count timed out
+        "estimated_count": count,  # null when the count timed out or failed
         "fields": sample.fields,
         "fields_truncated": sample.truncated,
         "sample_timed_out": sample.timed_out,
+        "error": errors[0] if errors else None,  # one collection's failure is its own, not the listing's
     }
 
 

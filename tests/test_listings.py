@@ -16,7 +16,7 @@ from mongomock_motor import AsyncMongoMockClient
 
 from service import catalog
 from service.app import create_app
-from service.db import Database
+from service.db import Database, DatabaseError
 from service.settings import settings_from_env
 
 from conftest import DATA_DB, Gate, hold_queue, make_settings, replace_collection, wait_status
@@ -168,7 +168,8 @@ async def test_a_collection_that_does_not_answer_does_not_hold_up_the_listing(
     elapsed = time.monotonic() - started
     assert elapsed < 1.5 + 1.0, elapsed
     assert sorted(proxy.lost) == ["aggregate", "count"]
-    assert listed[shapes] == {"name": shapes, "estimated_count": None, "fields": [], "fields_truncated": False, "sample_timed_out": True}
+    assert listed[shapes] == {"name": shapes, "estimated_count": None, "fields": [], "fields_truncated": False, "sample_timed_out": True,
+                              "error": None}
     for name in ("tasks", wide):  # looked at meanwhile, and complete
         assert listed[name]["sample_timed_out"] is False and listed[name]["fields"] and listed[name]["estimated_count"] >= 1
 
@@ -208,3 +209,32 @@ async def test_a_server_without_the_sampling_pipeline_gets_a_plain_find() -> Non
     assert listed["shapes"]["fields"] == ["_id", "a", "b.c", "b.d.e", "empty", "arr", "text", "deep.l2.l3.l4.l5"]
     assert listed["shapes"]["estimated_count"] == 2 and listed["shapes"]["fields_truncated"] is False
     assert listed["wide"]["fields"] == ["_id"] + [f"k{n:03}" for n in range(199)] and listed["wide"]["fields_truncated"] is True
+
+
+class RefusingDatabase(MockDatabase):
+    """A server that refuses to count or sample one collection, as for a view whose pipeline fails."""
+
+    async def estimated_count(self, name: str, max_time_ms: int = 0) -> int:
+        if name == "broken":
+            raise DatabaseError("database error: can't $divide by zero")
+        return await super().estimated_count(name, max_time_ms)
+
+    async def aggregate(self, name: str, pipeline: Any, max_time_ms: int = 0) -> list[dict[str, Any]]:
+        if name == "broken":
+            raise DatabaseError("database error: can't $divide by zero")
+        return await super().aggregate(name, pipeline, max_time_ms)
+
+    async def sample(self, name: str, size: int = 100, max_time_ms: int = 0) -> list[dict[str, Any]]:
+        if name == "broken":
+            raise DatabaseError("database error: can't $divide by zero")
+        return await super().sample(name, size, max_time_ms)
+
+
+async def test_a_collection_the_server_refuses_is_listed_with_its_error_and_the_others_whole() -> None:
+    db = RefusingDatabase(AsyncMongoMockClient(), "unit")
+    await db.db["shapes"].insert_many([dict(doc) for doc in SHAPES])
+    await db.db["broken"].insert_one({"_id": 1})
+    listed = {c["name"]: c for c in await catalog.list_collections(db, "export_jobs", ())}
+    assert listed["broken"] == {"name": "broken", "estimated_count": None, "fields": [], "fields_truncated": False,
+                                "sample_timed_out": False, "error": "database error: can't $divide by zero"}
+    assert listed["shapes"]["estimated_count"] == 2 and listed["shapes"]["fields"] and listed["shapes"]["error"] is None

@@ -709,7 +709,10 @@ function onCollectionChange(reset = true) {
     const sampled = collection.sample_timed_out
       ? "sampling the fields did not finish in time (type paths by hand, or refresh)"
       : `${collection.fields_truncated ? "the first " : ""}${paths.length} field path${paths.length === 1 ? "" : "s"} found in a sample`;
-    $("#collection-hint").textContent = `${counted}; ${sampled}.`;
+    // A collection the server refused to count or sample (a failing view, no read right) says why.
+    $("#collection-hint").textContent = collection.error
+      ? `The server could not describe this collection: ${collection.error}`
+      : `${counted}; ${sampled}.`;
   }
   if (reset) state.chosen = state.chosen.filter((path) => paths.includes(path));
   $("#paths-list").replaceChildren(...paths.map((path) => new Option(path)));
