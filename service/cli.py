@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import stat
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -90,9 +91,29 @@ def create_body(args: argparse.Namespace) -> dict[str, Any]:
 def output_path(snap: dict[str, Any], out: str | None) -> Path:
     """-o as given, else the service's file name in the current directory (never a path it sent)."""
     if out:
-        return Path(out)
+        return checked_out(out)
     name = Path(str(snap.get("file_name") or "")).name
     return Path(name if name and not name.startswith(".") else f"{snap['id']}.{snap.get('format', 'out')}")
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def checked_out(out: str) -> Path:
+    """-o as a path, refused when it names anything but a regular file: the whole file is renamed onto it,
+    which would swap a device's or a FIFO's entry for a plain file, and cannot replace a directory."""
+    if out.endswith(("/", os.sep)):
+        raise CliError(f"-o {out}: names a directory; give a file name", EXIT_USAGE)
+    dest = Path(out)
+    try:
+        mode = dest.stat().st_mode  # follows a symbolic link: a link to a device is refused as the device is
+    except OSError:  # not there (the usual case), or not reachable: the download says why it cannot write
+        return dest
+    if not stat.S_ISREG(mode):
+        kind = next((word for test, word in FILE_KINDS if test(mode)), "a special file")
+        raise CliError(f"-o {out}: is {kind}, not a regular file; give a file name", EXIT_USAGE)
+    return dest
 
 
 async def save(api: Api, snap: dict[str, Any], out: str | None, interrupts: Interrupts, since: int) -> int:
@@ -113,6 +134,8 @@ async def save(api: Api, snap: dict[str, Any], out: str | None, interrupts: Inte
 
 async def cmd_create(api: Api, args: argparse.Namespace, interrupts: Interrupts) -> int:
     body = create_body(args)
+    if args.out:  # before the job exists: an export with nowhere to go is not worth running
+        checked_out(args.out)
     since = interrupts.count  # a Ctrl-C during the POST still cancels the job it creates
     snap = await api.call("POST", "/api/exports", body)
     progress = progress_for(sys.stdout)

@@ -12,6 +12,7 @@ import re
 import secrets
 import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -388,3 +389,22 @@ def test_create_with_a_pipeline_counts_first_and_matches_python(service: Service
     assert refused.returncode == 1 and "pipeline" in refused.stderr, refused.stderr
     bad = mexport(service, "create", "tasks", "--pipeline", '{"$match": {}}', cwd=tmp_path)
     assert bad.returncode == 2 and "--pipeline: must be a JSON array of stages" in bad.stderr, bad.stderr
+
+
+def test_out_that_is_not_a_regular_file_is_refused_and_left_alone(service: ServiceProcess, tmp_path: Path) -> None:
+    created = mexport(service, "create", "tasks", "--type", "csv", "--limit", "3", "-o", "three.csv", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    job_id = job_id_of(created.stdout)
+    (tmp_path / "somedir").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    jobs_before = len(api(service, "GET", "/api/exports?limit=500")[1]["exports"])
+    for out, kind in (("somedir", "is a directory"), ("somedir/", "names a directory"), ("pipe", "is a FIFO")):
+        for command in (["download", job_id], ["create", "tasks", "--type", "csv", "--limit", "3"]):
+            done = mexport(service, *command, "-o", out, cwd=tmp_path)
+            assert done.returncode == 2, (out, command, done.stdout, done.stderr)
+            assert done.stderr == f"mexport: -o {out}: {kind}{', not a regular file' if kind.startswith('is') else ''}; give a file name\n"
+            assert done.stdout == ""  # create stopped before posting a job
+    assert len(api(service, "GET", "/api/exports?limit=500")[1]["exports"]) == jobs_before
+    assert (tmp_path / "somedir").is_dir() and not list((tmp_path / "somedir").iterdir())
+    assert stat.S_ISFIFO((tmp_path / "pipe").lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "somedir", "three.csv"]  # no partial file left
