@@ -59,6 +59,15 @@ def error_text(status: int, body: str) -> str:
     return f"HTTP {status}: {body.strip()[:500]}"
 
 
+def answer_json(resp: aiohttp.ClientResponse, text: str) -> Any:
+    """The body of a successful answer; one that is not JSON means --url points at something else (a web
+    server, a proxy's login page), said in a line rather than a parser's traceback."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise CliError(f"not the export service's answer: HTTP {resp.status}, {resp.content_type or 'no content type'}") from None
+
+
 class Api:
     """The service's HTTP API, with the bearer token in a header (never in a URL)."""
 
@@ -80,7 +89,7 @@ class Api:
                 text = await resp.text()
                 if resp.status >= 400:
                     raise CliError(error_text(resp.status, text))
-                return json.loads(text)
+                return answer_json(resp, text)
         except aiohttp.ClientError as exc:
             raise CliError(f"cannot reach the service at {self.base_url}: {exc}") from exc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import gzip
+import http.server
 import io
 import json
 import os
@@ -55,9 +56,9 @@ def service(mongo_url: str, tmp_path_factory: pytest.TempPathFactory, tasks: Any
     proc.stop()
 
 
-def cli_env(service: ServiceProcess, token: str | None = TOKEN, url: str | None = None) -> dict[str, str]:
+def cli_env(service: ServiceProcess | None, token: str | None = TOKEN, url: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEXPORT_")}
-    env.update(MEXPORT_URL=url or service.url, PYTHONPATH=str(ROOT))
+    env.update(MEXPORT_URL=url or (service.url if service else ""), PYTHONPATH=str(ROOT))
     if token is not None:
         env["MEXPORT_TOKEN"] = token
     return env
@@ -408,3 +409,44 @@ def test_out_that_is_not_a_regular_file_is_refused_and_left_alone(service: Servi
     assert (tmp_path / "somedir").is_dir() and not list((tmp_path / "somedir").iterdir())
     assert stat.S_ISFIFO((tmp_path / "pipe").lstat().st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "somedir", "three.csv"]  # no partial file left
+
+
+class HtmlSite:
+    """A plain web server whose every page, /api/exports included, is an HTML page with status 200."""
+
+    def __enter__(self) -> "HtmlSite":
+        class Page(http.server.BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                body = b"<!doctype html><html><body><h1>Welcome</h1>\n</body></html>\n"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_DELETE = answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def test_an_answer_that_is_not_json_is_named_in_one_line(tmp_path: Path) -> None:
+    with HtmlSite() as site:
+        for command in (["list"], ["status", "6f8737134fb61d49223b1d31"], ["create", "tasks", "-o", "x.json"],
+                        ["download", "6f8737134fb61d49223b1d31"], ["delete", "6f8737134fb61d49223b1d31"]):
+            done = subprocess.run([*CLI, "--url", site.url, *command], cwd=tmp_path, env=cli_env(None, url=site.url),
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1, (command, done.stderr)
+            assert done.stderr == "mexport: not the export service's answer: HTTP 200, text/html\n", (command, done.stderr)
+    assert not list(tmp_path.iterdir())
