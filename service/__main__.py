@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 from aiohttp import web
@@ -10,12 +11,30 @@ from .app import check_export_dir, create_app
 from .settings import SettingsError, settings_from_env
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind each address run_app will bind, and let go: a port in use (or a host that is not ours) is then a
+    one-line start-up error, found before the app recovers jobs or opens the database, not a traceback after."""
+    try:
+        addresses = {info[:3] + (info[4],) for info in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}
+        for family, kind, proto, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                # As asyncio's create_server sets them: a port left in TIME_WAIT is free; IPv6 stays IPv6.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as exc:
+        raise SettingsError(f"cannot listen on {host}:{port} (EXPORT_HOST, EXPORT_PORT): {exc.strerror or exc}") from None
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         settings = settings_from_env()
         check_export_dir(settings)
+        check_listen(settings.host, settings.port)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

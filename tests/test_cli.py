@@ -13,6 +13,7 @@ import re
 import secrets
 import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -450,3 +451,15 @@ def test_an_answer_that_is_not_json_is_named_in_one_line(tmp_path: Path) -> None
             assert done.returncode == 1, (command, done.stderr)
             assert done.stderr == "mexport: not the export service's answer: HTTP 200, text/html\n", (command, done.stderr)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_service_with_its_port_in_use_stops_with_one_line(mongo_url: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "EXPORT_MONGO_URL": mongo_url, "EXPORT_DIR": str(tmp_path / "exports"),
+               "EXPORT_HOST": "127.0.0.1", "EXPORT_PORT": str(port), "EXPORT_JOBS_COLLECTION": f"jobs_{secrets.token_hex(4)}"}
+        proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: cannot listen on 127.0.0.1:{port} (EXPORT_HOST, EXPORT_PORT): Address already in use\n"
