@@ -136,8 +136,13 @@ async def cmd_create(api: Api, args: argparse.Namespace, interrupts: Interrupts)
     body = create_body(args)
     if args.out:  # before the job exists: an export with nowhere to go is not worth running
         checked_out(args.out)
-    since = interrupts.count  # a Ctrl-C during the POST still cancels the job it creates
-    snap = await api.call("POST", "/api/exports", body)
+    try:
+        snap = await interrupts.guard(api.call("POST", "/api/exports", body))
+    except Interrupted:  # the service may have created the job and not yet answered
+        print("mexport: interrupted before the service answered; the export may have been created "
+              "(mexport list shows it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    since = interrupts.count
     progress = progress_for(sys.stdout)
     progress.note(f"export {snap['id']}: {snap['collection']} as {snap['format']}")
     try:
@@ -156,12 +161,12 @@ async def cmd_create(api: Api, args: argparse.Namespace, interrupts: Interrupts)
         raise CliError(failure_text(final))
     since = interrupts.count
     # A fresh snapshot: its signed download_url is short-lived, so take it just before the download.
-    return await save(api, await api.snapshot(snap["id"]), args.out, interrupts, since)
+    return await save(api, await interrupts.guard(api.snapshot(snap["id"]), since), args.out, interrupts, since)
 
 
 async def cmd_download(api: Api, args: argparse.Namespace, interrupts: Interrupts) -> int:
     since = interrupts.count
-    return await save(api, await api.snapshot(args.id), args.out, interrupts, since)
+    return await save(api, await interrupts.guard(api.snapshot(args.id), since), args.out, interrupts, since)
 
 
 async def cmd_cancel(api: Api, args: argparse.Namespace, interrupts: Interrupts) -> int:

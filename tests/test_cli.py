@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -463,3 +464,58 @@ def test_the_service_with_its_port_in_use_stops_with_one_line(mongo_url: str, tm
         proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"error: cannot listen on 127.0.0.1:{port} (EXPORT_HOST, EXPORT_PORT): Address already in use\n"
+
+
+class SilentServer:
+    """Accepts connections and reads the requests, never answers: a service stuck before its first byte."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self.held: list[socket.socket] = []
+        self.received = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with suppress(OSError):  # the listener closed: the test is over
+            while True:
+                conn, _ = self.listener.accept()
+                self.held.append(conn)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.requests.append(data)
+                self.received.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("command, request_line, said", [
+    (["create", "tasks", "-o", "x.json"], b"POST /api/exports ",
+     "mexport: interrupted before the service answered; the export may have been created (mexport list shows it)\n"),
+    (["download", "6f8737134fb61d49223b1d31", "-o", "x.json"], b"GET /api/exports/6f8737134fb61d49223b1d31 ",
+     "mexport: interrupted\n"),
+])
+def test_ctrl_c_stops_a_request_the_service_does_not_answer(command: list[str], request_line: bytes, said: str, tmp_path: Path) -> None:
+    silent = SilentServer()
+    proc = subprocess.Popen([*CLI, *command], cwd=tmp_path, env=cli_env(None, url=silent.url),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert silent.received.wait(30), "mexport sent no request"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)  # not the 120 s read timeout
+    finally:
+        proc.kill()
+        silent.close()
+    assert silent.requests[0].startswith(request_line), silent.requests
+    assert (proc.returncode, out, err) == (130, "", said)
+    assert not list(tmp_path.iterdir())
