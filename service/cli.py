@@ -6,7 +6,8 @@
 
 Talks to a running service over HTTP and Socket.IO only: it imports aiohttp's client, python-socketio's
 AsyncClient and the standard library, never the service's own server modules, so it runs anywhere.
-Exit codes: 0 done, 1 the service refused or the export failed, 2 bad usage, 130 interrupted (Ctrl-C).
+Exit codes: 0 done, 1 the service refused, the export failed or the service stayed unreachable, 2 bad usage,
+130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from .cli_client import (
     cancel_outcome,
     failure_text,
     follow,
+    lasting_snapshot,
 )
 from .cli_progress import FINAL_STATES, progress_for
 
@@ -161,7 +163,8 @@ async def cmd_create(api: Api, args: argparse.Namespace, interrupts: Interrupts)
         raise CliError(failure_text(final))
     since = interrupts.count
     # A fresh snapshot: its signed download_url is short-lived, so take it just before the download.
-    return await save(api, await interrupts.guard(api.snapshot(snap["id"]), since), args.out, interrupts, since)
+    fresh = await interrupts.guard(lasting_snapshot(api, snap["id"], progress.warn), since)
+    return await save(api, fresh, args.out, interrupts, since)
 
 
 async def cmd_download(api: Api, args: argparse.Namespace, interrupts: Interrupts) -> int:

@@ -7,10 +7,9 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +25,12 @@ SILENCE_SECONDS = 5.0  # no event for this long (queued, or waiting on the datab
 POLL_SECONDS = 1.0
 CANCEL_WAIT_SECONDS = 60.0
 CHUNK = 256 * 1024
+# How long a service that stopped answering (restarting, or behind a gateway saying 502/503/504) is waited out
+# while following a job and before its download: longer than a restart, short enough for a script to go on.
+OUTAGE_SECONDS = 300.0
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
+RETRY_STATUSES = frozenset({502, 503, 504})
+ENDING_EVENTS = frozenset({"export-failed", "export-cancelled"})
 T = TypeVar("T")
 
 
@@ -35,6 +40,10 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Unavailable(CliError):
+    """No answer, or a 'not now' (502, 503, 504): worth asking again a little later."""
 
 
 class Interrupted(Exception):
@@ -87,9 +96,13 @@ class Api:
             # json= sends Content-Type: application/json, which POST /api/exports requires.
             async with self.session.request(method, self.url(path), json=body, params=params, headers=self.headers()) as resp:
                 text = await resp.text()
+                if resp.status in RETRY_STATUSES:
+                    raise Unavailable(f"the service is unavailable: {error_text(resp.status, text)}")
                 if resp.status >= 400:
                     raise CliError(error_text(resp.status, text))
                 return answer_json(resp, text)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise Unavailable(f"cannot reach the service at {self.base_url}: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise CliError(f"cannot reach the service at {self.base_url}: {exc}") from exc
 
@@ -172,19 +185,43 @@ class Interrupts:
 # --- following a job ------------------------------------------------------------------------
 
 
+async def lasting_snapshot(api: Api, job_id: str, warn: Callable[[str], None]) -> dict[str, Any]:
+    """The job's snapshot, asked again with backoff while the service does not answer, for OUTAGE_SECONDS:
+    a restart is no reason to report an export that goes on as failed."""
+    deadline: float | None = None
+    delay = RETRY_FIRST_SECONDS
+    while True:
+        try:
+            snap = await api.snapshot(job_id)
+        except Unavailable as exc:
+            if deadline is None:
+                deadline = time.monotonic() + OUTAGE_SECONDS
+                warn(f"mexport: {exc}; retrying for up to {OUTAGE_SECONDS:g} s")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CliError(f"{exc}; gave up after {OUTAGE_SECONDS:g} s: export {job_id} may still be running "
+                               f"(mexport status {job_id} shows it)") from None
+            await asyncio.sleep(min(delay, left))
+            delay = min(2 * delay, RETRY_MAX_SECONDS)
+            continue
+        if deadline is not None:
+            warn("mexport: the service answers again")
+        return snap
+
+
 async def follow(api: Api, snap: dict[str, Any], progress: Progress, poll_only: bool) -> dict[str, Any]:
     """The job's final snapshot, showing progress on the way."""
     if not poll_only:
         try:
             return await follow_live(api, snap["id"], progress)
         except LiveUnavailable as exc:
-            print(f"mexport: live progress unavailable ({exc}); polling every second", file=sys.stderr, flush=True)
+            progress.warn(f"mexport: live progress unavailable ({exc}); polling every second")
     return await follow_polling(api, snap["id"], progress)
 
 
 async def follow_polling(api: Api, job_id: str, progress: Progress) -> dict[str, Any]:
     while True:
-        state = await api.snapshot(job_id)
+        state = await lasting_snapshot(api, job_id, progress.warn)
         if state["status"] in FINAL_STATES:
             return state
         progress.update(state)
@@ -224,12 +261,16 @@ async def pump(
             name, payload = await asyncio.wait_for(queue.get(), SILENCE_SECONDS)
         except asyncio.TimeoutError:
             # Queued jobs and database waits may send nothing for a while; the snapshot still moves.
-            state = await api.snapshot(job_id)
+            state = await lasting_snapshot(api, job_id, progress.warn)
             continue
         if name == "disconnect":
             raise LiveUnavailable("the connection dropped")
         if isinstance(payload, dict) and payload.get("id") == job_id:
             state = {**state, **payload}
+            if name in ENDING_EVENTS:
+                # A stopping instance may announce an end for a job that is in fact queued again and finishes
+                # later: the job's record decides.
+                state = await lasting_snapshot(api, job_id, progress.warn)
     return state
 
 

@@ -6,6 +6,7 @@ eta_seconds and, while the service waits on the database, phase and waiting_seco
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from typing import Any, Callable, Mapping, Protocol, TextIO
 
@@ -90,6 +91,8 @@ class Progress(Protocol):
 
     def note(self, text: str) -> None: ...
 
+    def warn(self, text: str) -> None: ...
+
 
 class PlainProgress:
     """A line when something changed, at most one a second; the final state always gets its line."""
@@ -114,6 +117,9 @@ class PlainProgress:
 
     def note(self, text: str) -> None:
         print(text, file=self.out, flush=True)
+
+    def warn(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
 
     def _write(self, line: str, now: float) -> None:
         print(line, file=self.out, flush=True)
@@ -145,10 +151,19 @@ class BarProgress:
         self.drawn = False
 
     def note(self, text: str) -> None:
+        self._end_line()
+        print(text, file=self.out, flush=True)
+
+    def warn(self, text: str) -> None:
+        """To stderr, on a line of its own: stdout and stderr usually share the terminal."""
+        self._end_line()
+        print(text, file=sys.stderr, flush=True)
+
+    def _end_line(self) -> None:
         if self.drawn:
             self.out.write("\n")
+            self.out.flush()
             self.drawn = False
-        print(text, file=self.out, flush=True)
 
     def _draw(self, snap: Mapping[str, Any]) -> None:
         width = max(20, shutil.get_terminal_size().columns - 1)

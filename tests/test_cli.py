@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pty
+import queue
 import re
 import secrets
 import select
@@ -27,12 +28,14 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 import pytest
+import socketio
 from aiohttp import ClientSession, web
 from bson import json_util
 from bson.json_util import JSONOptions
 
-from conftest import DATA_DB
+from conftest import DATA_DB, new_jobs_collection
 from expected import csv_text, lookup
+from service import cli_client
 from service.embedded_db import free_port
 from service_process import ROOT, ServiceProcess
 
@@ -519,3 +522,187 @@ def test_ctrl_c_stops_a_request_the_service_does_not_answer(command: list[str], 
     assert silent.requests[0].startswith(request_line), silent.requests
     assert (proc.returncode, out, err) == (130, "", said)
     assert not list(tmp_path.iterdir())
+
+
+Lines = "queue.Queue[str | None]"
+
+
+def lines_of(stream: Any) -> Lines:
+    """stream's lines as they come, then None at its end, read by a thread of their own (a blocking
+    readline cannot time out)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def wait_line(lines: Lines, pattern: re.Pattern[str], timeout: float, seen: list[str]) -> str:
+    """The first line matching pattern; the lines before it are added to seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no {pattern.pattern} within {timeout} s: {seen}") from None
+        assert line is not None, f"the stream ended before {pattern.pattern}: {seen}"
+        seen.append(line)
+        if pattern.search(line):
+            return line
+
+
+def rest_of(lines: Lines, timeout: float = 10) -> list[str]:
+    """The lines up to the stream's end (the process has exited)."""
+    rest = []
+    while (line := lines.get(timeout=timeout)) is not None:
+        rest.append(line)
+    return rest
+
+
+# Stopped (SIGTERM), the service puts the job back in the queue; killed, it leaves the job's lease to run out
+# (3 s here), and the next start queues it again. Killed is the way with Socket.IO: a stop waits for open
+# connections, so the job would finish during it.
+@pytest.mark.parametrize("options, end, put_back", [
+    pytest.param(["--poll"], ServiceProcess.stop, {"queued"}, id="polling-stopped"),
+    pytest.param([], ServiceProcess.kill, {"fetching", "processing"}, id="socketio-killed"),
+])
+def test_a_service_restarted_while_it_is_followed_is_waited_for(
+    options: list[str], end: Any, put_back: set[str], mongo_url: str, sync_db: Any, big_tasks: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    jobs = new_jobs_collection()
+    env = {"EXPORT_MONGO_URL": mongo_url, "EXPORT_DB": DATA_DB, "EXPORT_DIR": str(tmp_path / "exports"),
+           "EXPORT_JOBS_COLLECTION": jobs, "EXPORT_BATCH_SIZE": "10", "EXPORT_LEASE_SECONDS": "3",
+           "EXPORT_API_TOKENS": f"{TOKEN}:alice"}
+    restarted = asyncio.run(ServiceProcess(env).start())
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([*CLI, "create", "tasks_big", "--type", "csv", "-f", "seq,title", *options, "-o", "big.csv"],
+                            cwd=out_dir, env=cli_env(restarted), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = lines_of(proc.stdout), lines_of(proc.stderr)
+    said: list[str] = []
+    try:
+        wait_line(stdout, re.compile(r"^processing: [1-9]"), 120, said)  # rows are flowing
+        end(restarted)
+        stopped = sync_db[jobs].find_one({"_id": job_id_of(said[0])})
+        assert stopped["status"] in put_back and stopped["processed"] < 20_000, stopped  # ended mid-way
+        wait_line(stderr, re.compile(r"^mexport: cannot reach the service at .*; retrying for up to 300 s$"), 60, said)
+        asyncio.run(restarted.start())  # the same port
+        assert proc.wait(180) == 0, said
+    finally:
+        proc.kill()
+        restarted.stop()
+    said += rest_of(stdout) + rest_of(stderr)
+    assert "mexport: the service answers again" in said
+    assert not [line for line in said if "Traceback" in line or line.startswith(("failed", "cancelled"))], said
+    assert f"wrote big.csv (20,000 rows, {(out_dir / 'big.csv').stat().st_size:,} bytes)" in said
+    with open(out_dir / "big.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    source = sorted(big_tasks, key=lambda d: d["_id"])
+    assert rows == [["seq", "title"], *([str(d["seq"]), d["title"]] for d in source)]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["big.csv"]
+
+
+
+class AnnouncingService:
+    """A stand-in for the service that announces export-failed for a job its record shows completed, as an
+    instance being stopped may for a job it put back in the queue and another run finished."""
+
+    JOB = "6f8737134fb61d49223b1d31"
+    FILE = b"seq\r\n1\r\n2\r\n"
+
+    def __init__(self, unavailable: int = 0) -> None:
+        self.gets = 0
+        self.unavailable = unavailable  # the first snapshots asked for answer 503, as behind a gateway
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        snap = {"id": self.JOB, "status": status, "collection": "tasks", "format": "csv", "processed": 2, "total": 2}
+        return {**snap, "download_url": f"/api/exports/{self.JOB}/download"} if status == "completed" else snap
+
+    async def create(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot("queued"), status=202)
+
+    async def get(self, request: web.Request) -> web.Response:
+        self.gets += 1
+        if self.gets <= self.unavailable:
+            error = {"code": "unavailable", "message": "the database is unavailable", "field": None}
+            return web.json_response({"error": error}, status=503)
+        return web.json_response(self.snapshot("completed"))
+
+    async def download(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.FILE, content_type="text/csv")
+
+    async def subscribe(self, sid: str, data: Any) -> dict[str, Any]:
+        failed = {**self.snapshot("failed"), "error": {"code": "interrupted", "message": "the service is stopping"}}
+        await self.sio.emit("export-failed", failed, to=sid)
+        return {"ok": True, "job": self.snapshot("queued")}
+
+    async def _start(self) -> None:
+        self.sio = socketio.AsyncServer(async_mode="aiohttp")
+        self.sio.on("subscribe", self.subscribe)
+        app = web.Application()
+        self.sio.attach(app)
+        app.router.add_post("/api/exports", self.create)
+        app.router.add_get(f"/api/exports/{self.JOB}", self.get)
+        app.router.add_get(f"/api/exports/{self.JOB}/download", self.download)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    def __enter__(self) -> "AnnouncingService":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_an_announced_failure_is_checked_against_the_record(tmp_path: Path) -> None:
+    with AnnouncingService() as fake:
+        done = subprocess.run([*CLI, "create", "tasks", "--type", "csv", "-o", "two.csv"], cwd=tmp_path,
+                              env=cli_env(None, url=fake.url), capture_output=True, text=True, timeout=60)
+        gets = fake.gets
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "two.csv").read_bytes() == AnnouncingService.FILE
+    assert gets == 2  # the check of the announced end, then the fresh link for the download
+    assert "failed" not in done.stdout and done.stdout.splitlines()[-2].startswith("completed: 2 of 2 rows"), done.stdout
+
+
+def test_a_503_while_polling_is_retried(tmp_path: Path) -> None:
+    with AnnouncingService(unavailable=3) as fake:
+        done = subprocess.run([*CLI, "create", "tasks", "--type", "csv", "--poll", "-o", "two.csv"], cwd=tmp_path,
+                              env=cli_env(None, url=fake.url), capture_output=True, text=True, timeout=60)
+        gets = fake.gets
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "mexport: the service is unavailable: the database is unavailable; retrying for up to 300 s",
+        "mexport: the service answers again",
+    ]
+    assert gets == 5 and (tmp_path / "two.csv").read_bytes() == AnnouncingService.FILE
+
+
+async def test_an_outage_longer_than_the_bound_gives_up_saying_the_export_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_client, "OUTAGE_SECONDS", 1.5)
+    warned: list[str] = []
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    async with ClientSession() as session:
+        with pytest.raises(cli_client.CliError) as caught:
+            await cli_client.lasting_snapshot(cli_client.Api(session, dead, None), AnnouncingService.JOB, warned.append)
+    waited = time.monotonic() - started
+    assert 1.5 <= waited < 5, waited
+    assert caught.value.exit_code == 1
+    job = AnnouncingService.JOB
+    assert str(caught.value).startswith(f"cannot reach the service at {dead}")
+    assert str(caught.value).endswith(f"; gave up after 1.5 s: export {job} may still be running (mexport status {job} shows it)")
+    assert len(warned) == 1 and warned[0].endswith("; retrying for up to 1.5 s"), warned
