@@ -45,9 +45,14 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 # --- commands -------------------------------------------------------------------------------
 
 
+def not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def parse_json_option(option: str, text: str, kind: type = dict) -> Any:
     try:
-        value = json.loads(text)
+        # Python's json takes NaN and Infinity; the service does not, and a bad option is ours to say.
+        value = json.loads(text, parse_constant=not_json)
     except ValueError as exc:
         raise CliError(f"{option}: not valid JSON ({exc}); Extended JSON such as {{\"$oid\": \"...\"}} is fine", EXIT_USAGE) from exc
     if not isinstance(value, kind):

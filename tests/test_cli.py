@@ -706,3 +706,16 @@ async def test_an_outage_longer_than_the_bound_gives_up_saying_the_export_may_ru
     assert str(caught.value).startswith(f"cannot reach the service at {dead}")
     assert str(caught.value).endswith(f"; gave up after 1.5 s: export {job} may still be running (mexport status {job} shows it)")
     assert len(warned) == 1 and warned[0].endswith("; retrying for up to 1.5 s"), warned
+
+
+@pytest.mark.parametrize("option, value, constant", [
+    ("-q", '{"seq": NaN}', "NaN"), ("--sort", '{"seq": Infinity}', "Infinity"),
+    ("--pipeline", '[{"$match": {"seq": {"$gt": -Infinity}}}]', "-Infinity"),
+])
+def test_nan_and_infinity_are_not_json(option: str, value: str, constant: str, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # refused before any request: asking this would exit 1
+    done = subprocess.run([*CLI, "create", "tasks", option, value], cwd=tmp_path, env=cli_env(None, url=dead),
+                          capture_output=True, text=True, timeout=60)
+    name = {"-q": "--query"}.get(option, option)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.startswith(f"mexport: {name}: not valid JSON ({constant} is not JSON)"), done.stderr
