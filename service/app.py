@@ -95,6 +95,16 @@ async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     await manager.stop()
 
 
+async def _stop_jobs_and_sockets(app: web.Application) -> None:
+    """At shutdown, before aiohttp waits (up to a minute) for the requests still open: running jobs go back to the
+    queue while the process still has its grace period, and Socket.IO connections, requests that never end by
+    themselves, are closed. Downloads under way are still waited for."""
+    manager = app.get(MANAGER_KEY)
+    if manager is not None:
+        await manager.stop()
+    await app[EVENTS_KEY].close()
+
+
 async def _lookup_job(app: web.Application, user: str, job_id: str) -> dict[str, Any] | None:
     """A subscriber's first snapshot, from the manager the app starts (after the Socket.IO server exists)."""
     return await app[MANAGER_KEY].lookup(user, job_id)
@@ -127,4 +137,5 @@ def create_app(settings: Settings, source: BatchSource | None = None) -> web.App
     app.on_response_prepare.append(_revalidate_static)
     app.on_response_prepare.append(api.add_request_id)
     app.cleanup_ctx.extend([_export_dir_ctx, _database_ctx, _manager_ctx])
+    app.on_shutdown.append(_stop_jobs_and_sockets)
     return app

@@ -118,6 +118,11 @@ class EventHub:
             await self.sio.leave_room(sid, room(job_id))
         return {"ok": True}
 
+    async def close(self) -> None:
+        """Close every client's connection (pages reconnect, to this instance once it is back or to another)."""
+        if self.sio.eio.sockets:  # python-engineio's disconnect-all fails when there is nobody to disconnect
+            await self.sio.eio.disconnect()
+
     async def emit(self, event: str, snap: Mapping[str, Any], **extra: Any) -> None:
         payload = {key: snap.get(key) for key in EVENT_FIELDS}
         payload["rate"] = snap.get("rate")

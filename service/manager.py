@@ -93,6 +93,8 @@ class JobManager:
             log.error("%s stopped", task.get_name(), exc_info=task.exception())
 
     async def stop(self) -> None:
+        if self.stopping:  # stopped already, at shutdown before the app's clean-up
+            return
         self.stopping = True
         self.wake.set()
         for task in self.tasks:

@@ -180,3 +180,27 @@ def test_a_server_left_on_the_data_file_is_stopped_before_another_starts(tmp_pat
             assert client.admin.command("ping")["ok"] == 1
     finally:
         left.stop()
+
+
+async def test_a_stop_with_a_page_connected_puts_the_running_job_back(service_env: dict[str, str], mongo_url: str) -> None:
+    # An open Socket.IO connection is a request still being handled: the stop must not wait on it (aiohttp waits
+    # up to a minute for those) while the export goes on and a container's grace period runs out.
+    import socketio
+
+    service = await ServiceProcess(service_env).start()
+    sio = socketio.AsyncClient(reconnection=False)
+    try:
+        await sio.connect(service.url, transports=["websocket"])
+        async with aiohttp.ClientSession() as http:
+            async with http.post(service.url + "/api/exports", json={"collection": "tasks", "format": "xlsx"}) as resp:
+                job = await resp.json()
+            assert (await sio.call("subscribe", {"id": job["id"]}))["ok"]
+            snap = await wait_status(http, job["id"], ("processing", "completed"), timeout=60, base=service.url)
+            assert snap["status"] == "processing", snap
+        service.stop()  # SIGTERM; killed after 15 s
+        with MongoClient(mongo_url) as client:
+            doc = client[DATA_DB][service_env["EXPORT_JOBS_COLLECTION"]].find_one({"_id": job["id"]})
+        assert doc["status"] == "queued" and doc["owner"] is None, {k: doc.get(k) for k in ("status", "owner", "processed")}
+    finally:
+        await sio.disconnect()
+        service.stop()
