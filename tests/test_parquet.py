@@ -11,9 +11,10 @@ import json
 import math
 import re
 import secrets
+from contextlib import aclosing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, AsyncGenerator, Iterable
 
 import bson
 import duckdb
@@ -23,14 +24,16 @@ import pytest
 from bson import Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from bson.binary import Binary
 from bson.datetime_ms import DatetimeMS
+from bson.errors import InvalidBSON
 from bson.tz_util import utc
 
 from service.app import create_app
+from service.db import Database, FindSpec
 from service.pipeline import ExportPipeline, PipelineResult
 from service.query import ExportSpec, ParquetOptions
 from service.writers import parquet_arrow
 
-from conftest import make_settings, wait_status
+from conftest import DATA_DB, export_files, make_settings, wait_status
 from expected import INF, NAN, OID, UUID, lookup
 from playwright.async_api import expect
 from test_browser import OUTPUT, job_item, open_page, start_export
@@ -269,6 +272,25 @@ def test_an_empty_export_is_a_valid_file_with_the_fields_as_columns(tmp_path: Pa
     assert result.rows == 0 and table.num_rows == 0 and table.schema.names == ["a", "b.c"]
 
 
+def bad_utf8_document(doc_id: Any, field: str) -> bytes:
+    """{"_id": doc_id, field: <the bytes ab FF FE>}: a string whose bytes are not UTF-8, as a server that does
+    not check them may hand over; bson.encode refuses to write one, so a valid string is swapped for it."""
+    valid = bson.encode({"_id": doc_id, field: "abcd"})
+    return valid.replace(b"abcd\x00", b"ab\xff\xfe\x00")
+
+
+def test_a_string_that_is_not_utf8_fails_the_export_as_in_csv(tmp_path: Path) -> None:
+    # the first batch is the sample (decoded); the second is one PyMongoArrow covers whole, which copies
+    # string bytes unchecked
+    first = raw({"_id": i, "s": "ok"} for i in range(3))
+    for fmt in ("csv", "parquet"):
+        spec = ExportSpec(collection="golden", format=fmt, fields=("_id", "s"))
+        pipeline = ExportPipeline(spec, tmp_path / f"bad.{fmt}", {"collection": "golden"})
+        pipeline.feed(first)
+        with pytest.raises(InvalidBSON, match="utf-8"):
+            pipeline.feed(raw({"_id": 3 + i, "s": "ok"} for i in range(2)) + bad_utf8_document(9, "s"))
+
+
 # --- through the service ------------------------------------------------------------------------------------
 FILTER = {"archived": False}
 FIELDS = ["_id", "seq", "title", "status", "createdAt", "estimate", "points", "archived", "tags", "assignee.name", "items", "completedAt"]
@@ -354,6 +376,43 @@ async def test_a_type_conflict_through_the_service_widens_and_warns(aiohttp_clie
     assert table.column("n").to_pylist() == [str(i) for i in range(1200)] + ["twelve hundred"] + [str(i) for i in range(1201, 1500)]
     assert len(snap["warnings"]) == 1 and "column n " in snap["warnings"][0]
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{path}') WHERE n = 'twelve hundred'").fetchall() == [(1,)]
+
+
+class WithBadBatch:
+    """A BatchSource reading the test database that hands over one more batch at the end, holding a string
+    that is not UTF-8: MongoDB stores such strings as given, the embedded server refuses them."""
+
+    def __init__(self, mongo_url: str, batch: bytes) -> None:
+        self.db = Database.connect(mongo_url, DATA_DB)
+        self.batch = batch
+
+    async def count(self, spec: FindSpec) -> int:
+        return await self.db.count(spec) + 1
+
+    async def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]:
+        async with aclosing(self.db.raw_batches(spec)) as batches:
+            async for batch in batches:
+                yield batch
+        yield self.batch
+
+
+async def test_a_string_that_is_not_utf8_fails_the_job_with_no_file(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]
+) -> None:
+    source = WithBadBatch(mongo_url, raw({"_id": ObjectId(), "title": "fine"} for _ in range(5)) + bad_utf8_document(ObjectId(), "title"))
+    settings = make_settings(mongo_url, tmp_path, "pymongo")
+    try:
+        api = await aiohttp_client(create_app(settings, source=source))
+        body = {"collection": "tasks", "format": "parquet", "fields": ["_id", "title"], "options": {"parquet": {"row_group_size": 1000}}}
+        resp = await api.post("/api/exports", json=body)
+        assert resp.status == 202, await resp.text()
+        snap = await wait_status(api, (await resp.json())["id"], timeout=60)
+    finally:
+        await source.db.close()
+    assert snap["status"] == "failed", snap
+    assert snap["error"]["code"] == "encode_error" and "utf-8" in snap["error"]["message"], snap["error"]
+    assert snap.get("download_url") is None and snap["processed"] < len(tasks) + 6
+    assert export_files(settings.export_dir) == []  # neither a finished file nor the partial one
 
 
 @pytest.mark.parametrize(

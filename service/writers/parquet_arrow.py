@@ -11,7 +11,9 @@ null. So a column takes this path for a batch only when the batch's bytes show n
 of a coerced type under the column's key, and no NaN at all for double columns. The check looks for the
 bytes such an element starts with (type byte, key, terminating zero) anywhere in the batch, so it never
 misses one; other data that happens to hold those bytes only sends that batch down the decoded path,
-which gives the same values.
+which gives the same values. PyMongoArrow also copies a string's bytes without checking that they are
+UTF-8: every string array it gives is checked, and a batch holding one that is not is decoded instead,
+which fails the export as in the other formats.
 """
 from __future__ import annotations
 
@@ -75,13 +77,29 @@ class ArrowReader:
         except TypeError:
             return {}
         table = context.finish()
-        return {name: _plain(table.column(name).combine_chunks()) for name in schema}
+        arrays = {name: _plain(table.column(name).combine_chunks()) for name in schema}
+        if not all(map(_valid_text, arrays.values())):
+            return {}
+        return arrays
 
 
 def _covered(column: Column) -> bool:
     if column.kind in ("str", "text"):
         return column.seen <= {str, NONE} and not column.late
     return column.kind in SCHEMA_TYPES or column.kind == "oid"
+
+
+def _valid_text(array: pa.Array) -> bool:
+    """False for a string array holding bytes that are not UTF-8: PyMongoArrow copies a string's bytes
+    unchecked, and pyarrow would write them into a file no reader can read. Decoding such a batch fails the
+    export, as it does in every other format. (About 0.01 µs a value.)"""
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        return True
+    try:
+        array.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _plain(array: pa.Array) -> pa.Array:
