@@ -7,6 +7,7 @@ compared value for value with the same query evaluated in Python over the source
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -30,7 +31,7 @@ from bson.tz_util import utc
 from service.app import create_app
 from service.db import Database, FindSpec
 from service.pipeline import ExportPipeline, PipelineResult
-from service.query import ExportSpec, ParquetOptions
+from service.query import CsvOptions, ExportSpec, ParquetOptions
 from service.writers import parquet_arrow
 
 from conftest import DATA_DB, export_files, make_settings, wait_status
@@ -235,6 +236,41 @@ def test_widened_columns_hold_what_a_csv_cell_holds_for_the_values_written_befor
     assert table.slice(1000).to_pylist()[0] == {"_id": 1000, **dict.fromkeys(cases, "x")}
     assert all(table.schema.field(name).type == pa.string() for name in cases)
     assert len(result.warnings) == len(cases)
+
+
+@pytest.mark.parametrize("group_rows", [1000, 50_000])  # the ints on disk before the text, or still pending
+def test_ints_widened_to_double_then_to_text_read_as_their_csv_cells(tmp_path: Path, group_rows: int) -> None:
+    batches = [
+        [{"_id": i, "n": i, "m": i} for i in range(1000)],  # n and m are int64 columns
+        [{"_id": 1000, "n": 2.5, "m": 0.5}, {"_id": 1001, "n": 7, "m": 3.0}],  # both double now; 7 is still an int
+        [{"_id": 1002, "n": Int64(2**60), "m": 4}],  # 2^60 has no double: n becomes text, m stays double
+        [{"_id": 1003, "n": 8, "m": 1.0}],
+    ]
+    path = tmp_path / "twice.parquet"
+    result = export(path, batches, row_group_size=group_rows)
+    spec = ExportSpec(collection="golden", format="csv", csv=CsvOptions(escape_formulas=False))
+    csv_pipeline = ExportPipeline(spec, tmp_path / "twice.csv", {"collection": "golden"})
+    for batch in batches:
+        csv_pipeline.feed(raw(batch))
+    csv_pipeline.finish()
+    with open(tmp_path / "twice.csv", newline="", encoding="utf-8") as handle:
+        cells = [row[1] for row in csv.reader(handle)][1:]
+    table = pq.read_table(path)
+    assert table.schema.field("n").type == pa.string()
+    assert table.column("n").to_pylist() == cells
+    assert cells[:2] + cells[-4:] == ["0", "1", "2.5", "7", "1152921504606846976", "8"]  # what CSV gives, spelled out
+    assert table.schema.field("m").type == pa.float64()
+    assert table.column("m").to_pylist() == [float(i) for i in range(1000)] + [0.5, 3.0, 4.0, 1.0]
+    (warning,) = [w for w in result.warnings if "column n " in w]
+    assert "was int64 in the first documents" in warning and "double" in warning and "as text" in warning, warning
+
+
+def test_a_double_column_holding_ints_renders_them_as_ints_when_widened_to_text(tmp_path: Path) -> None:
+    path = tmp_path / "mixed_then_text.parquet"
+    first = [{"_id": 0, "v": 1}, {"_id": 1, "v": 2.5}, {"_id": 2, "v": 3.0}] + [{"_id": i, "v": None} for i in range(3, 1000)]
+    export(path, [first, [{"_id": 1000, "v": 4}, {"_id": 1001, "v": "x"}]], row_group_size=1000)
+    values = pq.read_table(path).column("v").to_pylist()
+    assert values[:3] + values[-2:] == ["1", "2.5", "3.0", "4", "x"]
 
 
 def test_a_widened_column_before_any_row_group_is_written(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ The rules (the README's value table is the contract):
   and arrays, decimal text as stored for Decimal128); a column with no value in the sample is string too;
 - a later value that does not fit its column's type widens the column: an int64 column meeting doubles
   becomes float64 while every integer in it is within +-2^53, any other to string, the values written
-  before rendered as text the same way. Nothing is dropped and every widening is a warning.
+  before rendered as text the same way. Nothing is dropped and every widening is a warning. A double
+  column remembers which of its values were ints (one bit a row), so that as text they read as ints, as
+  in CSV.
 """
 from __future__ import annotations
 
@@ -62,10 +64,25 @@ class Column:
     seen: frozenset[type] = frozenset({str, NONE})
     late: set[str] = field(default_factory=set)  # type names that arrived later in a string column
     max_abs: int = 0  # of an int column's values so far: whether a double column could still hold them all
+    # For a double column that has held ints: per row so far, whether its value was an int (a mask per batch).
+    ints: list[pa.Array] | None = None
+    origin: str = ""  # the kind the first documents gave
+    steps: list[tuple[str, str]] = field(default_factory=list)  # each widening: the misfit types' names, the new kind
     get: Callable[[dict[str, Any]], Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.get = getter(self.name)
+        self.origin = self.origin or self.kind
+
+    def note_ints(self, rows_before: int, rows: int, mask: pa.Array | None) -> None:
+        """Add a batch of rows to a double column's int mask; mask None: no value of the batch was an int.
+        The mask starts with the first int, every row before it a double."""
+        if self.ints is None and mask is not None and mask.true_count:
+            self.ints = [pa.repeat(False, rows_before)]
+        if self.ints is not None:
+            self.ints.append(pa.repeat(False, rows) if mask is None else mask)
+            if len(self.ints) > 64:  # fewer, longer chunks
+                self.ints = [pa.concat_arrays(self.ints)]
 
     @property
     def arrow_type(self) -> pa.DataType:
@@ -188,11 +205,19 @@ def wider_kind(column: Column, values: list[Any]) -> str:
     return TEXT
 
 
-def convert(old_kind: str, new_kind: str, array: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Values written as old_kind, as new_kind (one that wider_kind gives)."""
+def int_mask(values: list[Any]) -> pa.Array | None:
+    """Which values are ints, for a double column; None when none is."""
+    if not {int, Int64} & set(map(type, values)):
+        return None
+    return pa.array([type(v) in (int, Int64) for v in values], pa.bool_())
+
+
+def convert(old_kind: str, new_kind: str, array: pa.Array | pa.ChunkedArray, ints: pa.Array | None = None) -> pa.Array:
+    """Values written as old_kind, as new_kind (one that wider_kind gives); ints: which of a double
+    column's values were ints."""
     if new_kind == "double":
         return pc.cast(array, pa.float64()).combine_chunks() if isinstance(array, pa.ChunkedArray) else pc.cast(array, pa.float64())
-    return as_text(old_kind, array)
+    return as_text(old_kind, array, ints)
 
 
 def note_range(column: Column, array: pa.Array) -> None:
@@ -202,14 +227,18 @@ def note_range(column: Column, array: pa.Array) -> None:
         column.max_abs = max(column.max_abs, abs(low.as_py()), abs(high.as_py()))
 
 
-def as_text(kind: str, array: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Values of a column of kind as the text a string column holds for them (see scalar_text)."""
+def as_text(kind: str, array: pa.Array | pa.ChunkedArray, ints: pa.Array | None = None) -> pa.Array:
+    """Values of a column of kind as the text a string column holds for them (see scalar_text); ints: which
+    of a double column's values were ints, written as ints (within +-2^53, so a double held them exactly)."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     if kind in ("str", TEXT):
         return array
     if kind == "int":
         return pc.cast(array, pa.string())
+    if kind == "double" and ints is not None:
+        as_ints = pc.cast(pc.cast(array, pa.int64(), safe=False), pa.string())
+        return pc.if_else(ints, as_ints, as_text(kind, array))
     render = _RENDER.get(kind, _render_list)
     if kind == "datetime":
         array = array.cast(pa.int64())
@@ -236,13 +265,16 @@ _RENDER: dict[str, Callable[[Any], str]] = {
 }
 
 
-def widening_warning(column: Column, old_kind: str, value_types: Iterable[type]) -> str:
-    names = ", ".join(sorted({_type_name(t) for t in value_types} - {"null"}))
+def widen_step(column: Column, value_types: Iterable[type]) -> None:
+    """Record that values of these types made the column its (new) kind."""
+    column.steps.append((", ".join(sorted({_type_name(t) for t in value_types} - {"null"})), column.kind))
+
+
+def widening_warning(column: Column) -> str:
+    """Every widening of the column, from the kind the first documents gave."""
+    steps = ", then ".join(f"later values ({names}) did not fit and made it {'double' if kind == 'double' else 'text'}" for names, kind in column.steps)
     now = "as double" if column.kind == "double" else "as text"
-    return (
-        f"column {column.name} was {ARROW_TYPES[old_kind]} in the first documents; later values ({names}) do not fit, "
-        f"so the whole column is written {now}"
-    )
+    return f"column {column.name} was {ARROW_TYPES[column.origin]} in the first documents; {steps}; the whole column is written {now}"
 
 
 def late_warning(column: Column) -> str:

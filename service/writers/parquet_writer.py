@@ -18,7 +18,21 @@ import pyarrow.parquet as pq
 
 from .base import Writer
 from .parquet_arrow import ArrowReader
-from .parquet_columns import Column, convert, late_warning, note_range, plan_column, to_array, wider_kind, widening_warning
+from .parquet_columns import (
+    Column,
+    convert,
+    int_mask,
+    late_warning,
+    note_range,
+    plan_column,
+    to_array,
+    widen_step,
+    widening_warning,
+    wider_kind,
+)
+
+# A widened column: its kind before, after, and for a double column which of its values were ints.
+Widened = tuple[str, str, "pa.Array | None"]
 
 COPY_CHUNK = 1 << 20
 
@@ -35,6 +49,7 @@ class ParquetWriter(Writer):
         self.reader: ArrowReader | None = None
         self.pending: list[list[pa.Array]] = []
         self.pending_rows = 0
+        self.rows_in = 0  # rows appended so far, on disk and pending
         self.sink: pq.ParquetWriter | None = None
         self.target: Path | None = None  # None: the export file itself; else a file in the scratch directory
         self.groups = 0
@@ -53,7 +68,7 @@ class ParquetWriter(Writer):
         assert self.reader is not None
         fast = self.reader.read(raw, self.plan) if self.reader.covers(self.plan) else {}
         if fast and len(fast) == len(self.plan):
-            return self._append([fast[c.name] for c in self.plan], len(fast[self.plan[0].name]))
+            return self._append([fast[c.name] for c in self.plan], len(fast[self.plan[0].name]), {})
         return self._add(decode(), fast)
 
     def _plan(self, docs: list[dict[str, Any]]) -> None:
@@ -69,28 +84,34 @@ class ParquetWriter(Writer):
     def _add(self, docs: list[dict[str, Any]], fast: dict[str, pa.Array]) -> int:
         """Arrays for the columns fast did not cover, from the decoded documents; widens what does not fit."""
         assert self.plan is not None
-        arrays, widened = [], {}
+        arrays, widened, ints = [], {}, {}
         for index, column in enumerate(self.plan):
             array = fast.get(column.name)
             if array is None:
                 values = [column.get(doc) for doc in docs]
                 array = to_array(column, values)
                 if array is None:
-                    widened[index] = (column.kind, self._widen(index, column, values))
+                    widened[index] = self._widen(index, column, values)
                     array = to_array(column, values)
                     assert array is not None  # the wider kind takes every value
+                if column.kind == "double":
+                    ints[index] = int_mask(values)
             arrays.append(array)
         if widened and self.groups:
             self._rewrite(widened)
-        return self._append(arrays, len(docs))
+        return self._append(arrays, len(docs), ints)
 
-    def _append(self, arrays: list[pa.Array], rows: int) -> int:
+    def _append(self, arrays: list[pa.Array], rows: int, ints: dict[int, pa.Array | None]) -> int:
+        """Add a batch's arrays; ints: for double columns, which values were ints (not given: none was)."""
         assert self.plan is not None
-        for column, chunks, array in zip(self.plan, self.pending, arrays):
+        for index, (column, chunks, array) in enumerate(zip(self.plan, self.pending, arrays)):
             chunks.append(array)
             if column.kind == "int":
                 note_range(column, array)
+            elif column.kind == "double":
+                column.note_ints(self.rows_in, rows, ints.get(index))
         self.pending_rows += rows
+        self.rows_in += rows
         while self.pending_rows >= self.group_rows:
             self._flush_group(self.group_rows)
         return rows
@@ -116,18 +137,25 @@ class ParquetWriter(Writer):
         self.groups += 1
 
     # --- widening ------------------------------------------------------------------------------------------
-    def _widen(self, index: int, column: Column, values: list[Any]) -> str:
-        """Change the column to a kind that takes values, and what is pending with it; returns the new kind."""
+    def _widen(self, index: int, column: Column, values: list[Any]) -> Widened:
+        """Change the column to a kind that takes values, and what is pending with it."""
         old, new = column.kind, wider_kind(column, values)
         misfits = [type(v) for v in values if to_array(Column(column.name, old), [v]) is None]
         column.kind, column.seen = new, frozenset(misfits) | column.seen
-        self.notes[column.name] = widening_warning(column, old, misfits)
-        self.pending[index] = [convert(old, new, chunk) for chunk in self.pending[index]]
+        widen_step(column, misfits)
+        self.notes[column.name] = widening_warning(column)
+        ints = pa.concat_arrays(column.ints) if column.ints else None
+        # an int column's rows so far are all ints; a text column needs no mask
+        column.ints = [pa.repeat(True, self.rows_in)] if new == "double" else None
+        offset = self.rows_in - self.pending_rows  # the pending rows are the last ones
+        for number, chunk in enumerate(self.pending[index]):
+            self.pending[index][number] = convert(old, new, chunk, None if ints is None else ints.slice(offset, len(chunk)))
+            offset += len(chunk)
         assert self.reader is not None
         self.reader.update(column)
-        return new
+        return old, new, ints
 
-    def _rewrite(self, widened: dict[int, tuple[str, str]]) -> None:
+    def _rewrite(self, widened: dict[int, Widened]) -> None:
         """Copy the row groups written so far into a new file with the widened columns as text."""
         assert self.sink is not None
         self.sink.close()
@@ -138,11 +166,13 @@ class ParquetWriter(Writer):
         sink = self._open(target)
         schema = self._schema()
         old = pq.ParquetFile(source)
+        offset = 0
         try:
             for group in range(old.num_row_groups):
                 table = old.read_row_group(group)
-                columns = [convert(*widened[i], col) if i in widened else col for i, col in enumerate(table.columns)]
+                columns = [self._converted(widened.get(i), col, offset) for i, col in enumerate(table.columns)]
                 sink.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_size=self.group_rows)
+                offset += table.num_rows
         finally:
             old.close()
         if self.target is None:
@@ -151,6 +181,14 @@ class ParquetWriter(Writer):
         else:
             self.target.unlink()
         self.sink, self.target = sink, target
+
+    @staticmethod
+    def _converted(widened: Widened | None, column: pa.ChunkedArray, offset: int) -> pa.Array | pa.ChunkedArray:
+        """A row group's column, converted when it was widened; offset: the group's first row."""
+        if widened is None:
+            return column
+        old, new, ints = widened
+        return convert(old, new, column, None if ints is None else ints.slice(offset, len(column)))
 
     def _scratch(self) -> Path:
         if self.scratch_dir is None:
