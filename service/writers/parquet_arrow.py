@@ -27,8 +27,9 @@ from pymongoarrow.types import ObjectIdType
 from .parquet_columns import ARROW_TYPES, NONE, Column
 from .values import non_finite_suspects
 
-# BSON element type bytes PyMongoArrow converts into each kind of column silently.
-COERCED = {"int": b"\x01\x08", "double": b"\x08\x12"}
+# BSON element type bytes PyMongoArrow converts into each kind of column silently. An int32 fits a double
+# exactly, but a double column must know which of its values were ints (as text they read as ints).
+COERCED = {"int": b"\x01\x08", "double": b"\x08\x10\x12"}
 SCHEMA_TYPES = {"int": pa.int64(), "double": pa.float64(), "bool": pa.bool_(), "str": pa.string(), "datetime": ARROW_TYPES["datetime"]}
 
 
