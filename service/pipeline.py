@@ -125,10 +125,16 @@ class ExportPipeline:
                 decoded.append(decode_batch(raw))
             return decoded[0]
 
-        if self.discovered is not None and len(self.missed) < MAX_WARNED_PATHS:
-            self._note_missed(decode())
         assert self.writer is not None
         written = self.writer.write_raw(raw, decode)
+        # Fields the first documents missed: looked for in the documents when the writer decoded them, else
+        # in those the writer cannot tell hold none.
+        if self.discovered is not None and len(self.missed) < MAX_WARNED_PATHS:
+            suspects = None if decoded else self.writer.raw_suspects()
+            if suspects is None:
+                self._note_missed(decode())
+            elif suspects:
+                self._note_missed(decode_batch(b"".join(suspects)))
         self.rows += written
         return written
 

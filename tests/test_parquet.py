@@ -30,6 +30,7 @@ from bson.tz_util import utc
 
 from service.app import create_app
 from service.db import Database, FindSpec
+from service import pipeline as pipeline_module
 from service.pipeline import ExportPipeline, PipelineResult
 from service.query import CsvOptions, ExportSpec, ParquetOptions
 from service.writers import parquet_arrow
@@ -177,6 +178,37 @@ def test_pymongoarrow_reads_later_batches_when_it_covers_every_column(tmp_path: 
     read.clear()  # a column PyMongoArrow does not cover: the batches are decoded, and read once only
     export(tmp_path / "decoded.parquet", [[{**d, "doc": {"k": 1}} for d in docs[:2]], [{**docs[2], "doc": {"k": 2}}]])
     assert read == []
+
+
+def test_without_fields_batches_pymongoarrow_reads_are_not_decoded_yet_new_keys_are_warned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[int] = []
+    original = pipeline_module.decode_batch
+
+    def spy(raw_batch: bytes) -> list[dict[str, Any]]:
+        docs = original(raw_batch)
+        decoded.append(len(docs))
+        return docs
+
+    monkeypatch.setattr(pipeline_module, "decode_batch", spy)
+    flat = [[{"_id": b * 100 + i, "n": i, "x": i / 4, "s": f"s{i}", "ok": True} for i in range(100)] for b in range(3)]
+    result = export(tmp_path / "flat.parquet", flat)
+    assert decoded == [100] and result.warnings == []  # the sample only: PyMongoArrow read the rest, undecoded
+    assert pq.read_table(tmp_path / "flat.parquet").column("s").to_pylist() == [f"s{i}" for i in range(100)] * 3
+
+    decoded.clear()
+    late = [
+        flat[1][:99] + [{"_id": 199, "n": 1, "x": 0.5, "s": "s", "ok": True, "new": 1}],
+        # "q" takes the place of "n", the document's size unchanged; a null, and an int64 beside an int32
+        [{"_id": 200, "q": 7, "x": 0.5, "s": "s", "ok": True}, {"_id": 201, "n": None}, {"_id": 202, "n": Int64(3)}, {"_id": 203, "n": 4}],
+        flat[2],
+    ]
+    result = export(tmp_path / "late.parquet", [flat[0], *late])
+    assert decoded == [100, 1, 3]  # only the documents that hold a field the sample missed, or may, are decoded
+    (warning,) = result.warnings
+    assert warning.endswith("later documents also have new, q (pass fields to export them)"), warning
+    assert pq.read_table(tmp_path / "late.parquet").column("n").to_pylist()[199:204] == [1, None, None, 3, 4]
 
 
 def test_a_later_value_that_does_not_fit_widens_the_column_to_text(tmp_path: Path) -> None:

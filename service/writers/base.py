@@ -48,6 +48,12 @@ class Writer(ABC):
         Only called when raw_input is True, never for the first batch."""
         return self.write_batch(decode())
 
+    def raw_suspects(self) -> list[bytes] | None:
+        """Of the batch write_raw() last took without decoding it, the documents (raw) that may hold a
+        top-level field other than the columns; None when the writer cannot tell. The pipeline decodes only
+        these to look for fields the first documents missed."""
+        return None
+
     @abstractmethod
     def write_footer(self) -> None: ...
 

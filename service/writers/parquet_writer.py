@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .base import Writer
-from .parquet_arrow import ArrowReader
+from .parquet_arrow import ArrowReader, unaccounted
 from .parquet_columns import (
     Column,
     convert,
@@ -50,6 +50,7 @@ class ParquetWriter(Writer):
         self.pending: list[list[pa.Array]] = []
         self.pending_rows = 0
         self.rows_in = 0  # rows appended so far, on disk and pending
+        self.last_read: tuple[bytes, dict[str, pa.Array]] | None = None  # the last batch PyMongoArrow read whole
         self.sink: pq.ParquetWriter | None = None
         self.target: Path | None = None  # None: the export file itself; else a file in the scratch directory
         self.groups = 0
@@ -67,9 +68,17 @@ class ParquetWriter(Writer):
             return self.write_batch(decode())
         assert self.reader is not None
         fast = self.reader.read(raw, self.plan) if self.reader.covers(self.plan) else {}
+        self.last_read = None
         if fast and len(fast) == len(self.plan):
+            self.last_read = (raw, fast)
             return self._append([fast[c.name] for c in self.plan], len(fast[self.plan[0].name]), {})
         return self._add(decode(), fast)
+
+    def raw_suspects(self) -> list[bytes] | None:
+        if self.last_read is None:
+            return None
+        assert self.plan is not None
+        return unaccounted(*self.last_read, self.plan)
 
     def _plan(self, docs: list[dict[str, Any]]) -> None:
         self.plan = []
