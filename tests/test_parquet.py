@@ -306,6 +306,26 @@ def test_a_double_column_holding_ints_renders_them_as_ints_when_widened_to_text(
     assert values[:3] + values[-3:] == ["1", "2.5", "3.0", "4", "5.0", "x"]
 
 
+def test_a_binary_column_widened_to_text_writes_uuids_as_uuid_text_as_csv_does(tmp_path: Path) -> None:
+    first = [{"_id": 0, "b": Binary(UUID.bytes, 4)}, {"_id": 1, "b": b"\x00\xffhi"}] + [{"_id": i, "b": None} for i in range(2, 1000)]
+    path = tmp_path / "uuid.parquet"
+    result = export(path, [first, [{"_id": 1000, "b": Binary(UUID.bytes, 4)}, {"_id": 1001, "b": "x"}]], row_group_size=1000)
+    values = pq.read_table(path).column("b").to_pylist()
+    assert values[:2] + values[-2:] == [str(UUID), "AP9oaQ==", str(UUID), "x"]
+    assert result.warnings == ["column b was binary in the first documents; later values (string) did not fit and made it text; "
+                               "the whole column is written as text"]
+
+
+def test_warnings_name_bson_types(tmp_path: Path) -> None:
+    sample = [{"_id": 1, "v": Int64(1), "w": "a"}, {"_id": 2, "v": NAN, "w": "b"}, {"_id": 3, "v": b"\x01", "w": "c"}]
+    later = [{"_id": 4, "v": 1, "w": Decimal128("1.5")}, {"_id": 5, "v": 1, "w": datetime(2024, 1, 1, tzinfo=utc)}]
+    result = export(tmp_path / "names.parquet", [sample, later])
+    assert result.warnings == [
+        "column v holds values of several types in the first documents (binData, double, long); it is written as text",
+        "column w is text; later documents also hold date, decimal values, written as text",
+    ]
+
+
 def test_a_widened_column_before_any_row_group_is_written(tmp_path: Path) -> None:
     path = tmp_path / "pending.parquet"
     result = export(path, [[{"_id": 1, "v": True}], [{"_id": 2, "v": [1]}], [{"_id": 3, "v": False}]])

@@ -12,11 +12,12 @@ The rules (the README's value table is the contract):
 - a later value that does not fit its column's type widens the column: an int64 column meeting doubles
   becomes float64 while every integer in it is within +-2^53, any other to string, the values written
   before rendered as text the same way. Nothing is dropped and every widening is a warning. A double
-  column remembers which of its values were ints (one bit a row), so that as text they read as ints, as
-  in CSV.
+  column remembers which of its values were ints, a binary column which were UUIDs (one bit a row), so
+  that as text they read as in CSV (1, not 1.0; UUID text, not base64).
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Sequence
@@ -24,9 +25,16 @@ from typing import Any, Callable, Iterable, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 from bson.binary import Binary
+from bson.code import Code
 from bson.datetime_ms import DatetimeMS
+from bson.dbref import DBRef
+from bson.decimal128 import Decimal128
 from bson.int64 import Int64
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
 from bson.objectid import ObjectId
+from bson.regex import Regex
+from bson.timestamp import Timestamp
 
 from .values import MISSING, NonFiniteDouble, float_text, iso_datetime, relaxed_json, resolve, scalar_text
 
@@ -64,8 +72,9 @@ class Column:
     seen: frozenset[type] = frozenset({str, NONE})
     late: set[str] = field(default_factory=set)  # type names that arrived later in a string column
     max_abs: int = 0  # of an int column's values so far: whether a double column could still hold them all
-    # For a double column that has held ints: per row so far, whether its value was an int (a mask per batch).
-    ints: list[pa.Array] | None = None
+    # Per row so far (a mask per batch), once the first such value came: in a double column, whether the
+    # value was an int; in a binary column, whether it was a UUID. Their text is not the column type's.
+    marks: list[pa.Array] | None = None
     origin: str = ""  # the kind the first documents gave
     steps: list[tuple[str, str]] = field(default_factory=list)  # each widening: the misfit types' names, the new kind
     get: Callable[[dict[str, Any]], Any] = field(init=False, repr=False)
@@ -74,15 +83,15 @@ class Column:
         self.get = getter(self.name)
         self.origin = self.origin or self.kind
 
-    def note_ints(self, rows_before: int, rows: int, mask: pa.Array | None) -> None:
-        """Add a batch of rows to a double column's int mask; mask None: no value of the batch was an int.
-        The mask starts with the first int, every row before it a double."""
-        if self.ints is None and mask is not None and mask.true_count:
-            self.ints = [pa.repeat(False, rows_before)]
-        if self.ints is not None:
-            self.ints.append(pa.repeat(False, rows) if mask is None else mask)
-            if len(self.ints) > 64:  # fewer, longer chunks
-                self.ints = [pa.concat_arrays(self.ints)]
+    def note_marks(self, rows_before: int, rows: int, mask: pa.Array | None) -> None:
+        """Add a batch of rows to the column's marks; mask None: no value of the batch is marked. The marks
+        start with the first marked value, every row before it unmarked."""
+        if self.marks is None and mask is not None and mask.true_count:
+            self.marks = [pa.repeat(False, rows_before)]
+        if self.marks is not None:
+            self.marks.append(pa.repeat(False, rows) if mask is None else mask)
+            if len(self.marks) > 64:  # fewer, longer chunks
+                self.marks = [pa.concat_arrays(self.marks)]
 
     @property
     def arrow_type(self) -> pa.DataType:
@@ -136,13 +145,22 @@ def plan_column(name: str, docs: Sequence[dict[str, Any]]) -> tuple[Column, str 
         if kind == "str":
             return Column(name, "str"), None
         return Column(name, kind, frozenset(types | {NONE})), None
-    names = ", ".join(sorted(_type_name(t) for t in types))
+    names = ", ".join(sorted({_type_name(t) for t in types}))
     warning = f"column {name} holds values of several types in the first documents ({names}); it is written as text"
     return Column(name, TEXT, frozenset(types | {NONE})), warning
 
 
+# The names MongoDB's $type gives BSON types (a document and a DBRef are "document", not "object").
+BSON_NAMES: dict[type, str] = {
+    NONE: "null", bool: "bool", int: "int", Int64: "long", float: "double", NonFiniteDouble: "double",
+    Decimal128: "decimal", str: "string", datetime: "date", DatetimeMS: "date", ObjectId: "objectId",
+    bytes: "binData", Binary: "binData", dict: "document", DBRef: "document", list: "array", Regex: "regex",
+    Timestamp: "timestamp", Code: "javascript", MinKey: "minKey", MaxKey: "maxKey",
+}
+
+
 def _type_name(kind: type) -> str:
-    return {dict: "document", list: "array", NONE: "null"}.get(kind, kind.__name__)
+    return BSON_NAMES.get(kind, kind.__name__)
 
 
 # --- values to arrays ------------------------------------------------------------------------------------
@@ -205,19 +223,27 @@ def wider_kind(column: Column, values: list[Any]) -> str:
     return TEXT
 
 
-def int_mask(values: list[Any]) -> pa.Array | None:
-    """Which values are ints, for a double column; None when none is."""
-    if not {int, Int64} & set(map(type, values)):
+def marks_of(kind: str, values: list[Any]) -> pa.Array | None:
+    """Which values a column of kind marks (see Column.marks); None when it marks none."""
+    marked = _MARKED[kind]
+    if not any(map(marked, values)):
         return None
-    return pa.array([type(v) in (int, Int64) for v in values], pa.bool_())
+    return pa.array(list(map(marked, values)), pa.bool_())
 
 
-def convert(old_kind: str, new_kind: str, array: pa.Array | pa.ChunkedArray, ints: pa.Array | None = None) -> pa.Array:
-    """Values written as old_kind, as new_kind (one that wider_kind gives); ints: which of a double
-    column's values were ints."""
+def _is_uuid(value: Any) -> bool:
+    return type(value) is Binary and value.subtype == 4 and len(value) == 16  # as binary_text has it
+
+
+_MARKED: dict[str, Callable[[Any], bool]] = {"double": lambda v: type(v) in (int, Int64), "binary": _is_uuid}
+MARKED_KINDS = frozenset(_MARKED)
+
+
+def convert(old_kind: str, new_kind: str, array: pa.Array | pa.ChunkedArray, marks: pa.Array | None = None) -> pa.Array:
+    """Values written as old_kind, as new_kind (one that wider_kind gives); marks: see Column.marks."""
     if new_kind == "double":
         return pc.cast(array, pa.float64()).combine_chunks() if isinstance(array, pa.ChunkedArray) else pc.cast(array, pa.float64())
-    return as_text(old_kind, array, ints)
+    return as_text(old_kind, array, marks)
 
 
 def note_range(column: Column, array: pa.Array) -> None:
@@ -227,22 +253,29 @@ def note_range(column: Column, array: pa.Array) -> None:
         column.max_abs = max(column.max_abs, abs(low.as_py()), abs(high.as_py()))
 
 
-def as_text(kind: str, array: pa.Array | pa.ChunkedArray, ints: pa.Array | None = None) -> pa.Array:
-    """Values of a column of kind as the text a string column holds for them (see scalar_text); ints: which
-    of a double column's values were ints, written as ints (within +-2^53, so a double held them exactly)."""
+def as_text(kind: str, array: pa.Array | pa.ChunkedArray, marks: pa.Array | None = None) -> pa.Array:
+    """Values of a column of kind as the text a string column holds for them (see scalar_text); marks: of
+    a double column, the ints, written as ints (within +-2^53, so a double held them exactly); of a binary
+    column, the UUIDs, written as UUID text."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     if kind in ("str", TEXT):
         return array
     if kind == "int":
         return pc.cast(array, pa.string())
-    if kind == "double" and ints is not None:
+    if kind == "double" and marks is not None:
         as_ints = pc.cast(pc.cast(array, pa.int64(), safe=False), pa.string())
-        return pc.if_else(ints, as_ints, as_text(kind, array))
+        return pc.if_else(marks, as_ints, as_text(kind, array))
+    if kind == "binary" and marks is not None:
+        return pc.if_else(marks, pa.array([_uuid_text(v) for v in array.to_pylist()], pa.string()), as_text(kind, array))
     render = _RENDER.get(kind, _render_list)
     if kind == "datetime":
         array = array.cast(pa.int64())
     return pa.array([None if v is None else render(v) for v in array.to_pylist()], pa.string())
+
+
+def _uuid_text(value: bytes | None) -> str | None:
+    return None if value is None or len(value) != 16 else str(uuid.UUID(bytes=value))
 
 
 def _render_datetime(ms: int) -> str:

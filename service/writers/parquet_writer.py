@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 from .base import Writer
 from .parquet_arrow import ArrowReader, unaccounted
 from .parquet_columns import (
+    MARKED_KINDS,
     Column,
     convert,
-    int_mask,
     late_warning,
+    marks_of,
     note_range,
     plan_column,
     to_array,
@@ -31,7 +32,7 @@ from .parquet_columns import (
     wider_kind,
 )
 
-# A widened column: its kind before, after, and for a double column which of its values were ints.
+# A widened column: its kind before, after, and its marks (see Column.marks) when it had some.
 Widened = tuple[str, str, "pa.Array | None"]
 
 COPY_CHUNK = 1 << 20
@@ -93,7 +94,7 @@ class ParquetWriter(Writer):
     def _add(self, docs: list[dict[str, Any]], fast: dict[str, pa.Array]) -> int:
         """Arrays for the columns fast did not cover, from the decoded documents; widens what does not fit."""
         assert self.plan is not None
-        arrays, widened, ints = [], {}, {}
+        arrays, widened, marks = [], {}, {}
         for index, column in enumerate(self.plan):
             array = fast.get(column.name)
             if array is None:
@@ -103,22 +104,22 @@ class ParquetWriter(Writer):
                     widened[index] = self._widen(index, column, values)
                     array = to_array(column, values)
                     assert array is not None  # the wider kind takes every value
-                if column.kind == "double":
-                    ints[index] = int_mask(values)
+                if column.kind in MARKED_KINDS:
+                    marks[index] = marks_of(column.kind, values)
             arrays.append(array)
         if widened and self.groups:
             self._rewrite(widened)
-        return self._append(arrays, len(docs), ints)
+        return self._append(arrays, len(docs), marks)
 
-    def _append(self, arrays: list[pa.Array], rows: int, ints: dict[int, pa.Array | None]) -> int:
-        """Add a batch's arrays; ints: for double columns, which values were ints (not given: none was)."""
+    def _append(self, arrays: list[pa.Array], rows: int, marks: dict[int, pa.Array | None]) -> int:
+        """Add a batch's arrays; marks: of the columns that keep marks (not given: none marked)."""
         assert self.plan is not None
         for index, (column, chunks, array) in enumerate(zip(self.plan, self.pending, arrays)):
             chunks.append(array)
             if column.kind == "int":
                 note_range(column, array)
-            elif column.kind == "double":
-                column.note_ints(self.rows_in, rows, ints.get(index))
+            elif column.kind in MARKED_KINDS:
+                column.note_marks(self.rows_in, rows, marks.get(index))
         self.pending_rows += rows
         self.rows_in += rows
         while self.pending_rows >= self.group_rows:
@@ -153,16 +154,16 @@ class ParquetWriter(Writer):
         column.kind, column.seen = new, frozenset(misfits) | column.seen
         widen_step(column, misfits)
         self.notes[column.name] = widening_warning(column)
-        ints = pa.concat_arrays(column.ints) if column.ints else None
-        # an int column's rows so far are all ints; a text column needs no mask
-        column.ints = [pa.repeat(True, self.rows_in)] if new == "double" else None
+        marks = pa.concat_arrays(column.marks) if column.marks else None
+        # an int column's rows so far are all ints; a text column keeps no marks
+        column.marks = [pa.repeat(True, self.rows_in)] if new == "double" else None
         offset = self.rows_in - self.pending_rows  # the pending rows are the last ones
         for number, chunk in enumerate(self.pending[index]):
-            self.pending[index][number] = convert(old, new, chunk, None if ints is None else ints.slice(offset, len(chunk)))
+            self.pending[index][number] = convert(old, new, chunk, None if marks is None else marks.slice(offset, len(chunk)))
             offset += len(chunk)
         assert self.reader is not None
         self.reader.update(column)
-        return old, new, ints
+        return old, new, marks
 
     def _rewrite(self, widened: dict[int, Widened]) -> None:
         """Copy the row groups written so far into a new file with the widened columns as text."""
@@ -196,8 +197,8 @@ class ParquetWriter(Writer):
         """A row group's column, converted when it was widened; offset: the group's first row."""
         if widened is None:
             return column
-        old, new, ints = widened
-        return convert(old, new, column, None if ints is None else ints.slice(offset, len(column)))
+        old, new, marks = widened
+        return convert(old, new, column, None if marks is None else marks.slice(offset, len(column)))
 
     def _scratch(self) -> Path:
         if self.scratch_dir is None:
