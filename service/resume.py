@@ -55,13 +55,26 @@ def _lookup(doc: Mapping[str, Any], path: str) -> Any:
 
 
 def after(order: Sequence[tuple[str, int]], key_json: str) -> dict[str, Any]:
-    """The filter for the rows that come after key in this order (lexicographic over the sort keys)."""
+    """The filter for the rows that come after key in this order (lexicographic over the sort keys).
+
+    Null and missing sort before every other value, so after every other value in a descending order: a
+    descending key gets a branch for them, within the rows equal on the keys before it. $eq, not a bare value:
+    the embedded server's $or matches a bare null only where the field is missing."""
     values = json_util.loads(key_json, json_options=CANONICAL)
-    branches = []
+    branches: list[dict[str, Any]] = []
     for index, (path, direction) in enumerate(order):
-        branch = {prior: values[i] for i, (prior, _) in enumerate(order[:index])}
-        branch[path] = {"$gt" if direction == 1 else "$lt": values[index]}
-        branches.append(branch)
+        equal = {prior: {"$eq": values[i]} for i, (prior, _) in enumerate(order[:index])}
+        value = values[index]
+        if value is None:
+            if direction == 1:  # every non-null value sorts after null; nothing does in a descending order
+                branches.append({**equal, path: {"$nin": [None]}})
+        elif direction == 1:
+            branches.append({**equal, path: {"$gt": value}})
+        else:
+            branches.append({**equal, path: {"$lt": value}})
+            branches.append({**equal, path: {"$eq": None}})
+    if not branches:
+        return {"_id": {"$in": []}}
     return branches[0] if len(branches) == 1 else {"$or": branches}
 
 
@@ -91,6 +104,6 @@ def plan(job: Mapping[str, Any], spec: ExportSpec, export_dir: Path) -> ResumePl
     if size < point["bytes"]:
         log.warning("job %s: its checkpoint's file %s is gone or short; starting again", job["_id"], point["part"])
         return None
-    if any(value is None for value in values) or (spec.limit and point["rows"] >= spec.limit):
-        return None  # a null sort key has no "after"; a reached limit leaves nothing to ask for
+    if any(isinstance(value, list) for value in values) or (spec.limit and point["rows"] >= spec.limit):
+        return None  # an array sorts by one of its elements, unknown here; a reached limit leaves nothing to ask for
     return ResumePlan(source, int(point["bytes"]), int(point["rows"]), point.get("columns"), point["key"])

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncGenerator, Callable, Iterable, Protocol
 
@@ -180,8 +180,22 @@ class JobRun:
         return total
 
     async def export(self) -> None:
-        """Read the rows and write the file: start (or resume), count beside the cursor, copy, finalize."""
+        """Read the rows and write the file: start (or resume), count beside the cursor, copy, finalize. A resumed
+        file that does not hold every row is written again from the first row."""
         resume = plan(self.job, self.spec, self.ctx.settings.export_dir)
+        processed, total = await self._read(resume)
+        if resume is not None and processed != total:
+            log.warning("job %s: resumed at row %d, it holds %d rows of %s; writing it again from the first row",
+                        self.id, resume.rows, processed, "an unknown number" if total is None else total)
+            self.discard()
+            processed, _ = await self._read(None)
+        await self._finalize(processed)
+
+    async def _read(self, resume: ResumePlan | None) -> tuple[int, int | None]:
+        """Write the partial file from the first row or from resume; the rows in it, and the total when this run
+        resumed. The resume filter only matches rows after the checkpoint's key (MongoDB compares within one BSON
+        type, as it sorts), so as many rows as the total means none was left out; fewer means the key's values
+        are of several types, or the server compares otherwise than it sorts (the embedded one, integer _id)."""
         await self._start(resume)
         find = self._find(resume)
         # The total is of the whole export, whatever part of it this run reads.
@@ -193,9 +207,18 @@ class JobRun:
             self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, self._info(), point)
             await self._clear_stale_parts()
             processed = await self._copy_rows(find, resume.rows if resume is not None else 0)
+            total = await self._total(counting) if resume is not None else None
         finally:
             counting.cancel()
-        await self._finalize(processed)
+        return processed, total
+
+    async def _total(self, counting: "asyncio.Task[int | None]") -> int | None:
+        """The count beside the cursor, or, when it ran out of time, one given the cursor's time limit."""
+        total = await asyncio.shield(counting)
+        if total is not None:
+            return total
+        find = self._find(None)
+        return await self._count(replace(find, count_max_time_ms=find.max_time_ms))
 
     async def _start(self, resume: ResumePlan | None) -> None:
         """Record where this run starts: row one, or a checkpoint (and how many rows past it the run before
@@ -208,7 +231,8 @@ class JobRun:
         fields = {"processed": resume.rows if resume else 0, "total": None, "bytes": 0, "resumed_from": resumed}
         if resume is None:
             fields["checkpoint"] = None
-        await self._change(fields, [JobStatus.FETCHING])
+        # Processing already when a resumed file came out short and is written again.
+        await self._change(fields, [JobStatus.FETCHING, JobStatus.PROCESSING])
         self.waiting_since = time.monotonic()
         await self.emit("export-fetching")
 

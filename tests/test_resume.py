@@ -77,7 +77,8 @@ def test_which_exports_resume_and_the_bound_that_follows_a_checkpoint(tmp_path: 
     assert not resumable(validate_request({"collection": "t", "format": "parquet"}))
     oid = bson.ObjectId()
     key = bson.json_util.dumps([7, oid], json_options=bson.json_util.CANONICAL_JSON_OPTIONS)
-    assert after((("points", -1), ("_id", 1)), key) == {"$or": [{"points": {"$lt": 7}}, {"points": 7, "_id": {"$gt": oid}}]}
+    assert after((("points", -1), ("_id", 1)), key) == {"$or": [
+        {"points": {"$lt": 7}}, {"points": {"$eq": None}}, {"points": {"$eq": 7}, "_id": {"$gt": oid}}]}
     part = tmp_path / "x.csv.a.part"
     part.write_bytes(b"0123456789")
     job = {"_id": "j", "checkpoint": {"part": part.name, "bytes": 8, "rows": 80, "columns": ["a"], "key": key}}
