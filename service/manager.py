@@ -356,8 +356,12 @@ class JobManager:
             self.metrics.running -= 1
 
     async def _requeue(self, job_id: str) -> None:
+        """Put a job this instance stops back in the queue, with the attempt its claim counted given back: a
+        graceful stop (a rolling deploy) is no failure of the export. A crash still counts, its lease runs out."""
         try:
-            await transition(self.db, RUNNING, JobStatus.QUEUED, job_id=job_id, owner=self.instance_id, fields={"owner": None})
+            await transition(
+                self.db, RUNNING, JobStatus.QUEUED, job_id=job_id, owner=self.instance_id, fields={"owner": None}, inc={"attempts": -1}
+            )
         except DatabaseError:
             log.warning("job %s could not be queued again; its lease will expire", job_id)
 

@@ -311,3 +311,36 @@ async def test_a_job_still_running_here_is_not_queued_again_when_its_lease_looks
     assert final["status"] == "completed", final
     with MongoClient(mongo_url) as client:  # claimed once: never queued for a second run
         assert client[DATA_DB][settings.jobs_collection].find_one({"_id": job["id"]})["attempts"] == 1
+
+
+async def test_graceful_stops_are_not_attempts_and_a_crash_is(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate
+) -> None:
+    """A rolling deploy stops an instance while its export runs, more often than MAX_ATTEMPTS: each stop puts the
+    job back in the queue with its attempt given back, and the export completes. A lease that runs out (the
+    instance died) still counts."""
+    settings = make_settings(mongo_url, tmp_path, max_concurrent=1)
+    gate.shut()
+    job_id = ""
+    with MongoClient(mongo_url) as client:
+        jobs = client[DATA_DB][settings.jobs_collection]
+        for _ in range(manager_module.MAX_ATTEMPTS + 1):
+            api = await aiohttp_client(create_app(settings, source=gate))
+            if not job_id:
+                job_id = (await (await api.post("/api/exports", json=SPEC)).json())["id"]
+            await until(lambda: gate.held == 1, "the export running, held at its first batch")
+            assert jobs.find_one({"_id": job_id})["attempts"] == 1
+            await api.close()  # a graceful stop
+            doc = jobs.find_one({"_id": job_id})
+            assert (doc["status"], doc["attempts"]) == ("queued", 0), doc
+        # An instance that died running another job: its lease runs out, and that attempt stays counted.
+        crashed = new_job_doc(validate_request(SPEC), "anonymous", "t.csv", order=2**62)  # after the other in the queue
+        crashed.update(status="processing", owner="deadbeef0000", lease_until=now_ms() - 60_000, attempts=1)
+        jobs.insert_one(crashed)
+        api = await aiohttp_client(create_app(settings, source=gate))  # its start-up queues the crashed job
+        await until(lambda: gate.held == 1, "the export running again")
+        doc = jobs.find_one({"_id": crashed["_id"]})
+        assert (doc["status"], doc["attempts"]) == ("queued", 1), doc
+    gate.open()
+    final = await wait_status(api, job_id, timeout=60)
+    assert final["status"] == "completed" and final["error"] is None, final
