@@ -205,6 +205,8 @@ class JobRun:
                 await asyncio.shield(counting)  # the envelope's header names the total
             point = resume.encoder_point() if resume is not None else None
             self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, self._info(), point)
+            if resume is not None:
+                await self._adopt(resume)
             await self._clear_stale_parts()
             processed = await self._copy_rows(find, resume.rows if resume is not None else 0)
             total = await self._total(counting) if resume is not None else None
@@ -247,6 +249,15 @@ class JobRun:
             **({"pipeline": snap["pipeline"]} if self.spec.pipeline_json is not None else {}),
             "total": self.job.get("total"),
         }
+
+    async def _adopt(self, resume: ResumePlan) -> None:
+        """The checkpoint's rows are in this run's partial file now: made durable there, the checkpoint names
+        that file before the one they were copied from is removed, so a stop or a crash before this run's first
+        checkpoint still leaves a file to go on from."""
+        assert self.encoder is not None
+        _, state = await self.encoder.checkpoint()  # no rows fed yet: only flushes and fsyncs the copied bytes
+        point = {"part": self.part_path.name, **state, "key": resume.key}
+        await self._change({"checkpoint": point}, [JobStatus.FETCHING, JobStatus.PROCESSING])
 
     async def _clear_stale_parts(self) -> None:
         for stale in self.final_path.parent.glob(f"{self.final_path.name}.*.part"):

@@ -17,7 +17,7 @@ from service.pipeline import ExportPipeline
 from service.query import validate_request
 from service.resume import after, export_order, last_key
 
-from conftest import DATA_DB, make_settings, replace_collection, wait_status
+from conftest import DATA_DB, Gate, make_settings, replace_collection, until, wait_status
 
 BATCH, EVERY = 10, 2
 ORDERS = {
@@ -123,3 +123,32 @@ async def test_a_taken_over_job_loses_no_row(aiohttp_client: Any, mongo_url: str
                 order = export_order(validate_request(body))
                 key = last_key(bson.encode(list(coll.find({}, sort=list(order)))[point["rows"] - 1]), order)
                 assert coll.count_documents(after(order, key)) == len(rows) - point["rows"]
+
+
+async def test_a_job_stopped_again_before_its_first_checkpoint_still_resumes(
+    aiohttp_client: Any, mongo_url: str, sync_db: Any, tmp_path: Path, gate: Gate
+) -> None:
+    """The run that takes a job over copies the checkpoint's rows into its own partial file and removes the dead
+    instance's one; stopped before a checkpoint of its own, it leaves a checkpoint that names a file still there."""
+    collection, rows, extra, _ = TAKEOVERS["nulls-last"]
+    replace_collection(sync_db, collection, rows)
+    body = {"collection": collection, "format": "csv", **extra}
+    settings = make_settings(mongo_url, tmp_path, batch_size=BATCH, checkpoint_batches=EVERY, max_concurrent=1)
+    doc = seed_checkpointed_job(sync_db, settings, body, checkpoint_after=2)
+    jobs = sync_db[settings.jobs_collection]
+    gate.shut()
+    api = await aiohttp_client(create_app(settings, source=gate))
+    await until(lambda: gate.held == 1, "the run that took the job over, held before its first row")
+    await api.close()  # a graceful stop, before this run's first checkpoint
+    stopped = jobs.find_one({"_id": doc["_id"]})
+    assert stopped["status"] == "queued" and stopped["checkpoint"]["rows"] == doc["checkpoint"]["rows"], stopped
+    assert stopped["checkpoint"]["part"] != doc["checkpoint"]["part"], "the stopped run's own file carries the checkpoint"
+    assert (Path(settings.export_dir) / stopped["checkpoint"]["part"]).stat().st_size == doc["checkpoint"]["bytes"]
+    gate.open()
+    api = await aiohttp_client(create_app(settings, source=gate))
+    resumed, resumed_bytes = await export_bytes(api, doc["_id"])
+    assert resumed["resumed_from"] is not None and resumed["resumed_from"]["rows"] == doc["checkpoint"]["rows"], resumed
+    clean = await (await api.post("/api/exports", json=body)).json()
+    _, clean_bytes = await export_bytes(api, clean["id"])
+    assert resumed_bytes == clean_bytes
+    assert not list(Path(settings.export_dir).glob("*.part*"))
