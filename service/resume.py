@@ -72,7 +72,8 @@ def after(order: Sequence[tuple[str, int]], key_json: str) -> dict[str, Any]:
             branches.append({**equal, path: {"$gt": value}})
         else:
             branches.append({**equal, path: {"$lt": value}})
-            branches.append({**equal, path: {"$eq": None}})
+            if path != "_id":  # never null nor missing
+                branches.append({**equal, path: {"$eq": None}})
     if not branches:
         return {"_id": {"$in": []}}
     return branches[0] if len(branches) == 1 else {"$or": branches}
