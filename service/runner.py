@@ -77,6 +77,8 @@ class JobRun:
         self.part_path = part_path(self.final_path, ctx.instance_id)
         self.encoder: EncoderSession | None = None
         self.started = time.monotonic()
+        # The rate is of the rows this run reads since it started reading, not of those a checkpoint brought.
+        self.rate_since, self.rate_base = self.started, 0
         self.last_event = 0.0
         self.last_persist = 0.0
         self.waiting_since: float | None = None  # when the run began waiting for the database, while it waits
@@ -230,7 +232,8 @@ class JobRun:
             reread = max(0, int(self.job.get("processed") or 0) - resume.rows)
             resumed = {"rows": resume.rows, "bytes": resume.bytes, "reread_rows": reread}
             log.info("job %s: resuming at row %d (byte %d); %d rows are read again", self.id, resume.rows, resume.bytes, reread)
-        fields = {"processed": resume.rows if resume else 0, "total": None, "bytes": 0, "resumed_from": resumed}
+        fields = {"processed": resume.rows if resume else 0, "total": None, "bytes": 0, "rate": None, "resumed_from": resumed}
+        self.rate_since, self.rate_base = time.monotonic(), fields["processed"]
         if resume is None:
             fields["checkpoint"] = None
         # Processing already when a resumed file came out short and is written again.
@@ -304,8 +307,8 @@ class JobRun:
 
     async def _progress(self, processed: int, force: bool = False, extra: dict[str, Any] | None = None) -> None:
         now = time.monotonic()
-        elapsed = max(now - self.started, 1e-6)
-        fields: dict[str, Any] = {"processed": processed, "rate": processed / elapsed, **(extra or {})}
+        elapsed = max(now - self.rate_since, 1e-6)
+        fields: dict[str, Any] = {"processed": processed, "rate": (processed - self.rate_base) / elapsed, **(extra or {})}
         if self.unsaved_total is not None:
             fields["total"] = self.unsaved_total
         if self.job["status"] == JobStatus.FETCHING.value:

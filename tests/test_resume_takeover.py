@@ -3,14 +3,17 @@ checkpoint are all found (sort keys with nulls, several types, a server that com
 or the export starts again from its first row; never a row lost."""
 from __future__ import annotations
 
+import asyncio
+from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncGenerator
 
 import bson
 import pytest
 from pymongo import MongoClient
 
 from service.app import create_app
+from service.db import Database, FindSpec
 from service.files import final_path, part_path
 from service.jobs import new_job_doc
 from service.pipeline import ExportPipeline
@@ -152,3 +155,39 @@ async def test_a_job_stopped_again_before_its_first_checkpoint_still_resumes(
     _, clean_bytes = await export_bytes(api, clean["id"])
     assert resumed_bytes == clean_bytes
     assert not list(Path(settings.export_dir).glob("*.part*"))
+
+
+class SlowSource:
+    """The test database, a batch every DELAY seconds: a run reading n batches lasts at least n * DELAY."""
+
+    DELAY = 0.4
+
+    def __init__(self, mongo_url: str) -> None:
+        self.db = Database.connect(mongo_url, DATA_DB)
+
+    async def count(self, spec: FindSpec) -> int:
+        return await self.db.count(spec)
+
+    async def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]:
+        async with aclosing(self.db.raw_batches(spec)) as batches:
+            async for batch in batches:
+                await asyncio.sleep(self.DELAY)
+                yield batch
+
+
+async def test_a_resumed_jobs_rate_counts_only_the_rows_it_read(aiohttp_client: Any, mongo_url: str, sync_db: Any, tmp_path: Path) -> None:
+    """200 rows come from the checkpoint and 20 are read, in two batches that take 2 * DELAY at least: the rate
+    (and the ETA drawn from it) is of those 20 rows."""
+    replace_collection(sync_db, "resume_rate", [{"_id": f"r{i:03d}", "n": i} for i in range(220)])
+    settings = make_settings(mongo_url, tmp_path, batch_size=BATCH, checkpoint_batches=EVERY, max_concurrent=1)
+    doc = seed_checkpointed_job(sync_db, settings, {"collection": "resume_rate", "format": "ndjson"}, checkpoint_after=20)
+    source = SlowSource(mongo_url)
+    try:
+        api = await aiohttp_client(create_app(settings, source=source))
+        final = await wait_status(api, doc["_id"], timeout=60)
+    finally:
+        await source.db.close()
+    assert final["status"] == "completed" and final["resumed_from"]["rows"] == 200, final
+    read = final["processed"] - final["resumed_from"]["rows"]
+    assert read == 20
+    assert 0 < final["rate"] <= read / (2 * SlowSource.DELAY), final["rate"]
