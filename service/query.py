@@ -114,10 +114,11 @@ class ExportSpec:
         return f"{self.format}.gz" if self.compress == "gzip" else self.format
 
     def projection(self) -> dict[str, int] | None:
-        """Top-level projection: dotted paths are resolved client-side, the same on every server."""
+        """Top-level projection: dotted paths are resolved client-side, the same on every server. The sort keys'
+        fields come too, for a checkpoint's key; the writers keep to fields, so they are never written."""
         if not self.fields:
             return None
-        heads = {path.split(".", 1)[0]: 1 for path in self.fields}
+        heads = {path.split(".", 1)[0]: 1 for path in (*self.fields, *(key for key, _ in self.sort))}
         if "_id" not in heads:
             heads["_id"] = 1  # kept for JSON output; CSV/XLSX columns come from fields alone
         return heads

@@ -4,6 +4,8 @@ or the export starts again from its first row; never a row lost."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncGenerator
@@ -191,3 +193,27 @@ async def test_a_resumed_jobs_rate_counts_only_the_rows_it_read(aiohttp_client: 
     read = final["processed"] - final["resumed_from"]["rows"]
     assert read == 20
     assert 0 < final["rate"] <= read / (2 * SlowSource.DELAY), final["rate"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+async def test_a_sort_on_a_field_not_exported_resumes_and_the_output_keeps_to_fields(
+    aiohttp_client: Any, mongo_url: str, sync_db: Any, tmp_path: Path, fmt: str
+) -> None:
+    """The sort key is read from the database (for the checkpoint's key) but never written."""
+    collection, rows, extra, _ = TAKEOVERS["nulls-last"]
+    replace_collection(sync_db, collection, rows)
+    body = {"collection": collection, "format": fmt, "fields": ["n"], **extra}
+    settings = make_settings(mongo_url, tmp_path, batch_size=BATCH, checkpoint_batches=EVERY, max_concurrent=1)
+    doc = seed_checkpointed_job(sync_db, settings, body, checkpoint_after=2)
+    assert bson.json_util.loads(doc["checkpoint"]["key"])[0] is not None
+    api = await aiohttp_client(create_app(settings))
+    resumed, resumed_bytes = await export_bytes(api, doc["_id"])
+    assert resumed["resumed_from"] is not None and resumed["resumed_from"]["rows"] == 2 * BATCH, resumed
+    clean = await (await api.post("/api/exports", json=body)).json()
+    _, clean_bytes = await export_bytes(api, clean["id"])
+    assert resumed_bytes == clean_bytes
+    order = list(sync_db[collection].find({}, sort=list(export_order(validate_request(body)))))
+    if fmt == "csv":
+        assert list(csv.reader(io.StringIO(clean_bytes.decode()))) == [["n"], *([str(row["n"])] for row in order)]
+    else:
+        assert [bson.json_util.loads(line) for line in clean_bytes.splitlines()] == [{"_id": row["_id"], "n": row["n"]} for row in order]
