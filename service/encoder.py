@@ -91,7 +91,10 @@ def _serve(sock: socket.socket, spec_doc: dict[str, Any], part_path: str, info: 
     _lower_priority()
     with multiprocessing.connection.Connection(sock.detach()) as conn:
         try:
-            point = ResumePoint(Path(resume["source"]), resume["bytes"], resume["rows"], resume["columns"]) if resume else None
+            point = None
+            if resume:
+                missed = tuple(resume.get("missed") or ())
+                point = ResumePoint(Path(resume["source"]), resume["bytes"], resume["rows"], resume["columns"], missed)
             from .pipeline import ExportPipeline  # the encoder's own import: the server process never loads the writers
 
             pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info, point)

@@ -52,6 +52,7 @@ class ResumePoint:
     bytes: int
     rows: int
     columns: list[str] | None
+    missed: tuple[str, ...] = ()  # paths later documents had that the columns lack, for the end's warning
 
 
 @dataclass

@@ -84,6 +84,7 @@ class ExportPipeline:
         if columns is not None and not self.spec.fields:
             self.discovered = set(columns)
             self.leaf_keys = frozenset(c for c in columns if "." not in c)
+        self.missed = dict.fromkeys(resume.missed)
         self.writer = make_writer(self.stream, self.spec, columns, self.info, self.scratch)
         self.writer.resume(resume.rows)
 
@@ -98,7 +99,8 @@ class ExportPipeline:
             self.gzip.end_member()
         self.file.flush()
         os.fsync(self.file.fileno())
-        return {"bytes": self.file.tell(), "rows": self.rows, "columns": self.writer.columns if self.writer else None}
+        return {"bytes": self.file.tell(), "rows": self.rows, "columns": self.writer.columns if self.writer else None,
+                "missed": list(self.missed)}
 
     def _start(self, first_docs: list[dict[str, Any]]) -> None:
         columns: list[str] | None = list(self.spec.fields) if self.spec.fields else None

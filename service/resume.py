@@ -86,9 +86,10 @@ class ResumePlan:
     rows: int
     columns: list[str] | None
     key: str  # canonical Extended JSON of the last row's sort key
+    missed: list[str]  # paths documents before the checkpoint had that the CSV columns lack
 
     def encoder_point(self) -> dict[str, Any]:
-        return {"source": str(self.source), "bytes": self.bytes, "rows": self.rows, "columns": self.columns}
+        return {"source": str(self.source), "bytes": self.bytes, "rows": self.rows, "columns": self.columns, "missed": self.missed}
 
 
 def plan(job: Mapping[str, Any], spec: ExportSpec, export_dir: Path) -> ResumePlan | None:
@@ -107,4 +108,4 @@ def plan(job: Mapping[str, Any], spec: ExportSpec, export_dir: Path) -> ResumePl
         return None
     if any(isinstance(value, list) for value in values) or (spec.limit and point["rows"] >= spec.limit):
         return None  # an array sorts by one of its elements, unknown here; a reached limit leaves nothing to ask for
-    return ResumePlan(source, int(point["bytes"]), int(point["rows"]), point.get("columns"), point["key"])
+    return ResumePlan(source, int(point["bytes"]), int(point["rows"]), point.get("columns"), point["key"], list(point.get("missed") or []))

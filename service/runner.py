@@ -300,8 +300,7 @@ class JobRun:
         """Make the file whole and durable up to the last batch fed, and record where a new owner can go on."""
         assert self.encoder is not None
         rows, state = await self.encoder.checkpoint()
-        point = {"part": self.part_path.name, "bytes": state["bytes"], "rows": state["rows"], "columns": state["columns"],
-                 "key": last_key(last_raw, order)}
+        point = {"part": self.part_path.name, **state, "key": last_key(last_raw, order)}
         await self._progress(processed + rows, force=True, extra={"checkpoint": point})
         return processed + rows
 
