@@ -369,7 +369,9 @@ class _PipelineCheck:
             raise ValidationError(
                 where, f"stage {name} is not allowed in an export; allowed: {', '.join(sorted(ALLOWED_STAGES))}", "forbidden_stage"
             )
-        if name == "$facet" and isinstance(body, dict):
+        if name == "$facet":
+            if not isinstance(body, dict):
+                raise ValidationError(where, "$facet must be an object of named pipelines", "invalid_pipeline")
             for key, sub in body.items():
                 self.pipeline(sub, f"{where}.{key}", depth + 1)
         elif name == "$lookup":
@@ -413,6 +415,14 @@ def _pipeline(body: Mapping[str, Any], jobs_collection: str, allowed: tuple[str,
             )
     _PipelineCheck(jobs_collection, allowed).pipeline(value, "pipeline", 0)
     return json_util.dumps(_from_extended_json(value, "pipeline", "invalid_pipeline"), json_options=CANONICAL)
+
+
+def check_exportable(spec: "ExportSpec", jobs_collection: str, allowed: tuple[str, ...]) -> None:
+    """A stored job against the collections exportable now: the settings may have changed since it was created,
+    or it may have been created by an instance with other settings."""
+    validate_collection_name(spec.collection, jobs_collection, allowed)
+    if spec.pipeline_json is not None:
+        _PipelineCheck(jobs_collection, allowed).pipeline(json_util.loads(spec.pipeline_json), "pipeline", 0)
 
 
 def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_jobs", allowed: tuple[str, ...] = ()) -> ExportSpec:

@@ -20,7 +20,7 @@ from .events import EventHub
 from .jobs import ACTIVE, RUNNING, JobStatus, expiry, now_ms, snapshot, transition
 from .metrics import Metrics
 from .files import discard_partial, final_path, part_path, remove_file
-from .query import ExportSpec
+from .query import ExportSpec, ValidationError, check_exportable
 from .resume import ResumePlan, after, export_order, last_key, plan, resumable
 from .settings import Settings
 from .signing import UrlSigner
@@ -184,7 +184,9 @@ class JobRun:
     async def export(self) -> None:
         """Read the rows and write the file: start (or resume), count beside the cursor, copy, finalize. A resumed
         file that does not hold every row is written again from the first row."""
-        resume = plan(self.job, self.spec, self.ctx.settings.export_dir)
+        settings = self.ctx.settings
+        check_exportable(self.spec, settings.jobs_collection, settings.collections)
+        resume = plan(self.job, self.spec, settings.export_dir)
         processed, total = await self._read(resume)
         if resume is not None and processed != total:
             log.warning("job %s: resumed at row %d, it holds %d rows of %s; writing it again from the first row",
@@ -516,6 +518,9 @@ async def _failed(run: JobRun, exc: Exception, expired_limit: float | None) -> J
     if isinstance(exc, DatabaseError):
         log.warning("job %s failed: %s", run.id, exc)
         return await _fail(run, exc.code, str(exc))
+    if isinstance(exc, ValidationError):
+        log.warning("job %s may not run: %s", run.id, exc.message)
+        return await _fail(run, exc.code, exc.message)
     if isinstance(exc, EncoderError):
         log.warning("job %s failed in the encoder: %s", run.id, exc.message)
         return await _fail(run, exc.code, exc.message)

@@ -69,6 +69,7 @@ REJECTIONS: list[tuple[str, dict[str, Any], str, str]] = [
      "forbidden_operator", "pipeline.0.$facet.odd.1.$match.$or.1.$where"),
     ("$out in a $facet", pipeline({"$facet": {"x": [{"$out": "copy"}]}}), "forbidden_stage", "pipeline.0.$facet.x.0.$out"),
     ("$facet not a list", pipeline({"$facet": {"x": {"$match": {}}}}), "invalid_pipeline", "pipeline.0.$facet.x"),
+    ("$facet a list, not an object", pipeline({"$facet": [{"$match": {}}]}), "invalid_pipeline", "pipeline.0.$facet"),
     ("$merge in a $lookup pipeline", pipeline({"$lookup": {"from": "tasks", "pipeline": [{"$merge": "copy"}], "as": "c"}}),
      "forbidden_stage", "pipeline.0.$lookup.pipeline.0.$merge"),
     ("$function in a $lookup pipeline", pipeline({"$match": {}}, {"$lookup": {"from": "tasks", "as": "c", "pipeline": [{"$project": {"x": {"$function": {}}}}]}}),

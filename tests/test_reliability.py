@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from service.app import create_app
 from service.db import DatabaseUnavailable
 from service.settings import MANAGER_KEY
 
-from conftest import END_STATES, Gate, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
+from conftest import DATA_DB, END_STATES, Gate, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
 
 
 @pytest.fixture
@@ -270,3 +271,31 @@ async def test_cancel_closes_the_cursor(aiohttp_client: Any, mongo_url: str, tmp
     await api.delete(f"/api/exports/{job['id']}")
     await asyncio.wait_for(source.closed.wait(), 1.0)
     assert (await wait_status(api, job["id"]))["status"] == "cancelled"
+
+
+async def test_a_queued_job_of_a_collection_no_longer_exportable_fails_when_it_would_run(
+        aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    with MongoClient(mongo_url) as client:
+        client[DATA_DB]["tasks_then"].replace_one({"_id": 1}, {"_id": 1, "seq": 1}, upsert=True)
+        try:
+            await _no_longer_exportable(aiohttp_client, mongo_url, tmp_path)
+        finally:
+            client[DATA_DB].drop_collection("tasks_then")
+
+
+async def _no_longer_exportable(aiohttp_client: Any, mongo_url: str, tmp_path: Path) -> None:
+    before = make_settings(mongo_url, tmp_path, collections=("tasks", "tasks_then"))
+    gate = Gate(mongo_url)
+    api = await aiohttp_client(create_app(before, source=gate))
+    await hold_queue(api, gate)
+    pipeline = [{"$lookup": {"from": "tasks_then", "localField": "seq", "foreignField": "seq", "as": "then"}}]
+    queued = [await (await api.post("/api/exports", json=body)).json() for body in (
+        {"collection": "tasks_then", "format": "csv"}, {"collection": "tasks", "format": "json", "pipeline": pipeline})]
+    assert [job.get("status") for job in queued] == ["queued", "queued"], queued
+    await api.close()  # the settings change: tasks_then is exportable no more
+    after = await aiohttp_client(create_app(replace(before, collections=("tasks",))))
+    for job, where in zip(queued, ("collection", "$lookup from")):
+        final = await wait_status(after, job["id"])
+        assert final["status"] == "failed" and final["error"]["code"] == "collection_not_exportable", final
+        assert "tasks_then" in final["error"]["message"] and final["error"]["message"].startswith(where), final
+        assert final.get("download_url") is None
