@@ -19,7 +19,7 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 from .files import PipelineResult, ResumePoint, discard_partial, scratch_dir
 from .query import ExportSpec
 from .writers import Writer, make_writer, writer_class
-from .writers.values import discover_columns, mark_non_finite, non_finite_suspects, paths_of
+from .writers.values import discover_columns, dotted_keys, mark_non_finite, non_finite_suspects, paths_of
 
 log = logging.getLogger(__name__)
 # BSON datetimes are UTC. Decoding them naive (and treating naive as UTC everywhere in the writers)
@@ -68,6 +68,7 @@ class ExportPipeline:
         self.discovered: set[str] | None = None  # columns found by sampling, when fields were not given
         self.leaf_keys: frozenset[str] = frozenset()  # top-level keys that are columns themselves
         self.missed: dict[str, None] = {}
+        self.dotted: dict[str, None] = {}  # keys with a dot in their name, which no path names
         self.scratch = scratch_dir(self.part_path)
         self.scratch.mkdir(exist_ok=True)
         self.file: BinaryIO = _open_part(self.part_path, resume)
@@ -107,6 +108,8 @@ class ExportPipeline:
         if columns is None and writer_class(self.spec.format).tabular:
             # The first batch is the sample; later documents are checked against it.
             columns = discover_columns(first_docs)
+            for doc in first_docs:
+                self.dotted.update(dict.fromkeys(dotted_keys(doc)))
             self.discovered = set(columns)
             self.leaf_keys = frozenset(c for c in columns if "." not in c)
         self.writer = make_writer(self.stream, self.spec, columns, self.info, self.scratch)
@@ -159,7 +162,9 @@ class ExportPipeline:
             for key, value in doc.items():
                 if key in leaf_keys:  # the whole value is in that column, however deep it goes
                     continue
-                if type(value) is dict and value:
+                if "." in key:
+                    self.dotted.setdefault(key, None)
+                elif type(value) is dict and value:
                     for path in paths_of(value, key + "."):
                         if not _covered(path, known):
                             missed.setdefault(path, None)
@@ -179,6 +184,12 @@ class ExportPipeline:
         self.file.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
         warnings = self.writer.warnings()
+        if self.dotted:
+            warnings.append(
+                "keys with a dot in their name are in no column, since a path cannot name them: "
+                + ", ".join(list(self.dotted)[:MAX_WARNED_PATHS])
+                + " (rename them in a pipeline, with $getField)"
+            )
         if self.missed:
             paths = list(self.missed)[:MAX_WARNED_PATHS]
             warnings.append(

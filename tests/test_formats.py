@@ -639,6 +639,16 @@ def test_columns_from_the_first_batch_and_a_warning_for_paths_it_missed(tmp_path
     ]
 
 
+def test_keys_with_a_dot_in_their_name_are_warned_of(tmp_path: Path) -> None:
+    first = [{"_id": 1, "a.b": 1, "c": {"d.e": 3}, "g": {"h": 5}}]
+    later = [{"_id": 2, "x.y": 4, "g": {"h": 6}}]
+    data, result = export(tmp_path, "csv", [first, later])
+    assert csv_rows(data)[0] == ["_id", "a.b", "c.d.e", "g.h"]
+    assert [row[1:3] for row in csv_rows(data)[1:]] == [["", ""], ["", ""]]  # what the warning is about
+    assert result.warnings == ["keys with a dot in their name are in no column, since a path cannot name them: "
+                               "a.b, c.d.e, x.y (rename them in a pipeline, with $getField)"]
+
+
 def test_no_discovery_warning_with_fields_or_for_documents(tmp_path: Path) -> None:
     later = [{"_id": 3, "c": 5}]
     assert export(tmp_path, "csv", [[{"_id": 1}], later], fields=("_id",))[1].warnings == []

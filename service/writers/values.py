@@ -91,6 +91,16 @@ def paths_of(doc: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
             yield path
 
 
+def dotted_keys(doc: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """Paths to the keys whose name holds a dot: a path cannot name them (a.b is a's b), so no column holds
+    their values."""
+    for key, value in doc.items():
+        if "." in key:
+            yield prefix + key
+        elif isinstance(value, dict):
+            yield from dotted_keys(value, f"{prefix}{key}.")
+
+
 def discover_columns(docs: Iterable[Mapping[str, Any]]) -> list[str]:
     """The union of paths in docs, in first-seen order."""
     seen: dict[str, None] = {}
