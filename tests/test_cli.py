@@ -325,16 +325,43 @@ def test_a_failed_export_exits_non_zero_with_the_services_reason(service: Servic
     assert not list(tmp_path.iterdir())
 
 
-class ApiOnlyProxy:
+class ThreadedSite:
+    """An aiohttp application of the test's own, served from a thread of its own on a free port while the
+    test drives mexport (which blocks) from the main thread."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def make_app(self) -> web.Application:
+        raise NotImplementedError
+
+    async def _start(self) -> None:
+        self.runner = web.AppRunner(self.make_app())
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    def __enter__(self) -> Any:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class ApiOnlyProxy(ThreadedSite):
     """Forwards /api/* to the service and answers everything else, Socket.IO included, with 404: a proxy
     that does not pass WebSockets or long polling."""
 
     def __init__(self, target: str) -> None:
+        super().__init__()
         self.target = target
         self.paths: list[str] = []
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.paths.append(request.path)
@@ -346,28 +373,16 @@ class ApiOnlyProxy:
                 passed = {k: v for k, v in resp.headers.items() if k in ("Content-Type", "Content-Disposition")}
                 return web.Response(status=resp.status, body=await resp.read(), headers=passed)
 
-    async def _start(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    def __enter__(self) -> "ApiOnlyProxy":
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        return app
 
 
 def test_without_socketio_it_falls_back_to_polling(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
     with ApiOnlyProxy(service.url) as proxy:
         done = subprocess.run([*CLI, "create", "tasks", "--type", "csv", "-f", "seq", "-o", "p.csv"], cwd=tmp_path,
-                              env=cli_env(service, url=f"http://127.0.0.1:{proxy.port}"), capture_output=True, text=True, timeout=180)
+                              env=cli_env(service, url=proxy.url), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "live progress unavailable" in done.stderr and "polling every second" in done.stderr
     job_id = job_id_of(done.stdout)
@@ -607,7 +622,7 @@ def test_a_service_restarted_while_it_is_followed_is_waited_for(
 
 
 
-class AnnouncingService:
+class AnnouncingService(ThreadedSite):
     """A stand-in for the service that announces export-failed for a job its record shows completed, as an
     instance being stopped may for a job it put back in the queue and another run finished."""
 
@@ -615,12 +630,9 @@ class AnnouncingService:
     FILE = b"seq\r\n1\r\n2\r\n"
 
     def __init__(self, unavailable: int = 0) -> None:
+        super().__init__()
         self.gets = 0
         self.unavailable = unavailable  # the first snapshots asked for answer 503, as behind a gateway
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def snapshot(self, status: str) -> dict[str, Any]:
         snap = {"id": self.JOB, "status": status, "collection": "tasks", "format": "csv", "processed": 2, "total": 2}
@@ -644,7 +656,7 @@ class AnnouncingService:
         await self.sio.emit("export-failed", failed, to=sid)
         return {"ok": True, "job": self.snapshot("queued")}
 
-    async def _start(self) -> None:
+    def make_app(self) -> web.Application:
         self.sio = socketio.AsyncServer(async_mode="aiohttp")
         self.sio.on("subscribe", self.subscribe)
         app = web.Application()
@@ -652,19 +664,7 @@ class AnnouncingService:
         app.router.add_post("/api/exports", self.create)
         app.router.add_get(f"/api/exports/{self.JOB}", self.get)
         app.router.add_get(f"/api/exports/{self.JOB}/download", self.download)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    def __enter__(self) -> "AnnouncingService":
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        return app
 
 
 def test_an_announced_failure_is_checked_against_the_record(tmp_path: Path) -> None:
