@@ -1,6 +1,7 @@
 """Socket.IO: connect auth, subscribe/unsubscribe, and the export-* events (one room per job)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Awaitable, Callable, Mapping
@@ -14,6 +15,7 @@ log = logging.getLogger(__name__)
 
 SnapshotLookup = Callable[[str, str], Awaitable["dict[str, Any] | None"]]
 EVENT_FIELDS = ("id", "status", "processed", "total", "percent")
+CLOSE_SECONDS = 2.0  # at shutdown, for clients to take their close packet
 
 
 def room(job_id: str) -> str:
@@ -119,9 +121,16 @@ class EventHub:
         return {"ok": True}
 
     async def close(self) -> None:
-        """Close every client's connection (pages reconnect, to this instance once it is back or to another)."""
-        if self.sio.eio.sockets:  # python-engineio's disconnect-all fails when there is nobody to disconnect
-            await self.sio.eio.disconnect()
+        """Close every client's connection (pages reconnect, to this instance once it is back or to another).
+        A WebSocket closes at once; a long-polling client that no longer polls would never take its close
+        packet, so the wait for that is bounded."""
+        eio = self.sio.eio
+        closing = [asyncio.create_task(client.close(reason=eio.reason.SERVER_DISCONNECT)) for client in list(eio.sockets.values())]
+        if closing:
+            _, late = await asyncio.wait(closing, timeout=CLOSE_SECONDS)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*closing, return_exceptions=True)
 
     async def emit(self, event: str, snap: Mapping[str, Any], **extra: Any) -> None:
         payload = {key: snap.get(key) for key in EVENT_FIELDS}
