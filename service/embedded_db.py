@@ -86,8 +86,11 @@ class EmbeddedMongo:
             "--log-file", str(log_path),
             "--pid-file", str(self.data_dir / f"nx-27017-{self.port}.pid"),
         ]
+        # The guard is a module of this package: the child finds it where this process found it, from any directory.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
         )
         self.pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + timeout

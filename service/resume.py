@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import bson
 from bson import json_util
+from bson.codec_options import CodecOptions, DatetimeConversion
 
 from .query import CANONICAL, ExportSpec
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 RESUMABLE_FORMATS = frozenset({"csv", "json", "ndjson"})  # XLSX and Parquet files are whole only when closed
 DEFAULT_ORDER: tuple[tuple[str, int], ...] = (("_id", 1),)
 _INT32 = struct.Struct("<i")
+KEY_DECODE = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)  # any date a key may hold
+KEY_JSON = CANONICAL.with_options(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 
 
 def export_order(spec: ExportSpec) -> tuple[tuple[str, int], ...]:
@@ -31,8 +34,11 @@ def export_order(spec: ExportSpec) -> tuple[tuple[str, int], ...]:
 
 
 def resumable(spec: ExportSpec) -> bool:
+    """Read in a total order by a find, to a file that is whole at each checkpoint, and without a limit: with one,
+    the rows a resume left out would be made up for by later ones, and the count could not tell."""
     order = export_order(spec)
-    return spec.format in RESUMABLE_FORMATS and getattr(spec, "pipeline_json", None) is None and order[-1][0] == "_id"
+    return (spec.format in RESUMABLE_FORMATS and getattr(spec, "pipeline_json", None) is None and order[-1][0] == "_id"
+            and not spec.limit)
 
 
 def last_key(raw: bytes, order: Sequence[tuple[str, int]]) -> str:
@@ -43,13 +49,16 @@ def last_key(raw: bytes, order: Sequence[tuple[str, int]]) -> str:
         if start + size >= len(raw):
             break
         start += size
-    doc = bson.decode(raw[start:])
+    doc = bson.decode(raw[start:], codec_options=KEY_DECODE)
     return json_util.dumps([_lookup(doc, path) for path, _ in order], json_options=CANONICAL)
 
 
 def _lookup(doc: Mapping[str, Any], path: str) -> Any:
+    """The value at path; an array met on the way is the value (plan() never resumes after one)."""
     value: Any = doc
     for part in path.split("."):
+        if isinstance(value, list):
+            return value
         value = value.get(part) if isinstance(value, Mapping) else None
     return value
 
@@ -60,7 +69,7 @@ def after(order: Sequence[tuple[str, int]], key_json: str) -> dict[str, Any]:
     Null and missing sort before every other value, so after every other value in a descending order: a
     descending key gets a branch for them, within the rows equal on the keys before it. $eq, not a bare value:
     the embedded server's $or matches a bare null only where the field is missing."""
-    values = json_util.loads(key_json, json_options=CANONICAL)
+    values = json_util.loads(key_json, json_options=KEY_JSON)
     branches: list[dict[str, Any]] = []
     for index, (path, direction) in enumerate(order):
         equal = {prior: {"$eq": values[i]} for i, (prior, _) in enumerate(order[:index])}
@@ -102,10 +111,10 @@ def plan(job: Mapping[str, Any], spec: ExportSpec, export_dir: Path) -> ResumePl
         size = source.stat().st_size
     except FileNotFoundError:
         size = -1
-    values = json_util.loads(point["key"], json_options=CANONICAL)
+    values = json_util.loads(point["key"], json_options=KEY_JSON)
     if size < point["bytes"]:
         log.warning("job %s: its checkpoint's file %s is gone or short; starting again", job["_id"], point["part"])
         return None
-    if any(isinstance(value, list) for value in values) or (spec.limit and point["rows"] >= spec.limit):
-        return None  # an array sorts by one of its elements, unknown here; a reached limit leaves nothing to ask for
+    if any(isinstance(value, list) for value in values):
+        return None  # an array sorts by one of its elements, unknown here
     return ResumePlan(source, int(point["bytes"]), int(point["rows"]), point.get("columns"), point["key"], list(point.get("missed") or []))
