@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0  # how often idle workers look for jobs queued by other instances
 MAX_ATTEMPTS = 3  # a job that killed its instance this often is failed, not retried forever
+# Graceful stops are no attempts (a rolling deploy is no failure of the export), but a job whose run gets its
+# instance stopped again and again (a failing liveness probe, an eviction for memory) must end too.
+MAX_STOPS = 20
 STOP_TIMEOUT_SECONDS = 15.0  # workers put their jobs back in the queue on stop; a silent database must not hang it
 RECORD_STOP_SECONDS = 5.0  # on stop, end states the database has not taken yet get this long
 # Files in the export directory that are neither partial files nor scratch directories: <24 hex digits>.<ext>
@@ -323,7 +326,8 @@ class JobManager:
                     pass
                 continue
             try:
-                await (self._give_up(job) if job.get("attempts", 1) > MAX_ATTEMPTS else self._supervise(job))
+                worn = job.get("attempts", 1) > MAX_ATTEMPTS or job.get("stops", 0) >= MAX_STOPS
+                await (self._give_up(job) if worn else self._supervise(job))
             except DatabaseError as exc:
                 log.warning("job %s: its end could not be handled (%s); its lease decides what comes next", job["_id"], exc)
             except Exception:  # a defect in one job's handling must not end the worker, and with it the queue
@@ -360,13 +364,15 @@ class JobManager:
         graceful stop (a rolling deploy) is no failure of the export. A crash still counts, its lease runs out."""
         try:
             await transition(
-                self.db, RUNNING, JobStatus.QUEUED, job_id=job_id, owner=self.instance_id, fields={"owner": None}, inc={"attempts": -1}
+                self.db, RUNNING, JobStatus.QUEUED, job_id=job_id, owner=self.instance_id, fields={"owner": None}, inc={"attempts": -1, "stops": 1}
             )
         except DatabaseError:
             log.warning("job %s could not be queued again; its lease will expire", job_id)
 
     async def _give_up(self, job: dict[str, Any]) -> None:
-        error = {"code": "too_many_attempts", "message": f"the export was interrupted {MAX_ATTEMPTS} times"}
+        stops = job.get("stops", 0)
+        how = f"its instance was stopped {stops} times while it ran" if stops >= MAX_STOPS else f"the export was interrupted {MAX_ATTEMPTS} times"
+        error = {"code": "too_many_attempts", "message": how}
         # Guarded like any end: a cancel that came first stays a cancel.
         failed = await transition(
             self.db, [JobStatus.FETCHING], JobStatus.FAILED, job_id=job["_id"], owner=self.instance_id,

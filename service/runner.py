@@ -261,6 +261,7 @@ class JobRun:
         checkpoint still leaves a file to go on from."""
         assert self.encoder is not None
         _, state = await self.encoder.checkpoint()  # no rows fed yet: only flushes and fsyncs the copied bytes
+        await asyncio.to_thread(_fsync_dir, self.part_path.parent)  # and the new file's name, before the checkpoint names it
         point = {"part": self.part_path.name, **state, "key": resume.key}
         await self._change({"checkpoint": point}, [JobStatus.FETCHING, JobStatus.PROCESSING])
 

@@ -313,6 +313,23 @@ async def test_a_job_still_running_here_is_not_queued_again_when_its_lease_looks
         assert client[DATA_DB][settings.jobs_collection].find_one({"_id": job["id"]})["attempts"] == 1
 
 
+async def test_a_job_stopped_with_its_instance_too_often_is_given_up(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "MAX_STOPS", 2)
+    settings = make_settings(mongo_url, tmp_path, max_concurrent=1)
+    gate.shut()
+    api = await aiohttp_client(create_app(settings, source=gate))
+    job_id = (await (await api.post("/api/exports", json=SPEC)).json())["id"]
+    for _ in range(2):
+        await until(lambda: gate.held == 1, "the export running, held at its first batch")
+        await api.close()  # its run gets the instance stopped, again
+        api = await aiohttp_client(create_app(settings, source=gate))
+    final = await wait_status(api, job_id, timeout=30)
+    assert final["status"] == "failed" and final["error"]["code"] == "too_many_attempts", final
+    assert final["error"]["message"] == "its instance was stopped 2 times while it ran"
+
+
 async def test_graceful_stops_are_not_attempts_and_a_crash_is(
     aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate
 ) -> None:
