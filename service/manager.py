@@ -393,6 +393,8 @@ class JobManager:
                 await self.requeue_expired_leases()
             except DatabaseError as exc:
                 log.warning("maintenance skipped: %s", exc)
+            except Exception:  # the export directory failing (gone, a stale network mount): this round only
+                log.exception("maintenance failed; it runs again in its next round")
 
     async def sweep(self) -> int:
         """Retention: completed files past expires_at are removed and their jobs marked expired."""

@@ -284,6 +284,8 @@ class JobRun:
                     break
                 finally:
                     self.waiting_since = None
+                if not raw:
+                    continue  # an empty batch (a source may send one) holds no rows, and the encoder reads it as the end
                 # feed() returns once the encoder holds this batch; it encodes it while the progress is
                 # recorded and the next batch is fetched, so the database, the event loop and the encoder overlap.
                 done = await self.encoder.feed(raw)

@@ -5,6 +5,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from service.app import create_app
 from service.settings import MANAGER_KEY, Settings
 
@@ -40,14 +42,16 @@ async def test_unwritable_export_directory_fails_the_job_cleanly(gated_client: A
     assert export_files(export_dir) == [f"{job2['id']}.ndjson"]
 
 
-async def test_full_disk_fails_the_job_with_a_clear_message(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate) -> None:
+@pytest.mark.parametrize("fmt", ["ndjson", "xlsx"])  # XLSX writes its file only when closing, through xlsxwriter
+async def test_full_disk_fails_the_job_with_a_clear_message(
+        aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, fmt: str) -> None:
     settings = make_settings(mongo_url, tmp_path)
     api = await aiohttp_client(create_app(settings, source=gate))
     holders = await hold_queue(api, gate)
-    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson"})).json()
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": fmt})).json()
     # The job's partial file leads to /dev/full, where every write fails with ENOSPC, as on a full disk. Its
     # name is the service's own: no public behaviour points a job's writes elsewhere.
-    part = Path(settings.export_dir) / f"{job['id']}.ndjson.{api.server.app[MANAGER_KEY].instance_id}.part"
+    part = Path(settings.export_dir) / f"{job['id']}.{fmt}.{api.server.app[MANAGER_KEY].instance_id}.part"
     part.symlink_to("/dev/full")
     await release_queue(api, gate, holders)
     snap = await wait_status(api, job["id"])

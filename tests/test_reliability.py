@@ -146,6 +146,21 @@ async def test_retention_sweeper_expires_files_and_download_answers_410(aiohttp_
     assert resp.status == 410 and (await resp.json())["error"]["code"] == "expired"
 
 
+async def test_retention_goes_on_after_the_export_directory_failed_once(
+        aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(mongo_url, tmp_path, ttl_hours=1 / 3600, sweep_interval_seconds=0.2)  # one second
+    api = await aiohttp_client(create_app(settings))
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 5})).json()
+    assert (await wait_status(api, job["id"]))["status"] == "completed"
+    export_dir, away = Path(settings.export_dir), tmp_path / "away"
+    export_dir.rename(away)  # as a network mount that went stale for a moment
+    met = lambda: any(r.name == "service.manager" and r.levelname == "ERROR" for r in caplog.records)  # noqa: E731
+    await until(met, "a maintenance round to meet the missing directory")
+    away.rename(export_dir)
+    snap = await wait_status(api, job["id"], ("expired",), timeout=10)
+    assert snap["status"] == "expired" and not (export_dir / f"{job['id']}.csv").exists()
+
+
 async def test_download_range_etag_head(client: Any) -> None:
     job = await (await client.post("/api/exports", json={"collection": "tasks", "format": "ndjson", "limit": 200})).json()
     assert (await wait_status(client, job["id"]))["status"] == "completed"
@@ -260,6 +275,23 @@ async def test_a_cancel_the_driver_turns_into_an_error_is_still_a_cancel(
     assert (await wait_status(api, job["id"], ("processing",)))["status"] == "processing"
     assert (await (await api.delete(f"/api/exports/{job['id']}")).json())["status"] == "cancelled"
     assert (await wait_status(api, job["id"]))["status"] == "cancelled"
+
+
+class GappySource(SlowSource):
+    """Sends an empty batch before each of a few full ones."""
+
+    async def raw_batches(self, spec: Any) -> Any:
+        for _ in range(3):
+            yield b""
+            yield self.batch
+
+
+async def test_empty_batches_from_a_source_are_skipped(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]) -> None:
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=GappySource(tasks[:10])))
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson"})).json()
+    final = await wait_status(api, job["id"])
+    assert final["status"] == "completed" and final["processed"] == 30, final
+    assert len((await (await api.get(final["download_url"])).read()).splitlines()) == 30
 
 
 async def test_cancel_closes_the_cursor(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]) -> None:

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import xlsxwriter
+from xlsxwriter.exceptions import FileCreateError
 from bson.decimal128 import Decimal128
 
 from .base import Writer
@@ -40,6 +41,8 @@ class XlsxWriter(Writer):
                 # sheet data waits here until close(): on the export volume, and removed with the
                 # partial file if the export never gets that far
                 "tmpdir": str(self.scratch_dir) if self.scratch_dir else None,
+                # a sheet's XML past 4 GB (a full sheet of large documents) needs ZIP64, used only where needed
+                "use_zip64": True,
             },
         )
         self.all_columns = len(self.columns or ())
@@ -128,4 +131,10 @@ class XlsxWriter(Writer):
         return warnings
 
     def close(self) -> None:
-        self.book.close()
+        try:
+            self.book.close()
+        except FileCreateError as exc:
+            # xlsxwriter wraps the OSError of a full or failing disk: the export fails as any write would.
+            if isinstance(exc.args[0] if exc.args else None, OSError):
+                raise exc.args[0] from None
+            raise
