@@ -43,6 +43,9 @@ def main() -> int:
         app,
         host=settings.host,
         port=settings.port,
+        # A request whose client is gone is cancelled: a long poll Socket.IO left open would otherwise hold the
+        # stop until it times out, past a container's grace period.
+        handler_cancellation=True,
         print=lambda _: print(f"Export service on http://{settings.host}:{settings.port}/", flush=True),
     )
     return 0

@@ -68,11 +68,12 @@ class ServiceProcess:
         self.proc.wait(10)
         self._close_log()
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 15) -> None:
+        """SIGTERM, and SIGKILL after grace seconds, as a container runtime stops a container."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(15)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)

@@ -204,3 +204,21 @@ async def test_a_stop_with_a_page_connected_puts_the_running_job_back(service_en
     finally:
         await sio.disconnect()
         service.stop()
+
+
+async def test_a_stop_fits_a_containers_grace_period_after_a_long_polling_client_left(service_env: dict[str, str]) -> None:
+    # A long-polling client's last poll stays open at the server after the client has said goodbye (until the
+    # server's next ping, 25 s, which is also how long the client's disconnect() takes); a stop must not wait
+    # for that request.
+    import socketio
+
+    service = await ServiceProcess(service_env).start()
+    try:
+        sio = socketio.AsyncClient(reconnection=False)
+        await sio.connect(service.url, transports=["polling"])
+        await sio.call("subscribe", {"id": "0" * 24})  # a round trip: the client polls again after it
+        await sio.disconnect()
+        service.stop(grace=10)  # Docker's default: SIGTERM, then SIGKILL 10 s later
+        assert service.proc is not None and service.proc.returncode == 0, "the service had to be killed"
+    finally:
+        service.stop()
