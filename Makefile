@@ -6,15 +6,21 @@ STAMP := $(VENV)/.installed-stamp
 VENDOR := service/static/vendor/socket.io.esm.min.js
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench bench-quick system-deps clean
+.PHONY: install demo test test-fast bench bench-quick base-deps system-deps clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# Debian packages the install needs (root, as on a fresh machine or in CI): venv and pip for the virtualenv,
+# Node.js and npm for the page's vendored Socket.IO client. Nothing happens where they are present already.
+base-deps:
+	@command -v npm >/dev/null && $(PYTHON) -c "import ensurepip, venv" 2>/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip nodejs npm >/dev/null)
+
+$(STAMP): pyproject.toml | base-deps
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,redis]'
 	touch $(STAMP)
 
-$(VENDOR): package.json package-lock.json scripts/vendor_js.sh
+$(VENDOR): package.json package-lock.json scripts/vendor_js.sh | base-deps
 	bash scripts/vendor_js.sh
 
 install: $(STAMP) $(VENDOR)
@@ -28,7 +34,7 @@ system-deps:
 demo: install
 	EXPORT_SEED_DEMO_ROWS=$${EXPORT_SEED_DEMO_ROWS:-100000} $(BIN)/python -m service
 
-test: install system-deps
+test: system-deps install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The same without the browser tests, for a quick loop.

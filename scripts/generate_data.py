@@ -312,6 +312,16 @@ def create_indexes(collection: Collection) -> None:
         collection.create_index([(field, ASCENDING)])
 
 
+def cut_short(collection: Collection, count: int, seed: int) -> bool:
+    """This seed's first document is there and its last is not: a run like this one stopped part way (Ctrl-C,
+    a container stopped). A collection of other documents is not that."""
+    if count == 0:
+        return False
+    first, last = make_document(0, seed)["_id"], make_document(count - 1, seed)["_id"]
+    return collection.find_one({"_id": first}, projection={"_id": 1}) is not None and \
+        collection.find_one({"_id": last}, projection={"_id": 1}) is None
+
+
 def has_documents(collection: Collection) -> bool:
     # find_one instead of a count: cheap on any collection size and on any server.
     return collection.find_one({}, projection={"_id": 1}) is not None
@@ -346,7 +356,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--drop", action="store_true", help="drop the collection first")
     mode.add_argument("--if-empty", action="store_true",
-                      help="do nothing when the collection already holds documents")
+                      help="do nothing when the collection already holds documents (but finish a run of the same "
+                           "seed that stopped part way)")
     return parser.parse_args(argv)
 
 
@@ -356,8 +367,10 @@ def run(args: argparse.Namespace) -> int:
         collection = client[args.db][args.collection]
         target = f"{args.db}.{args.collection}"
         if args.if_empty and has_documents(collection):
-            print(f"{target} already holds documents; nothing inserted")
-            return 0
+            if not cut_short(collection, args.count, args.seed):
+                print(f"{target} already holds documents; nothing inserted")
+                return 0
+            print(f"{target} holds part of an earlier run's documents; adding the rest", file=sys.stderr)
         if args.drop:
             collection.drop()
         started = time.monotonic()

@@ -249,3 +249,25 @@ def test_bad_option_combinations_are_refused() -> None:
         parse_args(["--drop", "--if-empty"])
     with pytest.raises(SystemExit):
         parse_args(["--batch", "0"])
+
+
+def test_if_empty_finishes_a_run_cut_short_and_leaves_other_data_alone(mongo_url: str) -> None:
+    from pymongo import MongoClient
+
+    from conftest import DATA_DB
+    from scripts.generate_data import run
+
+    args = ["--url", mongo_url, "--db", DATA_DB, "--count", "50", "--seed", "7"]
+    with MongoClient(mongo_url) as client:
+        seeded, other = client[DATA_DB]["seed_cut_short"], client[DATA_DB]["seed_other_data"]
+        try:
+            assert run(parse_args([*args, "--collection", seeded.name, "--drop"])) == 0
+            seeded.delete_many({"seq": {"$gte": 30}})  # as a run stopped part way leaves it
+            assert run(parse_args([*args, "--collection", seeded.name, "--if-empty"])) == 0
+            assert sorted(doc["seq"] for doc in seeded.find({}, {"seq": 1})) == list(range(50))
+            other.insert_one({"_id": 1, "mine": True})
+            assert run(parse_args([*args, "--collection", other.name, "--if-empty"])) == 0
+            assert list(other.find()) == [{"_id": 1, "mine": True}]
+        finally:
+            client[DATA_DB].drop_collection(seeded.name)
+            client[DATA_DB].drop_collection(other.name)
