@@ -90,8 +90,8 @@ async def _domain_errors(request: web.Request, handler: Handler) -> web.StreamRe
     except JobNotFound as exc:
         return error_response(404, "not_found", f"no export {exc}", "id")
     except JobConflict as exc:
-        status = 410 if exc.status == JobStatus.EXPIRED.value else 409
-        return error_response(status, "expired" if status == 410 else "not_ready", str(exc), "id")
+        status = 410 if exc.status == JobStatus.EXPIRED.value and exc.code is None else 409
+        return error_response(status, exc.code or ("expired" if status == 410 else "not_ready"), str(exc), "id")
     except SignatureError as exc:
         return error_response(403, exc.code, exc.message, exc.field)
     except TooManyJobs as exc:
@@ -174,7 +174,11 @@ async def get_export(request: web.Request) -> web.Response:
 
 @routes.delete("/api/exports/{id}")
 async def delete_export(request: web.Request) -> web.Response:
-    return json_response(await request.app[MANAGER_KEY].cancel_or_delete(request[USER_KEY], request.match_info["id"]))
+    condition = request.query.get("if")
+    if condition not in (None, "active"):
+        raise ValidationError("if", 'if may only be "active": cancel, and never delete a job that has ended', "invalid_condition")
+    manager = request.app[MANAGER_KEY]
+    return json_response(await manager.cancel_or_delete(request[USER_KEY], request.match_info["id"], cancel_only=condition == "active"))
 
 
 def content_disposition(file_name: str) -> str:

@@ -59,6 +59,22 @@ def error_message(error: dict[str, Any]) -> str:
     return f"{error['field']}: {error['message']}" if error.get("field") else str(error["message"])
 
 
+class ApiError(CliError):
+    """An error answer of the service, with its code (None when the body is not the service's JSON error)."""
+
+    def __init__(self, message: str, code: str | None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def error_code(body: str) -> str | None:
+    with suppress(ValueError, AttributeError):
+        error = json.loads(body).get("error")
+        if isinstance(error, dict) and isinstance(error.get("code"), str):
+            return str(error["code"])
+    return None
+
+
 def error_text(status: int, body: str) -> str:
     """An HTTP error body in the service's words when it is the service's JSON error, else as is."""
     with suppress(ValueError, AttributeError):
@@ -99,7 +115,7 @@ class Api:
                 if resp.status in RETRY_STATUSES:
                     raise Unavailable(f"the service is unavailable: {error_text(resp.status, text)}")
                 if resp.status >= 400:
-                    raise CliError(error_text(resp.status, text))
+                    raise ApiError(error_text(resp.status, text), error_code(text))
                 return answer_json(resp, text)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise Unavailable(f"cannot reach the service at {self.base_url}: {exc}") from exc
@@ -275,8 +291,14 @@ async def pump(
 
 
 async def cancel_job(api: Api, job_id: str) -> dict[str, Any]:
-    """DELETE the job, then wait until its end is recorded (another instance may be running it)."""
-    snap = await api.call("DELETE", f"/api/exports/{job_id}")
+    """Cancel the job, then wait until its end is recorded (another instance may be running it). ?if=active: a
+    job that ended meanwhile is left as it is, never deleted with its file."""
+    try:
+        snap = await api.call("DELETE", f"/api/exports/{job_id}", params={"if": "active"})
+    except ApiError as exc:
+        if exc.code != "not_active":
+            raise
+        snap = await api.snapshot(job_id)
     deadline = time.monotonic() + CANCEL_WAIT_SECONDS
     while not snap.get("deleted") and snap["status"] not in FINAL_STATES:
         if time.monotonic() > deadline:
@@ -287,8 +309,6 @@ async def cancel_job(api: Api, job_id: str) -> dict[str, Any]:
 
 
 def cancel_outcome(snap: dict[str, Any]) -> str:
-    if snap.get("deleted"):
-        return f"export {snap['id']} had already ended ({snap['status']}) and was deleted"
     if snap["status"] == "completed":  # the cancel reached it while it was finishing
         return f"export {snap['id']} completed before the cancel took effect; mexport download {snap['id']} fetches it"
     return f"export {snap['id']} {snap['status']}"

@@ -48,9 +48,10 @@ class JobNotFound(LookupError):
 class JobConflict(RuntimeError):
     """The job is in a state that does not allow the request (e.g. downloading an unfinished job)."""
 
-    def __init__(self, message: str, status: str) -> None:
+    def __init__(self, message: str, status: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code  # None: the API's own by status (expired, not_ready)
 
 
 class TooManyJobs(RuntimeError):
@@ -261,10 +262,13 @@ class JobManager:
     def path_of(self, doc: dict[str, Any]) -> Path:
         return final_path(self.settings.export_dir, doc["_id"], ExportSpec.from_doc(doc["spec"]))
 
-    async def cancel_or_delete(self, user: str, job_id: str) -> dict[str, Any]:
-        """Cancel an active job, or delete a finished one with its file."""
+    async def cancel_or_delete(self, user: str, job_id: str, cancel_only: bool = False) -> dict[str, Any]:
+        """Cancel an active job, or delete a finished one with its file; with cancel_only, a finished job is left
+        as it is (a cancel that comes as the job completes must not delete its file)."""
         doc = await self.get_doc(user, job_id)
         status = JobStatus(doc["status"])
+        if not status.active and cancel_only:
+            raise JobConflict(f"the export is {status.value}: there is nothing to cancel", status.value, "not_active")
         if not status.active:
             self.path_of(doc).unlink(missing_ok=True)
             await self.db.delete_job(job_id)

@@ -230,6 +230,18 @@ def test_cancel_a_running_export(service: ServiceProcess, big_tasks: Any, tmp_pa
     assert api(service, "GET", f"/api/exports/{job_id}")[1]["status"] == "cancelled"
 
 
+async def test_a_cancel_that_comes_as_the_job_completes_leaves_its_file(service: ServiceProcess, tmp_path: Path) -> None:
+    # What mexport cancel (and Ctrl-C while following) sends once the job's record said it was running.
+    done = mexport(service, "create", "tasks", "--type", "csv", "--limit", "5", "-o", str(tmp_path / "five.csv"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job_id = job_id_of(done.stdout)
+    async with ClientSession() as session:
+        ended = await cli_client.cancel_job(cli_client.Api(session, service.url, TOKEN), job_id)
+    assert ended["status"] == "completed" and not ended.get("deleted"), ended
+    assert cli_client.cancel_outcome(ended).startswith(f"export {job_id} completed before the cancel took effect")
+    assert api(service, "GET", f"/api/exports/{job_id}")[1]["status"] == "completed"
+
+
 def read_lines_until(proc: subprocess.Popen[str], pattern: re.Pattern[str], timeout: float) -> list[tuple[float, str]]:
     """(arrival time, line) of stdout up to and including the first line matching pattern."""
     assert proc.stdout is not None

@@ -294,6 +294,18 @@ async def test_empty_batches_from_a_source_are_skipped(aiohttp_client: Any, mong
     assert len((await (await api.get(final["download_url"])).read()).splitlines()) == 30
 
 
+async def test_a_cancel_only_delete_never_deletes_an_ended_job(client: Any) -> None:
+    job = await (await client.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 5})).json()
+    assert (await wait_status(client, job["id"]))["status"] == "completed"
+    resp = await client.delete(f"/api/exports/{job['id']}?if=active")  # a cancel that comes as the job completes
+    body = await resp.json()
+    assert resp.status == 409 and body["error"]["code"] == "not_active" and body["error"]["field"] == "id", body
+    assert (await client.get(f"/api/exports/{job['id']}/download")).status == 200  # the file is still there
+    resp = await client.delete(f"/api/exports/{job['id']}?if=ended")
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "if"
+    assert (await (await client.delete(f"/api/exports/{job['id']}")).json())["deleted"] is True
+
+
 async def test_cancel_closes_the_cursor(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: list[dict[str, Any]]) -> None:
     source = SlowSource(tasks[:100])
     api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=source))
