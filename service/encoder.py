@@ -93,8 +93,8 @@ def _serve(sock: socket.socket, spec_doc: dict[str, Any], part_path: str, info: 
         try:
             point = None
             if resume:
-                missed = tuple(resume.get("missed") or ())
-                point = ResumePoint(Path(resume["source"]), resume["bytes"], resume["rows"], resume["columns"], missed)
+                notes = tuple(resume.get("missed") or ()), tuple(resume.get("dotted") or ())
+                point = ResumePoint(Path(resume["source"]), resume["bytes"], resume["rows"], resume["columns"], *notes)
             from .pipeline import ExportPipeline  # the encoder's own import: the server process never loads the writers
 
             pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info, point)

@@ -53,6 +53,7 @@ class ResumePoint:
     rows: int
     columns: list[str] | None
     missed: tuple[str, ...] = ()  # paths later documents had that the columns lack, for the end's warning
+    dotted: tuple[str, ...] = ()  # keys with a dot in their name met so far, for the end's warning
 
 
 @dataclass

@@ -86,6 +86,7 @@ class ExportPipeline:
             self.discovered = set(columns)
             self.leaf_keys = frozenset(c for c in columns if "." not in c)
         self.missed = dict.fromkeys(resume.missed)
+        self.dotted = dict.fromkeys(resume.dotted)
         self.writer = make_writer(self.stream, self.spec, columns, self.info, self.scratch)
         self.writer.resume(resume.rows)
 
@@ -101,7 +102,7 @@ class ExportPipeline:
         self.file.flush()
         os.fsync(self.file.fileno())
         return {"bytes": self.file.tell(), "rows": self.rows, "columns": self.writer.columns if self.writer else None,
-                "missed": list(self.missed)}
+                "missed": list(self.missed), "dotted": list(self.dotted)}
 
     def _start(self, first_docs: list[dict[str, Any]]) -> None:
         columns: list[str] | None = list(self.spec.fields) if self.spec.fields else None

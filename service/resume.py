@@ -96,9 +96,11 @@ class ResumePlan:
     columns: list[str] | None
     key: str  # canonical Extended JSON of the last row's sort key
     missed: list[str]  # paths documents before the checkpoint had that the CSV columns lack
+    dotted: list[str]  # keys with a dot in their name that documents before the checkpoint had
 
     def encoder_point(self) -> dict[str, Any]:
-        return {"source": str(self.source), "bytes": self.bytes, "rows": self.rows, "columns": self.columns, "missed": self.missed}
+        return {"source": str(self.source), "bytes": self.bytes, "rows": self.rows, "columns": self.columns, "missed": self.missed,
+                "dotted": self.dotted}
 
 
 def plan(job: Mapping[str, Any], spec: ExportSpec, export_dir: Path) -> ResumePlan | None:
@@ -117,4 +119,5 @@ def plan(job: Mapping[str, Any], spec: ExportSpec, export_dir: Path) -> ResumePl
         return None
     if any(isinstance(value, list) for value in values):
         return None  # an array sorts by one of its elements, unknown here
-    return ResumePlan(source, int(point["bytes"]), int(point["rows"]), point.get("columns"), point["key"], list(point.get("missed") or []))
+    return ResumePlan(source, int(point["bytes"]), int(point["rows"]), point.get("columns"), point["key"], list(point.get("missed") or []),
+                      list(point.get("dotted") or []))

@@ -162,24 +162,24 @@ async def test_an_export_killed_or_stopped_mid_way_resumes_at_the_checkpoint_and
         service.stop()
 
 
-def test_a_resumed_csv_keeps_the_warning_about_fields_found_before_its_checkpoint(tmp_path: Path) -> None:
+def test_a_resumed_csv_keeps_the_warnings_about_fields_found_before_its_checkpoint(tmp_path: Path) -> None:
     """Columns come from the first batch; a later document's extra field is warned about at the end, also when
     that document came before the checkpoint the export resumed from."""
-    docs = [{"_id": i, "a": i, **({"late": True} if i == BATCH + 5 else {})} for i in range(6 * BATCH)]
+    docs = [{"_id": i, "a": i, **({"late": True} if i == BATCH + 5 else {}), **({"d.k": 1} if i == 7 else {})} for i in range(6 * BATCH)]
     batches = [b"".join(bson.encode(doc) for doc in docs[i:i + BATCH]) for i in range(0, len(docs), BATCH)]
     spec = validate_request({"collection": "t", "format": "csv"})
     whole = ExportPipeline(spec, tmp_path / "whole.part", INFO)
     for raw in batches:
         whole.feed(raw)
     expected = whole.finish().warnings
-    assert any("late" in warning for warning in expected), expected
+    assert any("late" in warning for warning in expected) and any("d.k" in warning for warning in expected), expected
     dead = ExportPipeline(spec, tmp_path / "dead.part", INFO)
     for raw in batches[:3]:
         dead.feed(raw)
     point = dead.checkpoint()
     dead.abandon()
     resumed = ExportPipeline(spec, tmp_path / "resumed.part", INFO, ResumePoint(
-        tmp_path / "dead.part", point["bytes"], point["rows"], point["columns"], tuple(point["missed"])))
+        tmp_path / "dead.part", point["bytes"], point["rows"], point["columns"], tuple(point["missed"]), tuple(point["dotted"])))
     for raw in batches[3:]:
         resumed.feed(raw)
     assert resumed.finish().warnings == expected
