@@ -77,5 +77,5 @@ def test_durations() -> None:
 
 def test_what_a_cancel_ended_in_is_said_plainly() -> None:
     assert cancel_outcome({"id": "j1", "status": "cancelled"}) == "export j1 cancelled"
-    assert cancel_outcome({"id": "j1", "status": "completed", "deleted": True}) == "export j1 had already ended (completed) and was deleted"
+    assert cancel_outcome({"id": "j1", "status": "failed"}) == "export j1 failed"
     assert "completed before the cancel took effect" in cancel_outcome({"id": "j1", "status": "completed"})
