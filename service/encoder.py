@@ -7,6 +7,7 @@ loop's own non-blocking socket calls: no thread waits on an encoder, and one tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -17,7 +18,7 @@ import socket
 import struct
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from bson.errors import BSONError
 
@@ -49,6 +50,11 @@ _READ_SIZE = 65536
 # After its end of the socket closes, how long to wait for the fork server to report the encoder's exit.
 _EXIT_WAIT_SECONDS = 2.0
 _FINISH_EXIT_WAIT_SECONDS = 10.0
+# The longest wait for the encoder's answer to a batch or a checkpoint. A batch takes milliseconds, and the
+# longest answer, a Parquet column widened to text, a copy of the file so far; an encoder silent this long is
+# hung (stopped, deadlocked), and its job fails rather than hold a worker until its time limit. Closing the file
+# (finish) has no such limit: a large XLSX or Parquet file takes as long as it takes.
+REPLY_SECONDS = 900.0
 
 
 class EncoderError(RuntimeError):
@@ -112,6 +118,16 @@ def _serve(sock: socket.socket, spec_doc: dict[str, Any], part_path: str, info: 
             # The server process died (a cancel kills this process instead): the partial file stays for the run
             # that takes the job over, which may go on from its last checkpoint, or for the stale-file clean-up.
             pipeline.abandon()
+
+
+@contextlib.asynccontextmanager
+async def _answered() -> AsyncIterator[None]:
+    """Within REPLY_SECONDS, or the encoder is hung: an EncoderError, after which the caller kills it."""
+    try:
+        async with asyncio.timeout(REPLY_SECONDS):
+            yield
+    except TimeoutError:
+        raise EncoderError("encoder_hung", f"the encoder process gave no answer within {REPLY_SECONDS:g} s") from None
 
 
 def _frame_header(size: int) -> bytes:
@@ -268,20 +284,23 @@ class EncoderSession:
         finished meanwhile (the encoder works on raw while the caller fetches the next batch)."""
         # A batch larger than the socket's buffer is sent only as the encoder reads it, that is once it has
         # finished the one before; smaller ones are bounded by MAX_IN_FLIGHT.
-        await self._send(raw)
-        self.in_flight += 1
-        return await self._collect(MAX_IN_FLIGHT)
+        async with _answered():
+            await self._send(raw)
+            self.in_flight += 1
+            return await self._collect(MAX_IN_FLIGHT)
 
     async def drain(self) -> int:
         """Wait until every batch handed over is encoded; returns the rows not reported by feed() yet."""
-        return await self._collect(0)
+        async with _answered():
+            return await self._collect(0)
 
     async def checkpoint(self) -> tuple[int, dict[str, Any]]:
         """Wait until every batch handed over is written, then make the file whole and durable there; returns
         the rows not reported by feed() yet, and {bytes, rows, columns} of the file at that point."""
-        rows = await self._collect(0)
-        await self._send(CHECKPOINT)
-        return rows, (await self._receive())[1]
+        async with _answered():
+            rows = await self._collect(0)
+            await self._send(CHECKPOINT)
+            return rows, (await self._receive())[1]
 
     async def finish(self) -> PipelineResult:
         await self._collect(0)

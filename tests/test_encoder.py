@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
+from service import encoder as encoder_module
 from service.app import create_app
 
 from conftest import END_STATES, export_files, make_settings, subscribe, wait_status
@@ -65,3 +67,28 @@ async def test_a_killed_encoder_fails_the_job_promptly_with_encoder_crashed(
     again = await (await api.post("/api/exports", json={"collection": "tasks_big", "format": "ndjson", "limit": 120})).json()
     assert (await wait_status(api, again["id"]))["status"] == "completed"
     assert export_files(export_dir) == [f"{again['id']}.ndjson"]
+
+
+async def test_a_hung_encoder_fails_the_job_with_encoder_hung_and_leaves_no_file(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encoder_module, "REPLY_SECONDS", 1.0)
+    settings = make_settings(mongo_url, tmp_path, batch_size=50, max_concurrent=1)
+    export_dir = Path(settings.export_dir).resolve()
+    api = await aiohttp_client(create_app(settings))
+    job = await (await api.post("/api/exports", json={"collection": "tasks_big", "format": "csv"})).json()
+    running = await wait_status(api, job["id"], ("processing",) + END_STATES)
+    assert running["status"] == "processing", running
+
+    encoder = process_writing(export_dir, job["id"])
+    encoder.send_signal(signal.SIGSTOP)  # alive, and silent: as a deadlocked encoder
+    try:
+        final = await wait_status(api, job["id"], timeout=30)
+    finally:
+        if encoder.is_running():
+            encoder.send_signal(signal.SIGCONT)
+    assert final["status"] == "failed" and final["error"]["code"] == "encoder_hung", final
+    assert not encoder.is_running() or encoder.status() == psutil.STATUS_ZOMBIE  # killed, not left stopped
+    assert export_files(export_dir) == []
+    again = await (await api.post("/api/exports", json={"collection": "tasks_big", "format": "ndjson", "limit": 120})).json()
+    assert (await wait_status(api, again["id"]))["status"] == "completed"
