@@ -67,21 +67,19 @@ class ApiError(CliError):
         self.code = code
 
 
-def error_code(body: str) -> str | None:
+def service_error(body: str) -> dict[str, Any]:
+    """The service's JSON error in an error body ({} when the body is something else)."""
     with suppress(ValueError, AttributeError):
         error = json.loads(body).get("error")
-        if isinstance(error, dict) and isinstance(error.get("code"), str):
-            return str(error["code"])
-    return None
+        if isinstance(error, dict):
+            return error
+    return {}
 
 
 def error_text(status: int, body: str) -> str:
     """An HTTP error body in the service's words when it is the service's JSON error, else as is."""
-    with suppress(ValueError, AttributeError):
-        error = json.loads(body).get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return error_message(error)
-    return f"HTTP {status}: {body.strip()[:500]}"
+    error = service_error(body)
+    return error_message(error) if error.get("message") else f"HTTP {status}: {body.strip()[:500]}"
 
 
 def answer_json(resp: aiohttp.ClientResponse, text: str) -> Any:
@@ -115,7 +113,8 @@ class Api:
                 if resp.status in RETRY_STATUSES:
                     raise Unavailable(f"the service is unavailable: {error_text(resp.status, text)}")
                 if resp.status >= 400:
-                    raise ApiError(error_text(resp.status, text), error_code(text))
+                    code = service_error(text).get("code")
+                    raise ApiError(error_text(resp.status, text), code if isinstance(code, str) else None)
                 return answer_json(resp, text)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise Unavailable(f"cannot reach the service at {self.base_url}: {exc}") from exc
@@ -300,7 +299,7 @@ async def cancel_job(api: Api, job_id: str) -> dict[str, Any]:
             raise
         snap = await api.snapshot(job_id)
     deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    while not snap.get("deleted") and snap["status"] not in FINAL_STATES:
+    while snap["status"] not in FINAL_STATES:
         if time.monotonic() > deadline:
             raise CliError(f"export {job_id} is still {snap['status']} {CANCEL_WAIT_SECONDS:.0f} s after the cancel")
         await asyncio.sleep(0.2)

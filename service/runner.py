@@ -152,14 +152,14 @@ class JobRun:
         settings = self.ctx.settings
         order = export_order(self.spec)
         query = self.spec.filter
-        if resume is not None:  # the rows after the checkpoint's last one, and only as many as are left
+        if resume is not None:  # the rows after the checkpoint's last one
             query = {"$and": [query, after(order, resume.key)]} if query else after(order, resume.key)
         return FindSpec(
             collection=self.spec.collection,
             filter=query,
             projection=self.spec.projection(),
             sort=order,
-            limit=self.spec.limit - resume.rows if resume is not None and self.spec.limit else self.spec.limit,
+            limit=self.spec.limit,  # an export with a limit is never resumed (resumable())
             batch_size=settings.batch_size,
             max_time_ms=settings.query_max_time_ms,
             count_max_time_ms=settings.count_max_time_ms,
