@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 VENDOR := service/static/vendor/socket.io.esm.min.js
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast bench bench-quick base-deps system-deps clean
 
@@ -35,11 +36,11 @@ demo: install
 	EXPORT_SEED_DEMO_ROWS=$${EXPORT_SEED_DEMO_ROWS:-100000} $(BIN)/python -m service
 
 test: system-deps install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The same without the browser tests, for a quick loop.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not browser" $(PYTEST_ARGS)
 
 # The benchmark's report goes to var/bench.md; bench-quick runs every stage at small sizes (under two minutes).
 bench: install

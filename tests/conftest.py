@@ -29,7 +29,8 @@ from wire_proxy import WireProxy
 
 SEED = 20240101
 TASKS = 3000  # three batches and then some
-DATA_DB = "export_tests"
+# One database per pytest-xdist worker: against a shared MongoDB, workers would replace each other's collections.
+DATA_DB = "export_tests" + (f"_{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else "")
 END_STATES = ("completed", "failed", "cancelled", "expired")
 EVENTS = ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled")
 BIG_ROWS = 20_000
