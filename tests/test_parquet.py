@@ -361,6 +361,16 @@ def test_an_empty_export_is_a_valid_file_with_the_fields_as_columns(tmp_path: Pa
     assert result.rows == 0 and table.num_rows == 0 and table.schema.names == ["a", "b.c"]
 
 
+def test_rows_without_any_field_fail_the_export_rather_than_vanish(tmp_path: Path) -> None:
+    # A Parquet file holds rows only in columns: documents with no field (a pipeline projecting nothing)
+    # would give a file of 0 rows for an export of 3.
+    with pytest.raises(ValueError, match="no field"):
+        export(tmp_path / "nothing.parquet", [[{}, {}, {}]])
+    rows = [{}, {"a": 1}]  # one field among them is enough: the others are nulls in its column
+    assert export(tmp_path / "some.parquet", [rows], fields=("a",)).rows == 2
+    assert pq.read_table(tmp_path / "some.parquet").to_pylist() == [{"a": None}, {"a": 1}]
+
+
 def bad_utf8_document(doc_id: Any, field: str) -> bytes:
     """{"_id": doc_id, field: <the bytes ab FF FE>}: a string whose bytes are not UTF-8, as a server that does
     not check them may hand over; bson.encode refuses to write one, so a valid string is swapped for it."""
@@ -502,6 +512,15 @@ async def test_a_string_that_is_not_utf8_fails_the_job_with_no_file(
     assert snap["error"]["code"] == "encode_error" and "utf-8" in snap["error"]["message"], snap["error"]
     assert snap.get("download_url") is None and snap["processed"] < len(tasks) + 6
     assert export_files(settings.export_dir) == []  # neither a finished file nor the partial one
+
+
+async def test_a_pipeline_whose_rows_have_no_field_fails_the_job_with_no_file(client: Any, settings: Any, tasks: Any) -> None:
+    body = {"collection": "tasks", "format": "parquet", "pipeline": [{"$limit": 3}, {"$project": {"_id": 0, "gone": "$no_such_field"}}]}
+    resp = await client.post("/api/exports", json=body)
+    assert resp.status == 202, await resp.text()
+    snap = await wait_status(client, (await resp.json())["id"], timeout=60)
+    assert snap["status"] == "failed" and snap["error"]["code"] == "encode_error", snap
+    assert "no field" in snap["error"]["message"] and export_files(settings.export_dir) == []
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,9 @@ class ParquetWriter(Writer):
     def _append(self, arrays: list[pa.Array], rows: int, marks: dict[int, pa.Array | None]) -> int:
         """Add a batch's arrays; marks: of the columns that keep marks (not given: none marked)."""
         assert self.plan is not None
+        if rows and not self.plan:
+            # A Parquet file holds rows in its columns only: without one, these rows would vanish from the file.
+            raise ValueError("the rows have no field to make a Parquet column of (name fields, or project some)")
         for index, (column, chunks, array) in enumerate(zip(self.plan, self.pending, arrays)):
             chunks.append(array)
             if column.kind == "int":
