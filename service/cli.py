@@ -129,8 +129,17 @@ async def save(api: Api, snap: dict[str, Any], out: str | None, interrupts: Inte
     dest = output_path(snap, out)
     if not snap.get("download_url"):
         raise CliError(f"export {snap['id']} is {snap['status']}; there is nothing to download")
+    def warn(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    async def relink() -> str:
+        fresh = await lasting_snapshot(api, snap["id"], warn)
+        if not fresh.get("download_url"):
+            raise CliError(f"export {snap['id']} is {fresh['status']}; there is nothing to download")
+        return str(fresh["download_url"])
+
     try:
-        size = await interrupts.guard(api.download(snap["download_url"], dest), since)
+        size = await interrupts.guard(api.download(snap["download_url"], dest, relink, warn), since)
     except Interrupted:
         print(f"mexport: download interrupted; {dest} not written", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -30,6 +30,8 @@ CHUNK = 256 * 1024
 OUTAGE_SECONDS = 300.0
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
 RETRY_STATUSES = frozenset({502, 503, 504})
+# A download whose connection drops goes on from the byte it reached, with a fresh link, this many times.
+DOWNLOAD_TRIES = 5
 ENDING_EVENTS = frozenset({"export-failed", "export-cancelled"})
 T = TypeVar("T")
 
@@ -124,15 +126,16 @@ class Api:
     async def snapshot(self, job_id: str) -> dict[str, Any]:
         return await self.call("GET", f"/api/exports/{job_id}")
 
-    async def download(self, url: str, dest: Path) -> int:
-        """Stream url into a temporary file next to dest, renamed to dest only once whole."""
+    async def download(self, url: str, dest: Path, relink: Callable[[], Coroutine[Any, Any, str]], warn: Callable[[str], None]) -> int:
+        """Stream url into a temporary file next to dest, renamed to dest only once whole. A connection that drops
+        is asked again from the byte it reached, through a fresh link from relink (links are short-lived)."""
         try:
             fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         except OSError as exc:
             raise CliError(f"cannot write {dest}: {exc.strerror or exc}") from None
         try:
             with os.fdopen(fd, "wb") as out:
-                written, expected = await self._copy(url, out)
+                written, expected = await self._copy_all(url, out, relink, warn)
                 out.flush()
                 os.fsync(out.fileno())
             if expected is not None and written != expected:
@@ -145,18 +148,69 @@ class Api:
                 os.unlink(tmp_name)
             raise
 
-    async def _copy(self, url: str, out: Any) -> tuple[int, int | None]:
-        written = 0
+    async def _copy_all(self, url: str, out: Any, relink: Callable[[], Coroutine[Any, Any, str]],
+                        warn: Callable[[str], None]) -> tuple[int, int | None]:
+        part = Part(out)
+        for attempt in range(1, DOWNLOAD_TRIES + 1):
+            try:
+                await self._copy(url, part)
+                return part.written, part.size
+            except Dropped as exc:
+                if attempt == DOWNLOAD_TRIES:
+                    raise CliError(f"the download failed after {part.written} bytes, {DOWNLOAD_TRIES} times: {exc}") from None
+                warn(f"mexport: the download stopped after {part.written} bytes ({exc}); going on from there")
+                await asyncio.sleep(RETRY_FIRST_SECONDS * attempt)
+                url = await relink()
+        raise AssertionError("unreachable")
+
+    async def _copy(self, url: str, part: "Part") -> None:
+        headers = {**self.headers(), **({"Range": f"bytes={part.written}-"} if part.written else {})}
         try:
-            async with self.session.get(self.url(url), headers=self.headers()) as resp:
+            async with self.session.get(self.url(url), headers=headers) as resp:
                 if resp.status >= 400:
                     raise CliError(error_text(resp.status, await resp.text()))
+                part.start(resp)
                 async for chunk in resp.content.iter_chunked(CHUNK):
-                    out.write(chunk)
-                    written += len(chunk)
-                return written, resp.content_length
+                    part.write(chunk)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise Dropped(str(exc) or type(exc).__name__) from exc
         except aiohttp.ClientError as exc:
-            raise CliError(f"the download failed after {written} bytes: {exc}") from exc
+            raise CliError(f"the download failed after {part.written} bytes: {exc}") from exc
+
+
+class Dropped(Exception):
+    """The download's connection ended before its last byte."""
+
+
+class Part:
+    """The bytes downloaded so far. A range answer (206) goes on from them; a whole answer (200), or a file that
+    is not the one begun (another ETag or size), starts them again."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.written = 0
+        self.size: int | None = None
+        self.etag: str | None = None
+
+    def start(self, resp: aiohttp.ClientResponse) -> None:
+        etag = resp.headers.get("ETag")
+        if resp.status == 206:
+            first, _, size = resp.headers.get("Content-Range", "").removeprefix("bytes ").partition("/")
+            same = etag == self.etag and size.isdigit() and int(size) == self.size
+            if same and first.split("-")[0] == str(self.written):
+                return
+            self._restart(None, None)  # the next request asks for the whole file
+            raise Dropped("the service answered with another file or range")
+        self._restart(resp.content_length, etag)
+
+    def _restart(self, size: int | None, etag: str | None) -> None:
+        self.out.seek(0)
+        self.out.truncate()
+        self.written, self.size, self.etag = 0, size, etag
+
+    def write(self, chunk: bytes) -> None:
+        self.out.write(chunk)
+        self.written += len(chunk)
 
 
 def current_umask() -> int:

@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 from contextlib import suppress
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pyarrow.parquet as pq
@@ -403,6 +404,82 @@ def test_without_socketio_it_falls_back_to_polling(service: ServiceProcess, task
     with open(tmp_path / "p.csv", newline="", encoding="utf-8") as handle:
         # Without a sort, an export reads in _id order.
         assert [row[0] for row in csv.reader(handle)][1:] == [str(d["seq"]) for d in sorted(tasks, key=lambda d: d["_id"])]
+
+
+class CuttingProxy(ThreadedSite):
+    """Forwards /api/* to the service, Range included, and drops the connection of the first `cuts` downloads
+    after CUT_BYTES of their body: a link that breaks mid-file."""
+
+    CUT_BYTES = 20_000
+
+    def __init__(self, target: str, cuts: int) -> None:
+        super().__init__()
+        self.target, self.cuts = target, cuts
+        self.ranges: list[str | None] = []  # each download's Range header
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        download = request.path.endswith("/download")
+        if download:
+            self.ranges.append(request.headers.get("Range"))
+        headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Content-Type", "Range")}
+        async with ClientSession() as http:
+            async with http.request(request.method, self.target + request.path_qs, headers=headers, data=await request.read()) as resp:
+                passed = ("Content-Type", "Content-Disposition", "Content-Length", "Content-Range", "ETag")
+                out = web.StreamResponse(status=resp.status, headers={k: v for k, v in resp.headers.items() if k in passed})
+                await out.prepare(request)
+                body = await resp.read()
+                if download and len(self.ranges) <= self.cuts:
+                    await out.write(body[: self.CUT_BYTES])
+                    assert request.transport is not None
+                    request.transport.close()  # mid-body: the client sees fewer bytes than Content-Length said
+                    return out
+                await out.write(body)
+                await out.write_eof()
+                return out
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/api/{tail:.*}", self.handle)
+        return app
+
+
+def test_a_download_whose_connection_drops_goes_on_from_the_byte_it_reached(service: ServiceProcess, tmp_path: Path) -> None:
+    created = mexport(service, "create", "tasks", "--type", "csv", "-o", "direct.csv", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    job_id, whole = job_id_of(created.stdout), (tmp_path / "direct.csv").read_bytes()
+    assert len(whole) > 3 * CuttingProxy.CUT_BYTES
+    with CuttingProxy(service.url, cuts=2) as proxy:
+        done = subprocess.run([*CLI, "download", job_id, "-o", "cut.csv"], cwd=tmp_path, env=cli_env(service, url=proxy.url),
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cut.csv").read_bytes() == whole
+    cut = CuttingProxy.CUT_BYTES
+    assert proxy.ranges == [None, f"bytes={cut}-", f"bytes={2 * cut}-"]
+    assert done.stderr.count("going on from there") == 2, done.stderr
+    with CuttingProxy(service.url, cuts=cli_client.DOWNLOAD_TRIES) as proxy:
+        failed = subprocess.run([*CLI, "download", job_id, "-o", "never.csv"], cwd=tmp_path, env=cli_env(service, url=proxy.url),
+                                capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and f"{cli_client.DOWNLOAD_TRIES} times" in failed.stderr, failed.stderr
+    assert len(proxy.ranges) == cli_client.DOWNLOAD_TRIES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.csv", "cut.csv"][::-1]  # no never.csv, no partial file
+
+
+def test_a_range_answer_that_is_not_the_rest_of_the_file_begun_starts_it_again() -> None:
+    def answer(status: int, etag: str, content_range: str = "") -> Any:
+        return SimpleNamespace(status=status, headers={"ETag": etag, "Content-Range": content_range}, content_length=10)
+
+    out = io.BytesIO()
+    part = cli_client.Part(out)
+    part.start(answer(200, "one"))
+    part.write(b"01234")
+    part.start(answer(206, "one", "bytes 5-9/10"))  # the rest of the same file: goes on
+    assert part.written == 5
+    for other in (answer(206, "two", "bytes 5-9/10"), answer(206, "one", "bytes 4-9/10"), answer(206, "one", "bytes 5-9/11")):
+        part.start(answer(200, "one"))
+        part.write(b"01234")
+        with pytest.raises(cli_client.Dropped):
+            part.start(other)
+        assert part.written == 0 and out.getvalue() == b""  # the next request asks for the whole file
 
 
 def test_create_with_a_pipeline_counts_first_and_matches_python(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
