@@ -84,8 +84,8 @@ def sync_db(mongo_url: str) -> Iterator[Any]:
     yield client[DATA_DB]
     left = [name for name in _undropped if not drop_collection(client[DATA_DB], name, seconds=2)]
     client.close()
-    # Only the embedded server refuses (a killed service's cursor can hold its table past the session's end), and its data
-    # directory is the session's own, thrown away with what it holds.
+    # Only the embedded server refuses (a killed service's cursor can hold its table past the session's end),
+    # and its data directory is the session's own, thrown away with what it holds.
     if left and os.environ.get("EXPORT_MONGO_URL"):
         warnings.warn(f"the server refused to drop {len(left)} jobs collection(s): {', '.join(left)}", stacklevel=1)
 
