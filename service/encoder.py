@@ -92,18 +92,14 @@ def _answer(pipeline: ExportPipeline, raw: bytes) -> tuple[Any, ...]:
         return ("error", "encode_error", f"cannot encode a document: {exc}")
 
 
-def _serve(sock: socket.socket, spec_doc: dict[str, Any], part_path: str, info: dict[str, Any], resume: dict[str, Any] | None) -> None:
+def _serve(sock: socket.socket, spec_doc: dict[str, Any], part_path: str, info: dict[str, Any], resume: ResumePoint | None) -> None:
     """The encoder process: open the .part file, then answer each message until the export ends."""
     _lower_priority()
     with multiprocessing.connection.Connection(sock.detach()) as conn:
         try:
-            point = None
-            if resume:
-                notes = tuple(resume.get("missed") or ()), tuple(resume.get("dotted") or ())
-                point = ResumePoint(Path(resume["source"]), resume["bytes"], resume["rows"], resume["columns"], *notes)
             from .pipeline import ExportPipeline  # the encoder's own import: the server process never loads the writers
 
-            pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info, point)
+            pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info, resume)
         except OSError as exc:
             conn.send(_disk_error(exc))
             return
@@ -235,9 +231,9 @@ class EncoderPool:
         return not self.closed
 
     async def open(
-        self, spec: ExportSpec, part_path: Path, info: Mapping[str, Any], resume: Mapping[str, Any] | None = None
+        self, spec: ExportSpec, part_path: Path, info: Mapping[str, Any], resume: ResumePoint | None = None
     ) -> "EncoderSession":
-        """An encoder writing part_path; with resume ({source, bytes, rows, columns}), going on from a checkpoint."""
+        """An encoder writing part_path; with resume, going on from a checkpoint."""
         session = EncoderSession(self, spec, part_path, info, resume)
         await session.start()
         return session
@@ -251,13 +247,13 @@ class EncoderSession:
     kill() only when none is under way (the runner calls it once its await was cancelled or failed)."""
 
     def __init__(
-        self, pool: EncoderPool, spec: ExportSpec, part_path: Path, info: Mapping[str, Any], resume: Mapping[str, Any] | None = None
+        self, pool: EncoderPool, spec: ExportSpec, part_path: Path, info: Mapping[str, Any], resume: ResumePoint | None = None
     ) -> None:
         self.pool = pool
         self.spec = spec
         self.part_path = part_path
         self.info = dict(info)
-        self.resume = dict(resume) if resume else None
+        self.resume = resume
         self.channel: _Channel | None = None
         self.process: multiprocessing.process.BaseProcess | None = None
         self.in_flight = 0  # batches sent and not acknowledged yet

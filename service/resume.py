@@ -17,6 +17,7 @@ import bson
 from bson import json_util
 from bson.codec_options import CodecOptions, DatetimeConversion
 
+from .files import ResumePoint
 from .query import CANONICAL, ExportSpec
 
 log = logging.getLogger(__name__)
@@ -90,17 +91,12 @@ def after(order: Sequence[tuple[str, int]], key_json: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ResumePlan:
-    source: Path  # the partial file the checkpoint describes
-    bytes: int
-    rows: int
-    columns: list[str] | None
-    key: str  # canonical Extended JSON of the last row's sort key
-    missed: list[str]  # paths documents before the checkpoint had that the CSV columns lack
-    dotted: list[str]  # keys with a dot in their name that documents before the checkpoint had
+    point: ResumePoint  # the partial file and what its checkpoint says of it: what the encoder goes on from
+    key: str  # canonical Extended JSON of the last row's sort key: where the database's rows go on from
 
-    def encoder_point(self) -> dict[str, Any]:
-        return {"source": str(self.source), "bytes": self.bytes, "rows": self.rows, "columns": self.columns, "missed": self.missed,
-                "dotted": self.dotted}
+    @property
+    def rows(self) -> int:
+        return self.point.rows
 
 
 def plan(job: Mapping[str, Any], spec: ExportSpec, export_dir: Path) -> ResumePlan | None:
@@ -119,5 +115,5 @@ def plan(job: Mapping[str, Any], spec: ExportSpec, export_dir: Path) -> ResumePl
         return None
     if any(isinstance(value, list) for value in values):
         return None  # an array sorts by one of its elements, unknown here
-    return ResumePlan(source, int(point["bytes"]), int(point["rows"]), point.get("columns"), point["key"], list(point.get("missed") or []),
-                      list(point.get("dotted") or []))
+    notes = tuple(point.get("missed") or ()), tuple(point.get("dotted") or ())
+    return ResumePlan(ResumePoint(source, int(point["bytes"]), int(point["rows"]), point.get("columns"), *notes), point["key"])

@@ -207,7 +207,7 @@ class JobRun:
         try:
             if self.spec.json.envelope and self.spec.format == "json" and resume is None:
                 await asyncio.shield(counting)  # the envelope's header names the total
-            point = resume.encoder_point() if resume is not None else None
+            point = resume.point if resume is not None else None
             self.encoder = await self.ctx.encoders.open(self.spec, self.part_path, self._info(), point)
             if resume is not None:
                 await self._adopt(resume)
@@ -232,8 +232,8 @@ class JobRun:
         resumed = None
         if resume is not None:
             reread = max(0, int(self.job.get("processed") or 0) - resume.rows)
-            resumed = {"rows": resume.rows, "bytes": resume.bytes, "reread_rows": reread}
-            log.info("job %s: resuming at row %d (byte %d); %d rows are read again", self.id, resume.rows, resume.bytes, reread)
+            resumed = {"rows": resume.rows, "bytes": resume.point.bytes, "reread_rows": reread}
+            log.info("job %s: resuming at row %d (byte %d); %d rows are read again", self.id, resume.rows, resume.point.bytes, reread)
         fields = {"processed": resume.rows if resume else 0, "total": None, "bytes": 0, "rate": None, "resumed_from": resumed}
         self.rate_since, self.rate_base = time.monotonic(), fields["processed"]
         if resume is None:

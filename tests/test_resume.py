@@ -85,7 +85,7 @@ def test_which_exports_resume_and_the_bound_that_follows_a_checkpoint(tmp_path: 
     part.write_bytes(b"0123456789")
     job = {"_id": "j", "checkpoint": {"part": part.name, "bytes": 8, "rows": 80, "columns": ["a"], "key": key}}
     found = plan(job, validate_request({"collection": "t", "format": "csv", "sort": {"points": -1, "_id": 1}}), tmp_path)
-    assert found is not None and (found.bytes, found.rows, found.columns) == (8, 80, ["a"])
+    assert found is not None and (found.point.bytes, found.rows, found.point.columns) == (8, 80, ["a"])
     assert plan(job, validate_request({"collection": "t", "format": "xlsx", "sort": {"points": -1, "_id": 1}}), tmp_path) is None
     assert plan({**job, "checkpoint": {**job["checkpoint"], "bytes": 11}}, validate_request({"collection": "t", "format": "csv"}), tmp_path) is None
     assert plan(job, validate_request({"collection": "t", "format": "csv", "limit": 200}), tmp_path) is None
