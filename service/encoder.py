@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from bson.errors import BSONError
 
-from .files import PipelineResult, ResumePoint
+from .files import CheckpointGone, PipelineResult, ResumePoint
 from .query import ExportSpec
 
 if TYPE_CHECKING:  # imported for real in the encoder process only (see _serve)
@@ -100,6 +100,9 @@ def _serve(sock: socket.socket, spec_doc: dict[str, Any], part_path: str, info: 
             from .pipeline import ExportPipeline  # the encoder's own import: the server process never loads the writers
 
             pipeline = ExportPipeline(ExportSpec.from_doc(spec_doc), Path(part_path), info, resume)
+        except CheckpointGone as exc:
+            conn.send(("error", CheckpointGone.code, str(exc)))
+            return
         except OSError as exc:
             conn.send(_disk_error(exc))
             return

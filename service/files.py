@@ -44,6 +44,13 @@ def remove_file(path: Path) -> None:
         log.warning("could not remove %s: %s", path, exc)
 
 
+class CheckpointGone(OSError):
+    """The file a checkpoint names is gone, or shorter than the checkpoint says: the run that wrote it discarded it
+    after this run planned to go on from it (it had lost the job, and noticed). Starting again loses nothing."""
+
+    code = "checkpoint_gone"
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """Where an earlier run's file is whole: its first bytes hold the header and rows rows (a checkpoint)."""

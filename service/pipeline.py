@@ -16,7 +16,7 @@ from bson import decode_all
 from bson.errors import InvalidBSON
 from bson.codec_options import CodecOptions, DatetimeConversion
 
-from .files import PipelineResult, ResumePoint, discard_partial, scratch_dir
+from .files import CheckpointGone, PipelineResult, ResumePoint, discard_partial, scratch_dir
 from .query import ExportSpec
 from .writers import Writer, make_writer, writer_class
 from .writers.values import discover_columns, dotted_keys, mark_non_finite, non_finite_suspects, paths_of
@@ -224,13 +224,18 @@ def _open_part(part_path: Path, resume: ResumePoint | None) -> BinaryIO:
     if resume is None:
         return open(part_path, "wb", buffering=1 << 20)
     if resume.source != part_path:
-        with open(resume.source, "rb") as src, open(part_path, "wb") as dst:
+        try:
+            src = open(resume.source, "rb")
+        except FileNotFoundError:
+            raise CheckpointGone(f"the checkpoint's file {resume.source.name} is gone") from None
+        with src, open(part_path, "wb") as dst:
             _copy_prefix(src, dst, resume.bytes)
     file = open(part_path, "r+b", buffering=1 << 20)
     file.truncate(resume.bytes)
     file.seek(resume.bytes)
     if file.tell() != resume.bytes or os.fstat(file.fileno()).st_size != resume.bytes:
-        raise OSError(f"the partial file holds fewer than the checkpoint's {resume.bytes} bytes")
+        file.close()
+        raise CheckpointGone(f"the partial file holds fewer than the checkpoint's {resume.bytes} bytes")
     return file
 
 
@@ -239,7 +244,7 @@ def _copy_prefix(src: BinaryIO, dst: BinaryIO, size: int) -> None:
     while left:
         chunk = src.read(min(left, 1 << 20))
         if not chunk:
-            raise OSError(f"the partial file holds fewer than the checkpoint's {size} bytes")
+            raise CheckpointGone(f"the checkpoint's file holds fewer than its {size} bytes")
         dst.write(chunk)
         left -= len(chunk)
 

@@ -19,7 +19,7 @@ from .encoder import EncoderError, EncoderPool, EncoderSession
 from .events import EventHub
 from .jobs import ACTIVE, RUNNING, JobStatus, expiry, now_ms, snapshot, transition
 from .metrics import Metrics
-from .files import discard_partial, final_path, part_path, remove_file
+from .files import CheckpointGone, discard_partial, final_path, part_path, remove_file
 from .query import ExportSpec, ValidationError, check_exportable
 from .resume import ResumePlan, after, export_order, last_key, plan, resumable
 from .settings import Settings
@@ -187,13 +187,28 @@ class JobRun:
         settings = self.ctx.settings
         check_exportable(self.spec, settings.jobs_collection, settings.collections)
         resume = plan(self.job, self.spec, settings.export_dir)
-        processed, total = await self._read(resume)
-        if resume is not None and processed != total:
+        processed = await self._resumed(resume) if resume is not None else None
+        if processed is None:
+            processed, _ = await self._read(None)
+        await self._finalize(processed)
+
+    async def _resumed(self, resume: ResumePlan) -> int | None:
+        """The rows in the file when the run went on from the checkpoint; None when it must start again from the
+        first row: the checkpoint's file went away before it was copied, or the resumed file misses rows."""
+        try:
+            processed, total = await self._read(resume)
+        except EncoderError as exc:
+            if exc.code != CheckpointGone.code:
+                raise
+            log.warning("job %s: %s; writing it again from the first row", self.id, exc.message)
+            self.discard()
+            return None
+        if processed != total:
             log.warning("job %s: resumed at row %d, it holds %d rows of %s; writing it again from the first row",
                         self.id, resume.rows, processed, "an unknown number" if total is None else total)
             self.discard()
-            processed, _ = await self._read(None)
-        await self._finalize(processed)
+            return None
+        return processed
 
     async def _read(self, resume: ResumePlan | None) -> tuple[int, int | None]:
         """Write the partial file from the first row or from resume; the rows in it, and the total when this run

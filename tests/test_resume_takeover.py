@@ -14,9 +14,10 @@ import bson
 import pytest
 from pymongo import MongoClient
 
+from service import runner as runner_module
 from service.app import create_app
 from service.db import Database, FindSpec
-from service.files import final_path, part_path
+from service.files import discard_partial, final_path, part_path
 from service.jobs import new_job_doc
 from service.pipeline import ExportPipeline
 from service.query import validate_request
@@ -156,6 +157,36 @@ async def test_a_job_stopped_again_before_its_first_checkpoint_still_resumes(
     clean = await (await api.post("/api/exports", json=body)).json()
     _, clean_bytes = await export_bytes(api, clean["id"])
     assert resumed_bytes == clean_bytes
+    assert not list(Path(settings.export_dir).glob("*.part*"))
+
+
+async def test_a_checkpoint_file_that_goes_away_before_it_is_copied_starts_the_export_again(
+    aiohttp_client: Any, mongo_url: str, sync_db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance that lost the job may discard its partial file right after the run taking over planned to go on
+    from it: the export starts again from its first row rather than failing."""
+    collection, rows, extra, _ = TAKEOVERS["nulls-last"]
+    replace_collection(sync_db, collection, rows)
+    body = {"collection": collection, "format": "csv", **extra}
+    settings = make_settings(mongo_url, tmp_path, batch_size=BATCH, checkpoint_batches=EVERY, max_concurrent=1)
+    doc = seed_checkpointed_job(sync_db, settings, body, checkpoint_after=2)
+    planned: list[Any] = []
+
+    def plan_then_discard(*args: Any) -> Any:
+        found = real_plan(*args)
+        if found is not None:
+            planned.append(found)
+            discard_partial(found.point.source)  # as the old instance does, between the plan and the copy
+        return found
+
+    real_plan = runner_module.plan
+    monkeypatch.setattr(runner_module, "plan", plan_then_discard)
+    api = await aiohttp_client(create_app(settings))
+    again, again_bytes = await export_bytes(api, doc["_id"])
+    assert planned and again["resumed_from"] is None and again["processed"] == len(rows), again
+    clean = await (await api.post("/api/exports", json=body)).json()
+    _, clean_bytes = await export_bytes(api, clean["id"])
+    assert again_bytes == clean_bytes
     assert not list(Path(settings.export_dir).glob("*.part*"))
 
 
