@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import socketio
 from aiohttp import web
 
+from .db import DatabaseError
 from .settings import Settings, bearer_token
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,15 @@ class EventHub:
         if job_id is None:
             return {"ok": False, "error": {"code": "invalid_request", "message": "subscribe needs {\"id\": ...}", "field": "id"}}
         session = await self.sio.get_session(sid)
-        if await self.lookup(session["user"], job_id) is None:  # only its owner may enter the job's room
-            return {"ok": False, "error": {"code": "not_found", "message": f"no export {job_id}", "field": "id"}}
-        # In the room first, then the snapshot: no event can fall between the two unseen.
-        await self.sio.enter_room(sid, room(job_id))
-        snap = await self.lookup(session["user"], job_id)
+        try:
+            if await self.lookup(session["user"], job_id) is None:  # only its owner may enter the job's room
+                return {"ok": False, "error": {"code": "not_found", "message": f"no export {job_id}", "field": "id"}}
+            # In the room first, then the snapshot: no event can fall between the two unseen.
+            await self.sio.enter_room(sid, room(job_id))
+            snap = await self.lookup(session["user"], job_id)
+        except DatabaseError as exc:  # the client gets its answer now, not at its own time-out
+            await self.sio.leave_room(sid, room(job_id))
+            return {"ok": False, "error": {"code": exc.code, "message": f"cannot look up export {job_id}: {exc}"}}
         if snap is None:  # deleted in between
             await self.sio.leave_room(sid, room(job_id))
             return {"ok": False, "error": {"code": "not_found", "message": f"no export {job_id}", "field": "id"}}

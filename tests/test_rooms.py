@@ -4,7 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import socketio
+
 from service.app import create_app
+from service.db import DatabaseUnavailable
+from service.manager import JobManager
 
 from conftest import END_STATES, Gate, hold_queue, make_settings, release_queue, subscribe, until, wait_status
 
@@ -38,3 +42,22 @@ async def test_after_unsubscribe_no_more_events_of_that_job(aiohttp_client: Any,
     assert {data["id"] for _, _, data in leaving} == {second["id"]}, [(name, data["id"]) for _, name, data in leaving]
     heard = [name for _, name, _ in leaving]
     assert (heard[0], heard[-1]) == ("export-fetching", "export-completed"), heard
+
+
+async def test_a_subscribe_the_database_cannot_answer_gets_an_error_answer(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, gate: Gate, monkeypatch: Any
+) -> None:
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=gate))
+    job = await (await api.post("/api/exports", json=BODY)).json()
+
+    async def unavailable(self: JobManager, user: str, job_id: str) -> None:
+        raise DatabaseUnavailable("the database is not reachable")
+
+    monkeypatch.setattr(JobManager, "lookup", unavailable)
+    sio = socketio.AsyncClient(reconnection=False)
+    await sio.connect(str(api.make_url("/")), transports=["websocket"])
+    try:
+        ack = await sio.call("subscribe", {"id": job["id"]}, timeout=5)
+    finally:
+        await sio.disconnect()
+    assert ack["ok"] is False and ack["error"]["code"] == "database_unavailable", ack
