@@ -103,7 +103,9 @@ async def _domain_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(500, exc.code, str(exc))
     except web.HTTPException as exc:
         if request.path.startswith("/api/") and exc.status >= 400:
-            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, None, dict(exc.headers))
+            # Its own headers (Allow on a 405) but not its text body's type: the answer is JSON.
+            kept = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, None, kept)
         raise
 
 

@@ -110,6 +110,24 @@ async def test_unknown_id_404_and_unfinished_download_409(aiohttp_client: Any, m
     assert (await api.get(f"/api/exports/{job['id']}/download")).status == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/api/nope", 404, "not_found"),
+        ("GET", "/api/exports/0123456789abcdef01234567/download/", 404, "not_found"),
+        ("PUT", "/api/exports", 405, "method_not_allowed"),
+        ("PATCH", "/api/exports/0123456789abcdef01234567", 405, "method_not_allowed"),
+        ("POST", "/api/exports/0123456789abcdef01234567/download", 405, "method_not_allowed"),
+    ],
+)
+async def test_unknown_paths_and_methods_under_api_answer_json(api: Any, method: str, path: str, status: int, code: str) -> None:
+    resp = await api.request(method, path)
+    assert resp.status == status and resp.content_type == "application/json", (resp.status, await resp.text())
+    assert (await resp.json())["error"]["code"] == code
+    if status == 405:
+        assert resp.headers["Allow"], resp.headers
+
+
 async def test_list_filters_and_validates(api: Any) -> None:
     assert (await api.get("/api/exports?status=bogus")).status == 400
     assert (await api.get("/api/exports?limit=0")).status == 400
