@@ -105,7 +105,9 @@ class Api:
         return path if path.startswith(("http://", "https://")) else self.base_url + path
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        # identity: the session does not decompress (a file's bytes are written as they come), so nothing on the
+        # way may compress them.
+        return {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
 
     async def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         try:
@@ -167,6 +169,8 @@ class Api:
         headers = {**self.headers(), **({"Range": f"bytes={part.written}-"} if part.written else {})}
         try:
             async with self.session.get(self.url(url), headers=headers) as resp:
+                if resp.status in RETRY_STATUSES:  # a gateway while the service restarts: asked again, as a drop is
+                    raise Dropped(f"HTTP {resp.status}")
                 if resp.status >= 400:
                     raise CliError(error_text(resp.status, await resp.text()))
                 part.start(resp)

@@ -412,15 +412,19 @@ class CuttingProxy(ThreadedSite):
 
     CUT_BYTES = 20_000
 
-    def __init__(self, target: str, cuts: int) -> None:
+    def __init__(self, target: str, cuts: int, unavailable: int = 0) -> None:
         super().__init__()
-        self.target, self.cuts = target, cuts
+        self.target, self.cuts, self.unavailable = target, cuts, unavailable  # the first `unavailable` downloads: 503
         self.ranges: list[str | None] = []  # each download's Range header
+        self.encodings: set[str | None] = set()  # the Accept-Encoding of every request
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         download = request.path.endswith("/download")
+        self.encodings.add(request.headers.get("Accept-Encoding"))
         if download:
             self.ranges.append(request.headers.get("Range"))
+            if len(self.ranges) <= self.unavailable:
+                return web.Response(status=503, text="<html>503 Service Unavailable</html>", content_type="text/html")
         headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Content-Type", "Range")}
         async with ClientSession() as http:
             async with http.request(request.method, self.target + request.path_qs, headers=headers, data=await request.read()) as resp:
@@ -456,6 +460,13 @@ def test_a_download_whose_connection_drops_goes_on_from_the_byte_it_reached(serv
     cut = CuttingProxy.CUT_BYTES
     assert proxy.ranges == [None, f"bytes={cut}-", f"bytes={2 * cut}-"]
     assert done.stderr.count("going on from there") == 2, done.stderr
+    assert proxy.encodings == {"identity"}  # nothing on the way may compress the bytes mexport writes as they come
+    with CuttingProxy(service.url, cuts=0, unavailable=1) as proxy:  # a gateway's 503 while the service restarts
+        again = subprocess.run([*CLI, "download", job_id, "-o", "after503.csv"], cwd=tmp_path, env=cli_env(service, url=proxy.url),
+                               capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "HTTP 503" in again.stderr, again.stderr
+    assert (tmp_path / "after503.csv").read_bytes() == whole and proxy.ranges == [None, None]
+    (tmp_path / "after503.csv").unlink()
     with CuttingProxy(service.url, cuts=cli_client.DOWNLOAD_TRIES) as proxy:
         failed = subprocess.run([*CLI, "download", job_id, "-o", "never.csv"], cwd=tmp_path, env=cli_env(service, url=proxy.url),
                                 capture_output=True, text=True, timeout=60)
