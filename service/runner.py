@@ -313,7 +313,7 @@ class JobRun:
                     await self._progress(processed)
         if fed:
             processed += await self.encoder.drain()
-            await self._progress(processed, force=True)
+            await self._progress(processed, last=True)
         return processed
 
     async def _checkpoint(self, processed: int, last_raw: bytes, order: Any) -> int:
@@ -321,10 +321,13 @@ class JobRun:
         assert self.encoder is not None
         rows, state = await self.encoder.checkpoint()
         point = {"part": self.part_path.name, **state, "key": last_key(last_raw, order)}
-        await self._progress(processed + rows, force=True, extra={"checkpoint": point})
+        await self._progress(processed + rows, persist=True, extra={"checkpoint": point})
         return processed + rows
 
-    async def _progress(self, processed: int, force: bool = False, extra: dict[str, Any] | None = None) -> None:
+    async def _progress(self, processed: int, persist: bool = False, extra: dict[str, Any] | None = None, last: bool = False) -> None:
+        """Record progress (in the job's record when persist, last, or PERSIST_EVERY has passed) and tell the room,
+        at most every MIN_EVENT_GAP; the export's last progress is always told, once that gap has passed."""
+        persist = persist or last
         now = time.monotonic()
         elapsed = max(now - self.rate_since, 1e-6)
         fields: dict[str, Any] = {"processed": processed, "rate": (processed - self.rate_base) / elapsed, **(extra or {})}
@@ -332,7 +335,7 @@ class JobRun:
             fields["total"] = self.unsaved_total
         if self.job["status"] == JobStatus.FETCHING.value:
             await self._change(fields, [JobStatus.FETCHING], JobStatus.PROCESSING)
-        elif force or now - self.last_persist >= PERSIST_EVERY:
+        elif persist or now - self.last_persist >= PERSIST_EVERY:
             await self._change(fields, [JobStatus.PROCESSING])
         else:
             self.job.update(fields)
@@ -341,7 +344,9 @@ class JobRun:
             self.last_persist = now
         if "total" in fields:  # persisted now; a count that came in while the write was on its way is not
             self.unsaved_total = None
-        if force or now - self.last_event >= MIN_EVENT_GAP:
+        if last:
+            await asyncio.sleep(max(0.0, self.last_event + MIN_EVENT_GAP - time.monotonic()))
+        if last or time.monotonic() - self.last_event >= MIN_EVENT_GAP:
             await self.emit("export-processing")
 
     async def _finalize(self, processed: int) -> None:

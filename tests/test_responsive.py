@@ -229,3 +229,37 @@ async def test_a_failed_cancel_stays_on_screen_while_the_job_runs_on(
     await expect(item).to_have_attribute("data-status", "fetching")
     await expect(error).to_be_visible()
     await page.context.close()
+
+
+class FastSource:
+    """Batches of 1,000 generated rows as fast as the loop takes them: far more than ten batches a second."""
+
+    def __init__(self, batches: int) -> None:
+        docs = list(make_documents(1000, 7))
+        self.batches = [b"".join(bson.encode({**doc, "_id": n * 1000 + i}) for i, doc in enumerate(docs)) for n in range(batches)]
+
+    async def count(self, spec: FindSpec) -> int:
+        return 1000 * len(self.batches)
+
+    async def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]:
+        for raw in self.batches:
+            yield raw
+
+
+async def test_progress_events_come_at_most_ten_a_second_checkpoints_included(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    # A checkpoint after every batch: each is recorded, but the room is told at most every 0.1 s.
+    settings = make_settings(mongo_url, tmp_path, checkpoint_batches=1)
+    api = await aiohttp_client(create_app(settings, source=FastSource(60)))
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson"})).json()
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    sio = await subscribe(api, job["id"], seen)
+    try:
+        final = await wait_status(api, job["id"], END_STATES, timeout=120)
+        await until(lambda: seen and seen[-1][1] == "export-completed", "the end event")
+    finally:
+        await sio.disconnect()
+    assert final["status"] == "completed" and final["processed"] == 60_000, final
+    stamps = [data["ts"] for _, name, data in seen if name == "export-processing"]
+    assert stamps and [data["processed"] for _, name, data in seen if name == "export-processing"][-1] == 60_000
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert not gaps or min(gaps) >= 0.099, sorted(gaps)[:5]
