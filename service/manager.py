@@ -270,9 +270,11 @@ class JobManager:
         if not status.active and cancel_only:
             raise JobConflict(f"the export is {status.value}: there is nothing to cancel", status.value, "not_active")
         if not status.active:
-            self.path_of(doc).unlink(missing_ok=True)
+            # The record first: were its removal to fail, the job would still name its file, whole. A file left
+            # behind by a failure after this is one no job names, which the sweep removes.
             await self.db.delete_job(job_id)
-            return {**self.snapshot(doc), "deleted": True}
+            self.path_of(doc).unlink(missing_ok=True)
+            return {**self.snapshot(doc), "download_url": None, "deleted": True}
         task = self.running.get(job_id)
         if task is not None:
             # Running here: the runner records the cancel, kills its encoder and removes the .part file.

@@ -64,8 +64,18 @@ async def test_cancel_queued_job_and_delete_finished_job(aiohttp_client: Any, mo
     assert (await wait_status(api, queued["id"]))["status"] == "cancelled"  # it never ran
     path = Path(manager.settings.export_dir) / f"{done['id']}.csv"
     assert path.is_file()
+
+    async def unavailable(job_id: str) -> None:
+        raise DatabaseUnavailable("the database is not reachable")
+
+    real_delete, manager.db.delete_job = manager.db.delete_job, unavailable
     resp = await api.delete(f"/api/exports/{done['id']}")
-    assert resp.status == 200 and (await resp.json())["deleted"] is True
+    manager.db.delete_job = real_delete
+    assert resp.status == 503 and path.is_file()  # the job that still names its file still has it
+    assert (await api.get((await wait_status(api, done["id"]))["download_url"])).status == 200
+    resp = await api.delete(f"/api/exports/{done['id']}")
+    answer = await resp.json()
+    assert resp.status == 200 and answer["deleted"] is True and answer["download_url"] is None, answer
     assert not path.exists()
     assert (await api.get(f"/api/exports/{done['id']}")).status == 404
 
