@@ -2,13 +2,17 @@
 and API tokens only in the Authorization header."""
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import pytest
+
+from service import signing
 from service.app import create_app
 from service.settings import MANAGER_KEY, SETTINGS_KEY
 
@@ -75,9 +79,12 @@ async def test_the_signed_link_downloads_without_a_token_and_nothing_else_does(a
         assert resp.status == 401 and (await resp.json())["error"]["field"] == "Authorization", path
 
 
-async def test_an_expired_link_is_refused_and_the_snapshot_gives_a_fresh_one(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+async def test_an_expired_link_is_refused_and_the_snapshot_gives_a_fresh_one(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     api, done = await completed_job(aiohttp_client, mongo_url, tmp_path, download_url_seconds=1)
-    await asyncio.sleep(2.1)  # the link's life, in whole seconds, is over
+    later = time.time() + 3  # the link's life, in whole seconds, is over: the signing clock says so
+    monkeypatch.setattr(signing, "time", SimpleNamespace(time=lambda: later))
     resp = await api.get(done["download_url"])
     body = await resp.json()
     assert resp.status == 403 and body["error"]["code"] == "link_expired" and body["error"]["field"] == "exp", body
