@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MIN_EVENT_GAP = 0.1  # at most ten progress events a second
 PERSIST_EVERY = 1.0  # progress and lease written to the jobs collection at most once a second
+OWNERSHIP_CHECK_SECONDS = 2.0  # the lease is renewed at least this often, which tells a run it was cancelled elsewhere
 RECORD_RETRY_SECONDS, RECORD_RETRIES = 2.0, 900  # an end state waits up to half an hour for the database
 # While nothing else is said, the current state is sent again this often: the page never looks frozen for
 # a second, whatever the database or the encoder is doing.
@@ -100,8 +101,9 @@ class JobRun:
 
     async def keep_lease(self, task: asyncio.Task[Any]) -> None:
         """Renew the lease while the job runs, even when no batch arrives (a slow count or cursor);
-        stop the run when the job is no longer ours."""
-        interval = self.ctx.settings.lease_seconds / 3
+        stop the run when the job is no longer ours (cancelled, or claimed elsewhere)."""
+        # Often enough that a cancel through another instance stops this run within seconds, whatever the lease.
+        interval = min(self.ctx.settings.lease_seconds / 3, OWNERSHIP_CHECK_SECONDS)
         while True:
             await asyncio.sleep(interval)
             try:

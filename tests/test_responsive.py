@@ -16,8 +16,9 @@ from pymongo.errors import ExecutionTimeout
 from scripts.generate_data import make_documents
 from service.app import create_app
 from service.db import Database, FindSpec, QueryTimeout, make_client, translate
+from service.settings import SETTINGS_KEY
 
-from conftest import DATA_DB, END_STATES, export_files, make_settings, subscribe, until, wait_status
+from conftest import DATA_DB, END_STATES, export_files, make_settings, new_jobs_collection, subscribe, until, wait_status
 from playwright.async_api import expect
 from test_browser import COLLECTION, job_item, open_page, start_export
 from wire_proxy import WireProxy
@@ -263,3 +264,20 @@ async def test_progress_events_come_at_most_ten_a_second_checkpoints_included(ai
     assert stamps and [data["processed"] for _, name, data in seen if name == "export-processing"][-1] == 60_000
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert not gaps or min(gaps) >= 0.099, sorted(gaps)[:5]
+
+
+async def test_a_cancel_through_another_instance_stops_the_run_within_seconds(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    # A waits 30 s for its first batch; renewing a 60 s lease every third of it, A would run on for up to 20 s.
+    jobs = new_jobs_collection()
+    a = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, jobs_collection=jobs, lease_seconds=60), source=SlowSource(first_delay=30)))
+    job = await (await a.post("/api/exports", json={"collection": "tasks", "format": "csv", "fields": ["seq"]})).json()
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    sio = await subscribe(a, job["id"], seen)  # at A, which runs the job: without Redis, A's events only
+    try:
+        await until(lambda: any(name == "export-fetching" for _, name, _ in seen), "the run's start at A")
+        b = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, jobs_collection=jobs, lease_seconds=60)))
+        assert (await (await b.delete(f"/api/exports/{job['id']}")).json())["status"] == "cancelled"
+        await until(lambda: seen[-1][1] == "export-cancelled", "A stopping its run and saying so", timeout=8)
+    finally:
+        await sio.disconnect()
+    assert not list(Path(a.server.app[SETTINGS_KEY].export_dir).glob("*.part"))
