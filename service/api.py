@@ -202,8 +202,10 @@ async def download_export(request: web.Request) -> web.StreamResponse:
         doc = await manager.get_signed_doc(job_id, request.query.get("exp", ""), request.query.get("sig", ""))
     status = doc["status"]
     if status != JobStatus.COMPLETED.value:
-        message = "the export expired and its file was removed" if status == JobStatus.EXPIRED.value else f"the export is {status}, not completed"
-        raise JobConflict(message, status)
+        if status == JobStatus.EXPIRED.value:
+            raise JobConflict("the export expired and its file was removed", status)
+        # not_ready: waiting helps; not_completed: the export ended without a file, and waiting does not.
+        raise JobConflict(f"the export is {status}, not completed", status, None if JobStatus(status).active else "not_completed")
     path = manager.path_of(doc)  # built from the job id and format only, never from request input
     if not path.is_file():
         raise JobConflict("the export file is gone", JobStatus.EXPIRED.value)

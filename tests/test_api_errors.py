@@ -104,6 +104,10 @@ async def test_unknown_id_404_and_unfinished_download_409(aiohttp_client: Any, m
     resp = await api.get(f"/api/exports/{job['id']}/download")
     assert resp.status == 409
     assert (await resp.json())["error"]["code"] == "not_ready"
+    cancelled = await (await api.post("/api/exports", json=VALID)).json()
+    assert (await (await api.delete(f"/api/exports/{cancelled['id']}")).json())["status"] == "cancelled"
+    resp = await api.get(f"/api/exports/{cancelled['id']}/download")
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "not_completed"  # no file will come
     await release_queue(api, gate, holders)
     snap = await wait_status(api, job["id"])
     assert snap["status"] == "completed"
