@@ -21,7 +21,8 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY --from=vendor /src/service/static/vendor ./service/static/vendor
 COPY scripts ./scripts
-RUN pip install .
+# redis: the scale profile's replicas share events through it (EXPORT_REDIS_URL).
+RUN pip install '.[redis]'
 
 # Exports and the embedded database (used when EXPORT_MONGO_URL is unset) must be writable by the
 # unprivileged user; a named volume mounted on /data/exports takes this ownership when first created.
