@@ -7,7 +7,9 @@ import sys
 
 from aiohttp import web
 
-from .app import check_export_dir, create_app
+from .app import StartupError, check_export_dir, create_app
+from .db import DatabaseError
+from .embedded_db import EmbeddedDbError
 from .settings import SettingsError, settings_from_env
 
 
@@ -39,15 +41,19 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        # A request whose client is gone is cancelled: a long poll Socket.IO left open would otherwise hold the
-        # stop until it times out, past a container's grace period.
-        handler_cancellation=True,
-        print=lambda _: print(f"Export service on http://{settings.host}:{settings.port}/", flush=True),
-    )
+    try:
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            # A request whose client is gone is cancelled: a long poll Socket.IO left open would otherwise hold the
+            # stop until it times out, past a container's grace period.
+            handler_cancellation=True,
+            print=lambda _: print(f"Export service on http://{settings.host}:{settings.port}/", flush=True),
+        )
+    except (StartupError, EmbeddedDbError, DatabaseError) as exc:  # raised while starting: the database, its data
+        print(f"error: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

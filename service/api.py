@@ -1,6 +1,7 @@
 """HTTP handlers. Domain errors become JSON errors here: {"error": {"code", "message", "field"}}."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 import re
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 USER_KEY = web.RequestKey("user", str)
 DOWNLOAD_PATH = "/api/exports/{id}/download"
+METRICS_COUNT_SECONDS = 1.0
 CONTENT_TYPES = {
     "csv": "text/csv; charset=utf-8",
     "json": "application/json",
@@ -251,8 +253,11 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     try:
-        queued: int | None = await request.app[DB_KEY].count_jobs({"status": JobStatus.QUEUED.value})
-    except DatabaseError:
+        # A scrape must not wait on a database in trouble (Prometheus gives up after 10 s): without the count in
+        # time, the queued gauge is left out.
+        queued: int | None = await asyncio.wait_for(request.app[DB_KEY].count_jobs({"status": JobStatus.QUEUED.value}),
+                                                    METRICS_COUNT_SECONDS)
+    except (DatabaseError, asyncio.TimeoutError):
         queued = None
     text = request.app[METRICS_KEY].render(queued)
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})

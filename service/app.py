@@ -29,6 +29,10 @@ EMBEDDED_CONNECT_TIMEOUT_MS = 30_000
 GENERATOR = Path(__file__).resolve().parent.parent / "scripts" / "generate_data.py"
 
 
+class StartupError(RuntimeError):
+    """The service could not start (its message is the one line python -m service prints)."""
+
+
 def check_export_dir(settings: Settings) -> None:
     """Create EXPORT_DIR and prove it takes a file; a SettingsError otherwise."""
     path = Path(settings.export_dir)
@@ -58,14 +62,16 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     # The embedded server answers nothing while it builds a large query's first batch (seconds for
     # 100,000 documents); the driver's heartbeat, whose timeout is connectTimeoutMS, must outwait it.
     connect_timeout_ms = EMBEDDED_CONNECT_TIMEOUT_MS if embedded is not None else 5000
-    app[DB_KEY] = Database.connect(url, settings.db_name, settings.driver, settings.jobs_collection, connect_timeout_ms,
-                                   settings.query_max_time_ms)
     try:
-        if settings.seed_demo_rows:
-            await _seed_demo(url, settings)
-        yield
+        app[DB_KEY] = Database.connect(url, settings.db_name, settings.driver, settings.jobs_collection, connect_timeout_ms,
+                                       settings.query_max_time_ms)
+        try:
+            if settings.seed_demo_rows:
+                await _seed_demo(url, settings)
+            yield
+        finally:
+            await app[DB_KEY].close()
     finally:
-        await app[DB_KEY].close()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
 
@@ -77,7 +83,7 @@ async def _seed_demo(url: str, settings: Settings) -> None:
         "--count", str(settings.seed_demo_rows), "--collection", "tasks", "--if-empty",
     )
     if await proc.wait() != 0:
-        raise RuntimeError(f"generating demo data failed with exit code {proc.returncode}")
+        raise StartupError(f"generating demo data failed with exit code {proc.returncode} (EXPORT_SEED_DEMO_ROWS)")
 
 
 async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -68,6 +68,10 @@ class EmbeddedMongo:
         except (OSError, ValueError, psutil.Error):
             return
         if "service.embedded_guard" in cmdline and str(self.data_dir / self.db_file) in cmdline:
+            owner = int(cmdline[cmdline.index("service.embedded_guard") + 1])
+            if owner != os.getpid() and _running(owner):  # another service's server, not one a killed service left
+                raise EmbeddedDbError(f"the embedded database in {self.data_dir} is in use by process {owner}; stop that "
+                                      "service, or give this one another EXPORT_EMBEDDED_DIR")
             log.warning("stopping the embedded database left running by a previous process (pid %d)", pid)
             os.kill(pid, signal.SIGKILL)
             for _ in range(50):
@@ -76,7 +80,11 @@ class EmbeddedMongo:
                 time.sleep(0.1)
 
     def start(self, timeout: float = 30.0) -> "EmbeddedMongo":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EmbeddedDbError(f"cannot keep the embedded database in {self.data_dir} (EXPORT_EMBEDDED_DIR): "
+                                  f"{exc.strerror or exc}") from None
         self._stop_orphan()
         log_path = self.data_dir / f"nx-27017-{self.port}.log"
         cmd = _server_command() + [

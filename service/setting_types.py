@@ -7,7 +7,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from importlib.util import find_spec
 from urllib.parse import urlsplit
+
+from pymongo.errors import ConfigurationError, InvalidURI
+from pymongo.uri_parser import parse_uri
 
 
 class Invalid(ValueError):
@@ -114,7 +118,50 @@ def _origin(item: str) -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
+def _mongo_url(value: Any) -> str:
+    url = _text(value)
+    scheme = url.partition("://")[0]
+    if scheme not in ("mongodb", "mongodb+srv"):  # the text itself is never echoed: it may hold a password
+        raise Invalid("must be a MongoDB connection string (mongodb://... or mongodb+srv://...)")
+    if scheme == "mongodb":  # an SRV string needs a DNS lookup, which the driver makes when it connects
+        try:
+            parse_uri(url)
+        except (InvalidURI, ConfigurationError, ValueError) as exc:
+            raise Invalid(f"is not a valid connection string: {exc}") from None
+    return url
+
+
+_DB_NAME_FORBIDDEN = set('/\\. "$\x00')
+
+
+def _db_name(value: Any) -> str:
+    name = _text(value)
+    if not name or len(name.encode()) > 63 or _DB_NAME_FORBIDDEN & set(name):
+        raise Invalid(f'must be a MongoDB database name (1-63 bytes, none of / \\ . " $ or a space), got {name!r}')
+    return name
+
+
+def _collection_name(value: Any) -> str:
+    name = _text(value)
+    if not name or "$" in name or "\x00" in name or name.startswith(("system.", ".")) or name.endswith("."):
+        raise Invalid(f"must be a MongoDB collection name (no $, not system.*), got {name!r}")
+    return name
+
+
+def _redis_url(value: Any) -> str:
+    url = _text(value)
+    if url.partition("://")[0] not in ("redis", "rediss", "unix"):
+        raise Invalid("must be a Redis URL (redis://, rediss:// or unix://)")
+    if find_spec("redis") is None:  # python-socketio would start without it and drop every event
+        raise Invalid("needs the redis package: pip install 'mongo-export-service[redis]'")
+    return url
+
+
 TEXT = Kind("text", _text, _text)
+MONGO_URL = Kind("connection string", _mongo_url, _mongo_url)
+DB_NAME = Kind("database name", _db_name, _db_name)
+COLLECTION_NAME = Kind("collection name", _collection_name, _collection_name)
+REDIS_URL = Kind("Redis URL", _redis_url, _redis_url)
 INTEGER = Kind("integer", _int_text, _int)
 NUMBER = Kind("number", _number_text, _number)
 PATH = Kind("path", Path, _path)

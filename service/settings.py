@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .setting_types import INTEGER, NAMES, NUMBER, ORIGINS, PATH, TEXT, TOKENS, Invalid, Kind
+from .setting_types import (
+    COLLECTION_NAME, DB_NAME, INTEGER, MONGO_URL, NAMES, NUMBER, ORIGINS, PATH, REDIS_URL, TEXT, TOKENS, Invalid, Kind,
+)
 
 if TYPE_CHECKING:  # the keys name these types; importing them here would be circular
     from .db import Database
@@ -27,6 +29,7 @@ if TYPE_CHECKING:  # the keys name these types; importing them here would be cir
 
 DRIVERS = ("pymongo", "motor")
 XLSX_MAX_ROWS = 1_048_575  # Excel's 1,048,576 rows less the header
+MAX_TIME_MS = 2**31 - 1  # MongoDB refuses a longer maxTimeMS
 
 
 class SettingsError(ValueError):
@@ -42,8 +45,8 @@ class Setting:
     kind: Kind
     default: Any  # None only for text that may be absent
     help: str
-    minimum: int | None = None
-    maximum: int | None = None
+    minimum: float | None = None
+    maximum: float | None = None
     why_maximum: str = ""  # said after the maximum in the error
     positive: bool = False
     choices: tuple[str, ...] = ()
@@ -51,7 +54,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("mongo_url", "EXPORT_MONGO_URL", TEXT, None,
+    Setting("mongo_url", "EXPORT_MONGO_URL", MONGO_URL, None,
         "MongoDB connection string; the service waits 5 s to reach a server (`serverSelectionTimeoutMS`, "
         "`connectTimeoutMS`; 30 s for connecting to the embedded server) and 5 minutes for any one reply, or "
         "`EXPORT_QUERY_MAX_TIME_MS` and a minute when that is longer "
@@ -59,7 +62,7 @@ SETTINGS: tuple[Setting, ...] = (
         "own values of those options win (`socketTimeoutMS=0`: no limit)",
         shown_default="*(empty: embedded server)*",
     ),
-    Setting("db_name", "EXPORT_DB", TEXT, "exports", "database holding the collections and the jobs"),
+    Setting("db_name", "EXPORT_DB", DB_NAME, "exports", "database holding the collections and the jobs"),
     Setting("driver", "EXPORT_MONGO_DRIVER", TEXT, "pymongo",
         "`pymongo` (PyMongo's `AsyncMongoClient`) or `motor`",
         choices=DRIVERS,
@@ -83,7 +86,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("ttl_hours", "EXPORT_TTL_HOURS", NUMBER, 24.0,
         "completed files are removed after this long; the job becomes `expired`",
-        positive=True,
+        positive=True, maximum=87_600, why_maximum=" (ten years)",
     ),
     Setting("api_tokens", "EXPORT_API_TOKENS", TOKENS, {},
         "`token:user,token2:user2`; users see only their own jobs",
@@ -93,15 +96,15 @@ SETTINGS: tuple[Setting, ...] = (
         "comma-separated allow list",
         shown_default="*(empty: all but system ones and the jobs collection)*",
     ),
-    Setting("redis_url", "EXPORT_REDIS_URL", TEXT, None, "Redis for Socket.IO fan-out across several instances"),
-    Setting("jobs_collection", "EXPORT_JOBS_COLLECTION", TEXT, "export_jobs", "where jobs are kept"),
+    Setting("redis_url", "EXPORT_REDIS_URL", REDIS_URL, None, "Redis for Socket.IO fan-out across several instances"),
+    Setting("jobs_collection", "EXPORT_JOBS_COLLECTION", COLLECTION_NAME, "export_jobs", "where jobs are kept"),
     Setting("lease_seconds", "EXPORT_LEASE_SECONDS", NUMBER, 30.0,
         "a running job's lease; another instance takes over a job whose lease ran out",
-        positive=True,
+        minimum=0.1, maximum=86_400,  # a shorter one would keep the loops that watch it busy
     ),
     Setting("sweep_interval_seconds", "EXPORT_SWEEP_INTERVAL_SECONDS", NUMBER, 60.0,
         "how often retention runs; the same loop requeues expired leases, so it runs at least every half `EXPORT_LEASE_SECONDS`",
-        positive=True,
+        minimum=0.1, maximum=86_400,  # a shorter one would keep the loops that watch it busy
     ),
     Setting("xlsx_max_rows_per_sheet", "EXPORT_XLSX_MAX_ROWS", INTEGER, XLSX_MAX_ROWS,
         "data rows per XLSX sheet before a new sheet (Excel's limit less the header)",
@@ -114,11 +117,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("query_max_time_ms", "EXPORT_QUERY_MAX_TIME_MS", INTEGER, 600_000,
         "the export cursor's `maxTimeMS` (server time over all its batches); `0`: none",
-        minimum=0,
+        minimum=0, maximum=MAX_TIME_MS, why_maximum=" (MongoDB's limit for maxTimeMS)",
     ),
     Setting("count_max_time_ms", "EXPORT_COUNT_MAX_TIME_MS", INTEGER, 30_000,
         "the pre-count's `maxTimeMS`; past it the export goes on without a total; `0`: none",
-        minimum=0,
+        minimum=0, maximum=MAX_TIME_MS, why_maximum=" (MongoDB's limit for maxTimeMS)",
     ),
     Setting("job_timeout_seconds", "EXPORT_JOB_TIMEOUT_SECONDS", INTEGER, 43_200,
         "each attempt's wall-clock limit (a job taken over after a crash starts a new one), then `failed` with `timeout`; `0`: none",
@@ -130,7 +133,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("download_url_seconds", "EXPORT_DOWNLOAD_URL_SECONDS", INTEGER, 300,
         "how long a signed download link works",
-        minimum=1,
+        minimum=1, maximum=604_800, why_maximum=" (a week: links are meant to be short-lived)",
     ),
     Setting("checkpoint_batches", "EXPORT_CHECKPOINT_BATCHES", INTEGER, 10,
         "a resumable export records a checkpoint every this many batches (see \"Resume after a crash\"); `0`: never",
@@ -232,7 +235,7 @@ def _accepts(setting: Setting) -> str:
         return " or ".join(f"`{choice}`" for choice in setting.choices)
     word = setting.kind.word
     if setting.positive:
-        return f"{word} > 0"
+        return f"{word} > 0" + ("" if setting.maximum is None else f", ≤ {setting.maximum}")
     if setting.minimum is not None and setting.maximum is not None:
         return f"{word} {setting.minimum}–{setting.maximum}"
     return word if setting.minimum is None else f"{word} ≥ {setting.minimum}"

@@ -15,7 +15,7 @@ from pymongo import MongoClient
 
 from scripts.generate_data import make_documents
 from service.app import create_app
-from service.embedded_db import EmbeddedMongo, free_port
+from service.embedded_db import EmbeddedDbError, EmbeddedMongo, free_port
 
 from conftest import DATA_DB, export_files, make_settings, new_jobs_collection, replace_collection, until, wait_status
 from service_process import ROOT, ServiceProcess
@@ -93,6 +93,20 @@ async def test_start_up_with_unwritable_export_dir_stops_with_one_line(service_e
     proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.decode().strip() == "error: EXPORT_BATCH_SIZE must be an integer, got 'many'"
+
+
+@pytest.mark.parametrize(("variables", "said"), [
+    ({"EXPORT_MONGO_URL": "", "EXPORT_EMBEDDED_DIR": "/proc/no-such-dir"}, "cannot keep the embedded database in /proc/no-such-dir"),
+    ({"EXPORT_MONGO_URL": "mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=500"}, "database unavailable"),
+])
+def test_a_database_it_cannot_start_with_stops_it_with_one_line(service_env: dict[str, str], tmp_path: Path,
+                                                                 variables: dict[str, str], said: str) -> None:
+    port = free_port()  # nothing listens there
+    env = {**os.environ, **service_env, "EXPORT_DIR": str(tmp_path / "exports"), "EXPORT_PORT": str(free_port()),
+           **{name: value.format(port=port) for name, value in variables.items()}}
+    proc = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if " INFO " not in line and " WARNING " not in line]
+    assert proc.returncode == 1 and len(errors) == 1 and errors[0].startswith("error: cannot start: ") and said in errors[0], proc.stderr
 
 
 async def poll_until(api: Any, path: str, status: int, timeout: float) -> dict[str, Any]:
@@ -173,13 +187,35 @@ async def test_the_embedded_database_ends_with_a_killed_service(tmp_path: Path) 
 
 
 def test_a_server_left_on_the_data_file_is_stopped_before_another_starts(tmp_path: Path) -> None:
-    left = EmbeddedMongo(tmp_path).start()  # as a killed service would leave it, its pid file in place
-    try:
-        with EmbeddedMongo(tmp_path) as server, MongoClient(server.url, serverSelectionTimeoutMS=5000) as client:
-            assert left.process is not None and left.process.poll() is not None, "the earlier server still runs"
+    # A service killed outright, and restarted before its server's guard noticed (it looks twice a second).
+    owner = subprocess.Popen([sys.executable, "-c", "import sys, time; from service.embedded_db import EmbeddedMongo; "
+                              "left = EmbeddedMongo(sys.argv[1]).start(); print(left.process.pid, flush=True); time.sleep(60)",
+                              str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert owner.stdout is not None
+    left = int(owner.stdout.readline())
+    owner.kill()
+    owner.wait()
+    with EmbeddedMongo(tmp_path) as server, MongoClient(server.url, serverSelectionTimeoutMS=5000) as client:
+        assert ended(left), "the earlier server still runs"
+        assert client.admin.command("ping")["ok"] == 1
+
+
+def test_a_server_another_running_service_uses_is_left_alone(tmp_path: Path) -> None:
+    with EmbeddedMongo(tmp_path) as first:
+        with pytest.raises(EmbeddedDbError, match="is in use by process"):
+            _start_from_another_service(tmp_path)
+        with MongoClient(first.url, serverSelectionTimeoutMS=5000) as client:
             assert client.admin.command("ping")["ok"] == 1
-    finally:
-        left.stop()
+
+
+def _start_from_another_service(data_dir: Path) -> None:
+    """EmbeddedMongo(data_dir).start() in a process of its own, as another service would; its error raised here."""
+    done = subprocess.run([sys.executable, "-c", "import sys; from service.embedded_db import EmbeddedMongo, EmbeddedDbError\n"
+                           "try:\n    EmbeddedMongo(sys.argv[1]).start().stop()\nexcept EmbeddedDbError as exc:\n"
+                           "    print(exc); sys.exit(3)", str(data_dir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    if done.returncode == 3:
+        raise EmbeddedDbError(done.stdout.strip())
+    assert done.returncode == 0, done.stderr
 
 
 async def test_a_stop_with_a_page_connected_puts_the_running_job_back(service_env: dict[str, str], mongo_url: str) -> None:

@@ -178,6 +178,12 @@ async def test_liveness_answers_at_once_while_the_database_answers_nothing(aioht
     assert body["status"] == "unavailable" and body["database"] == "unavailable" and body["error"]
     # Nothing waited for the database: not the old 2 s ping, not a 5 s server selection.
     assert slowest < 0.5, slowest
+    # A scrape answers without the queued count it could not get in time.
+    started = time.monotonic()
+    scrape = await api.get("/metrics")
+    assert scrape.status == 200 and time.monotonic() - started < 3, time.monotonic() - started
+    text = await scrape.text()
+    assert "export_jobs_running" in text and "export_jobs_queued" not in text
 
 
 @pytest.mark.browser

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from service.setting_types import INTEGER, NAMES, NUMBER, ORIGINS, PATH, TEXT, TOKENS
+from service import setting_types
+from service.setting_types import COLLECTION_NAME, DB_NAME, INTEGER, MONGO_URL, NAMES, NUMBER, ORIGINS, PATH, REDIS_URL, TEXT, TOKENS
 from service.settings import SETTINGS, Settings, SettingsError, settings_from_env, settings_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +24,8 @@ START, END = "<!-- settings table:", "<!-- end of settings table -->"
 def test_every_dataclass_field_has_one_table_entry_of_the_same_type() -> None:
     assert [f.name for f in fields(Settings)] == [s.name for s in SETTINGS]
     assert len({s.env for s in SETTINGS}) == len(SETTINGS) and all(s.env.startswith("EXPORT_") for s in SETTINGS)
-    python_type = {id(TEXT): str, id(INTEGER): int, id(NUMBER): float, id(PATH): Path,
+    python_type = {id(TEXT): str, id(MONGO_URL): str, id(DB_NAME): str, id(COLLECTION_NAME): str, id(REDIS_URL): str,
+                   id(INTEGER): int, id(NUMBER): float, id(PATH): Path,
                    id(TOKENS): Mapping[str, str], id(NAMES): tuple[str, ...], id(ORIGINS): tuple[str, ...]}
     hints = typing.get_type_hints(Settings)
     for setting in SETTINGS:
@@ -73,7 +75,15 @@ def test_environment_text_is_parsed_per_type() -> None:
     ({"EXPORT_XLSX_MAX_ROWS": "1048576"},
      "EXPORT_XLSX_MAX_ROWS must be at most 1048575 (Excel's row limit less the header), got 1048576"),
     ({"EXPORT_TTL_HOURS": "a day"}, "EXPORT_TTL_HOURS must be a number, got 'a day'"),
-    ({"EXPORT_LEASE_SECONDS": "0"}, "EXPORT_LEASE_SECONDS must be positive, got '0'"),
+    ({"EXPORT_LEASE_SECONDS": "0"}, "EXPORT_LEASE_SECONDS must be at least 0.1, got 0.0"),
+    ({"EXPORT_TTL_HOURS": "1e8"}, "EXPORT_TTL_HOURS must be at most 87600 (ten years), got 100000000.0"),
+    ({"EXPORT_QUERY_MAX_TIME_MS": "2147483648"},
+     "EXPORT_QUERY_MAX_TIME_MS must be at most 2147483647 (MongoDB's limit for maxTimeMS), got 2147483648"),
+    ({"EXPORT_MONGO_URL": "http://user:secret@example.com"},
+     "EXPORT_MONGO_URL must be a MongoDB connection string (mongodb://... or mongodb+srv://...)"),
+    ({"EXPORT_DB": "bad.name"}, "EXPORT_DB must be a MongoDB database name (1-63 bytes, none of / \\ . \" $ or a space), got 'bad.name'"),
+    ({"EXPORT_JOBS_COLLECTION": "system.jobs"}, "EXPORT_JOBS_COLLECTION must be a MongoDB collection name (no $, not system.*), got 'system.jobs'"),
+    ({"EXPORT_REDIS_URL": "nonsense://x"}, "EXPORT_REDIS_URL must be a Redis URL (redis://, rediss:// or unix://)"),
     ({"EXPORT_SWEEP_INTERVAL_SECONDS": "nan"}, "EXPORT_SWEEP_INTERVAL_SECONDS must be a finite number, got 'nan'"),
     ({"EXPORT_LEASE_SECONDS": "inf"}, "EXPORT_LEASE_SECONDS must be a finite number, got 'inf'"),
     ({"EXPORT_TTL_HOURS": "-Infinity"}, "EXPORT_TTL_HOURS must be a finite number, got '-Infinity'"),
@@ -109,7 +119,7 @@ def test_python_overrides_keep_their_types_and_beat_the_environment(tmp_path: Pa
     ({"batch_size": "10"}, "batch_size must be an integer, got '10'"),
     ({"max_concurrent": True}, "max_concurrent must be an integer, got True"),
     ({"port": 65536}, "port must be at most 65535, got 65536"),
-    ({"lease_seconds": -1.0}, "lease_seconds must be positive, got -1.0"),
+    ({"lease_seconds": -1.0}, "lease_seconds must be at least 0.1, got -1.0"),
     ({"ttl_hours": "24"}, "ttl_hours must be a number, got '24'"),
     ({"lease_seconds": float("inf")}, "lease_seconds must be a finite number, got inf"),
     ({"driver": "mongo"}, "driver must be one of pymongo, motor, got 'mongo'"),
@@ -156,3 +166,16 @@ def test_the_markdown_command_prints_the_table() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode() == settings_markdown()
     assert subprocess.run([sys.executable, "-m", "service.settings"], cwd=ROOT, capture_output=True, timeout=60, check=False).returncode == 2
+
+
+def test_connection_strings_are_checked_without_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
+    ok = settings_from_env({"EXPORT_MONGO_URL": "mongodb+srv://user:pw@cluster0.example.net/?retryWrites=true",
+                            "EXPORT_REDIS_URL": "redis://cache:6379/0"})
+    assert ok.mongo_url.startswith("mongodb+srv://") and ok.redis_url == "redis://cache:6379/0"
+    with pytest.raises(SettingsError, match=r"^EXPORT_MONGO_URL is not a valid connection string: ") as bad:
+        settings_from_env({"EXPORT_MONGO_URL": "mongodb://user:p@ss:word@db:27017"})
+    assert "p@ss" not in str(bad.value)  # never the password
+    # Without the redis package, python-socketio would start and then drop every event.
+    monkeypatch.setattr(setting_types, "find_spec", lambda name: None)
+    with pytest.raises(SettingsError, match=r"^EXPORT_REDIS_URL needs the redis package"):
+        settings_from_env({"EXPORT_REDIS_URL": "redis://cache:6379/0"})
