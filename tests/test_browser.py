@@ -17,10 +17,11 @@ import openpyxl
 import pytest
 
 from service.app import create_app
-from service.settings import Settings
+from service.jobs import JobStatus, now_ms, transition
+from service.settings import MANAGER_KEY, Settings
 
 from expected import csv_text, lookup
-from conftest import BIG_ROWS, make_settings
+from conftest import BIG_ROWS, export_files, make_settings
 
 from playwright.async_api import expect
 
@@ -298,6 +299,36 @@ async def test_page_recovers_when_the_socket_is_killed_mid_export(
     await expect(job_item(page, job2)).to_have_attribute("data-status", "completed", timeout=60_000)
     await expect(job_item(page, job2).get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
     assert (await page.evaluate("window.__exportDebug.polls")) > polls_before
+    errors.check()
+
+
+async def test_download_of_a_job_retention_expired_shows_it_expired(
+    aiohttp_client: Any, browser_settings: Settings, browser: Any
+) -> None:
+    """Retention expires a completed job without an event: the row still says Completed. A click on its Download
+    asks for the snapshot, which says expired; the row takes it instead of keeping a link to no file."""
+    client = await aiohttp_client(create_app(browser_settings))
+    page, errors = await open_page(browser, str(client.make_url("/")))
+    await page.get_by_label("Limit", exact=True).fill("300")
+    job_id = await start_export(page, "csv")
+    item = job_item(page, job_id)
+    await expect(item).to_have_attribute("data-status", "completed", timeout=30_000)
+    link = item.get_by_role("link", name=re.compile("^Download"))
+    await expect(link).to_be_visible()
+
+    # What the sweep does to a job whose expires_at has passed: the state, then the file, and no event.
+    manager = client.server.app[MANAGER_KEY]
+    assert await transition(manager.db, [JobStatus.COMPLETED], job_id=job_id, fields={"expires_at": now_ms() - 1})
+    assert await manager.sweep() == 1
+    assert export_files(browser_settings.export_dir) == []
+    await expect(item).to_have_attribute("data-status", "completed")  # the page has not heard of it
+
+    await link.click()
+    await expect(page.get_by_role("alert")).to_contain_text("The export is expired")
+    await expect(item).to_have_attribute("data-status", "expired")
+    await expect(item.locator(".badge")).to_have_text("Expired")
+    await expect(item.get_by_role("link", name=re.compile("^Download"))).to_have_count(0)
+    assert (await (await client.get(f"/api/exports/{job_id}")).json())["status"] == "expired"
     errors.check()
 
 

@@ -93,6 +93,8 @@ async function followDownload(event, jobId) {
   event.preventDefault();
   try {
     const job = await api(`/api/exports/${jobId}`);
+    // Retention expires a job without an event: the row learns it here, not only the banner.
+    merge(job, "snapshot");
     if (!job.download_url) throw new ApiError(409, { code: "not_ready", message: `The export is ${job.status}.` });
     link.href = job.download_url;
     location.assign(job.download_url);
