@@ -15,7 +15,7 @@ from .settings import Settings, bearer_token
 log = logging.getLogger(__name__)
 
 SnapshotLookup = Callable[[str, str], Awaitable["dict[str, Any] | None"]]
-EVENT_FIELDS = ("id", "status", "processed", "total", "percent")
+EVENT_FIELDS = ("id", "status", "run", "processed", "total", "percent")
 CLOSE_SECONDS = 2.0  # at shutdown, for clients to take their close packet
 
 

@@ -182,6 +182,7 @@ def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, sign: Ca
         "error": doc.get("error"),
         "warnings": list(doc.get("warnings") or []),
         "resumed_from": doc.get("resumed_from"),  # {rows, bytes, reread_rows} when a run went on from a checkpoint
+        "run": run_number(doc),
         "created_at": iso(doc.get("created_at")),
         "started_at": iso(doc.get("started_at")),
         "finished_at": iso(doc.get("finished_at")),
@@ -190,6 +191,14 @@ def snapshot(doc: Mapping[str, Any], queue_position: int | None = None, sign: Ca
     if status == JobStatus.QUEUED:
         snap["queue_position"] = queue_position
     return snap
+
+
+def run_number(doc: Mapping[str, Any]) -> int:
+    """How many times the job was claimed: 0 while it waits for its first run. A claim adds an attempt and a
+    graceful stop gives it back as a stop, so the sum counts the claims. Clients order what they hear by it: a
+    later run's news wins even though its row count starts lower, and a job put back in the queue shows the
+    number of the run it came from."""
+    return int(doc.get("attempts") or 0) + int(doc.get("stops") or 0)
 
 
 def _relaxed(canonical: str) -> Any:

@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import re
+from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncGenerator
 
 import openpyxl
 import pytest
+from aiohttp.test_utils import TestServer
+from pymongo import MongoClient
 
 from service.app import create_app
+from service.db import FindSpec
 from service.jobs import JobStatus, now_ms, transition
 from service.settings import MANAGER_KEY, Settings
 
 from expected import csv_text, lookup
-from conftest import BIG_ROWS, export_files, make_settings
+from conftest import BIG_ROWS, DATA_DB, Gate, export_files, make_settings, until
 
 from playwright.async_api import expect
 
@@ -66,6 +71,36 @@ PROGRESS_RECORDER = """
   }).observe(document, { subtree: true, attributes: true, attributeFilter: ["aria-valuenow"] });
 })();
 """
+
+
+class HoldAfterTwoBatches(Gate):
+    """Gives each export two batches, then holds it until open() (a stop cancels it there): the job shows
+    progress short of its end for as long as the test needs (the encoder reports a batch's rows at the next one)."""
+
+    async def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]:
+        async with aclosing(self.db.raw_batches(spec)) as batches:
+            given = 0
+            async for batch in batches:
+                if given == 2:
+                    self.held += 1
+                    try:
+                        await self.opened.wait()
+                    finally:
+                        self.held -= 1
+                given += 1
+                yield batch
+
+
+class MiscountingGate(Gate):
+    """An open gate whose count is one row over: a resumed export's file comes out short of it, as when a row
+    was added after the checkpoint, and the run writes the file again from its first row."""
+
+    def __init__(self, mongo_url: str) -> None:
+        super().__init__(mongo_url)
+        self.open()
+
+    async def count(self, spec: FindSpec) -> int:
+        return await super().count(spec) + 1
 
 
 # --- fixtures --------------------------------------------------------------------------------------
@@ -330,6 +365,82 @@ async def test_download_of_a_job_retention_expired_shows_it_expired(
     await expect(item.get_by_role("link", name=re.compile("^Download"))).to_have_count(0)
     assert (await (await client.get(f"/api/exports/{job_id}")).json())["status"] == "expired"
     errors.check()
+
+
+async def test_a_job_a_stop_puts_back_in_the_queue_shows_queued_then_its_next_run(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: Any, browser: Any
+) -> None:
+    """A stop puts running jobs back in the queue with their progress; the page, which heard them running, must
+    take the queued snapshot it gets when it reconnects (to the service started again at the same address), and
+    then the next run's news, though its row counts start lower."""
+    settings = make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,), max_concurrent=2)
+    source = HoldAfterTwoBatches(mongo_url)
+    try:
+        first = await aiohttp_client(create_app(settings, source=source))
+        page, errors = await open_page(browser, str(first.make_url("/")))
+        await page.get_by_label("Limit", exact=True).fill("4000")  # four batches: held at the third
+        ids = [await start_export(page, "csv") for _ in range(2)]
+        for job_id in ids:
+            assert await wait_running(page, job_id) == "processing"
+        await until(lambda: source.held == 2, "both exports held after two batches")
+
+        port = first.port
+        await first.close()  # the service stops: both jobs go back to the queue, the page loses its connection
+        await expect(page.locator("#conn")).not_to_have_attribute("data-state", "live")
+        with MongoClient(mongo_url) as sync:
+            docs = list(sync[DATA_DB][settings.jobs_collection].find({"_id": {"$in": ids}}))
+        assert [(d["status"], d["stops"]) for d in docs] == [("queued", 1)] * 2 and all(d["processed"] > 0 for d in docs), docs
+        # Started again at the same address with one worker: the older job runs (held again), the other waits.
+        server = TestServer(create_app(dataclasses.replace(settings, max_concurrent=1), source=source), port=port)
+        second = await aiohttp_client(server)
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
+        running, waiting = job_item(page, ids[0]), job_item(page, ids[1])
+        await expect(waiting).to_have_attribute("data-status", "queued", timeout=10_000)
+        await expect(waiting.locator(".badge")).to_have_text("Queued")
+        await expect(waiting.locator(".progress-text")).to_contain_text("Waiting in queue, position 1")
+        await expect(running).to_have_attribute("data-status", "processing")
+        snap = await (await second.get(f"/api/exports/{ids[1]}")).json()
+        assert snap["status"] == "queued" and snap["run"] == 1, snap  # the run it was put back from
+
+        source.open()
+        for item in (running, waiting):
+            await expect(item).to_have_attribute("data-status", "completed", timeout=60_000)
+            await expect(item.get_by_role("link", name=re.compile("^Download"))).to_be_visible()
+        snap = await (await second.get(f"/api/exports/{ids[1]}")).json()
+        assert snap["processed"] == 4000 and snap["run"] == 2, snap
+        # While the service was down the page's polls could not connect; nothing else went wrong.
+        assert [e for e in errors if "ERR_CONNECTION_REFUSED" not in e] == []
+    finally:
+        await source.db.close()
+
+
+async def test_a_resumed_export_written_again_from_its_first_row_shows_its_count_start_over(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: Any, browser: Any
+) -> None:
+    """The run after a stop resumes from the checkpoint, finds its file short and writes it again from row 0 in the
+    same run: its export-fetching event counts from 0 again, and the page must follow it down, not stay at the
+    end until the rows counted again pass what it saw."""
+    settings = make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,), checkpoint_batches=1)
+    held, miscounting = HoldAfterTwoBatches(mongo_url), MiscountingGate(mongo_url)
+    try:
+        first = await aiohttp_client(create_app(settings, source=held))
+        page, _ = await open_page(browser, str(first.make_url("/")))
+        job_id = await start_export(page, "csv")
+        await wait_running(page, job_id)
+        await until(lambda: held.held == 1, "the export held after two batches (and their checkpoints)")
+        port = first.port
+        await first.close()
+        second = await aiohttp_client(TestServer(create_app(settings, source=miscounting), port=port))
+        item = job_item(page, job_id)
+        await expect(item).to_have_attribute("data-status", "completed", timeout=90_000)
+        snap = await (await second.get(f"/api/exports/{job_id}")).json()
+        assert snap["run"] == 2 and snap["resumed_from"] is None and snap["processed"] == BIG_ROWS, snap
+        values = await progress_values(page, job_id)
+        top = next(i for i, v in enumerate(values) if v >= 90)  # the resumed run read to the end
+        assert any(v < 50 for v in values[top:]), f"the page did not follow the export back to its first row: {values}"
+    finally:
+        await held.db.close()
+        await miscounting.db.close()
 
 
 async def test_narrow_screen_keyboard_and_labels(

@@ -22,8 +22,11 @@ const STATUS_LABEL = {
 };
 const ACTIVE = new Set(["queued", "fetching", "processing", "finalizing"]);
 const TERMINAL = new Set(["completed", "failed", "cancelled", "expired"]);
-// Later states win; within a state the larger processed count wins, so a stale snapshot never rolls progress back.
+// A later run (`run` counts the job's claims) wins; within a run later states win, and within a state the larger
+// processed count, so a stale snapshot never rolls progress back.
 const RANK = { queued: 0, fetching: 1, processing: 2, finalizing: 3, completed: 4, failed: 4, cancelled: 4, expired: 5 };
+// A run ends in the queue when its service stops or its lease runs out; the job's next run has a higher number.
+const RANK_IN_RUN = { ...RANK, queued: 3.5 };
 // Fields that describe the request, not its progress: always taken from a snapshot. They are also the only
 // ones the meta line and the warnings read, so an update without any of them leaves those untouched.
 const STATIC_KEYS = new Set([
@@ -198,7 +201,7 @@ function connectSocket() {
     }
   });
   for (const name of EVENTS) {
-    socket.on(name, (data) => merge(data, "event"));
+    socket.on(name, (data) => merge(data, "event", name === "export-fetching"));
   }
 }
 
@@ -231,17 +234,23 @@ function unsubscribe(id) {
 
 // ---------------------------------------------------------------------------------------------
 // Job state
-function isNewer(old, next) {
+// restart: the update is an export-fetching event, sent when a run starts and when it writes its file again from the
+// first row (a resumed file that came out short): its count is lower and it wins all the same.
+function isNewer(old, next, restart) {
   if (!next.status || !(next.status in RANK)) return false;
-  const before = RANK[old.status] ?? 0;
-  const after = RANK[next.status];
+  const runs = typeof next.run === "number" && typeof old.run === "number";
+  if (runs && next.run !== old.run) return next.run > old.run;
+  const rank = runs ? RANK_IN_RUN : RANK;
+  const before = rank[old.status] ?? 0;
+  const after = rank[next.status];
   if (after !== before) return after > before;
   if (TERMINAL.has(old.status)) return next.status === old.status;
   if (typeof next.ts === "number" && typeof old.ts === "number" && next.ts < old.ts) return false;
+  if (restart && runs) return true;
   return (next.processed ?? 0) >= (old.processed ?? 0);
 }
 
-function merge(data, source) {
+function merge(data, source, restart = false) {
   const id = data?.id;
   if (!id) return;
   let job = state.jobs.get(id);
@@ -254,9 +263,7 @@ function merge(data, source) {
     return;
   }
   const previous = job.status;
-  // A snapshot with another start time is a new attempt (the job was queued again after a restart).
-  const newAttempt = source === "snapshot" && data.started_at && job.started_at && data.started_at !== job.started_at;
-  const accept = newAttempt || isNewer(job, data);
+  const accept = isNewer(job, data, restart);
   for (const [key, value] of Object.entries(data)) {
     if (value === undefined) continue;
     if (accept || STATIC_KEYS.has(key)) job[key] = value;
