@@ -87,6 +87,7 @@ class JobRun:
         self.renamed = False  # the final file is ours: it goes if the job is recorded as ended otherwise
         self.lost = False  # set when the lease shows the job was cancelled or claimed elsewhere
         self.completing = False  # the completed state is being written: the lease no longer matters
+        self.announced = False  # the completion was counted and told: a cancel landing after that must not repeat it
 
     # --- persistence -------------------------------------------------------------------------
     async def _change(self, fields: dict[str, Any], expected: Iterable[JobStatus], to: JobStatus | None = None) -> None:
@@ -377,6 +378,7 @@ class JobRun:
 
     async def _completed(self) -> None:
         """Count the completed export and tell the room, from the job as recorded."""
+        self.announced = True
         duration = time.monotonic() - self.started
         self.ctx.metrics.job_completed(self.spec.format, self.job["processed"], self.job["bytes"], duration)
         snap = self.snapshot()
@@ -472,7 +474,8 @@ class JobRun:
         if self.renamed and not status.active and status != JobStatus.COMPLETED:
             remove_file(self.final_path)  # the job ended otherwise for good: nothing will name this file
         self.renamed = False  # else the file is the completed job's, or an active job's new owner's
-        if status == JobStatus.COMPLETED and self.completing and current is not None:
+        # Not when told already: a cancel may land while the completion is being told.
+        if status == JobStatus.COMPLETED and self.completing and current is not None and not self.announced:
             self.job.update(current)  # this run's own completion, whose reply a cancel or an outage cut short
             await self._completed()
         elif status == JobStatus.CANCELLED:

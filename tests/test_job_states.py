@@ -13,6 +13,7 @@ from service import manager as manager_module
 from service import runner as runner_module
 from service.app import create_app
 from service.db import DatabaseUnavailable
+from service.events import EventHub
 from service.jobs import JobStatus, new_job_doc, now_ms
 from service.query import validate_request
 from service.settings import MANAGER_KEY
@@ -215,6 +216,33 @@ async def test_a_cancel_that_lands_after_the_completed_write_keeps_the_job_compl
     assert resp.status == 200 and len((await resp.text()).splitlines()) == len(tasks) + 1
     names = [name for _, name, _ in seen]
     assert "export-completed" in names and "export-cancelled" not in names, names
+
+
+async def test_a_cancel_that_lands_while_the_completion_is_told_counts_and_tells_it_once(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DELETE's cancel reaches the run while export-completed is on its way (a publish through Redis waits for
+    its reply): the run finds its own completion recorded, and must not count and tell it a second time."""
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path)))
+    manager = api.server.app[MANAGER_KEY]
+    real_emit, told = EventHub.emit, []
+
+    async def cancelled_while_telling(hub: EventHub, event: str, snap: dict[str, Any], **extra: Any) -> None:
+        await real_emit(hub, event, snap, **extra)
+        if event == "export-completed":
+            told.append(snap["id"])
+            if snap["id"] in manager.running and snap["id"] not in manager.cancelling:
+                manager.cancelling.add(snap["id"])  # what a DELETE does to a job running here
+                manager.running[snap["id"]].cancel()
+            await asyncio.sleep(0.01)  # the cancel lands here, as if waiting for the publish's reply
+
+    monkeypatch.setattr(EventHub, "emit", cancelled_while_telling)
+    job = await (await api.post("/api/exports", json={**SPEC, "limit": 20})).json()
+    await until(lambda: told and job["id"] not in manager.running, "the run ended after telling its completion")
+    assert (await wait_status(api, job["id"]))["status"] == "completed"
+    assert told == [job["id"]], told
+    assert manager.metrics.jobs_completed == {"csv": 1} and manager.metrics.rows == {"csv": 20}, manager.metrics
+    assert not manager.metrics.jobs_ended, manager.metrics.jobs_ended
 
 
 async def test_a_cancel_before_the_run_takes_its_first_step_is_recorded(
