@@ -12,7 +12,7 @@ import time
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncGenerator, Callable, Iterable, Protocol
+from typing import Any, AsyncGenerator, Callable, Coroutine, Iterable, Protocol
 
 from .db import Database, DatabaseError, FindSpec
 from .encoder import EncoderError, EncoderPool, EncoderSession
@@ -373,8 +373,7 @@ class JobRun:
         }
         self.completing = True
         await self._change(fields, [JobStatus.FINALIZING], JobStatus.COMPLETED)
-        self.renamed = False  # the completed job names the file now
-        await self._completed()
+        self.renamed = False  # the completed job names the file now; run_job tells it
 
     async def _completed(self) -> None:
         """Count the completed export and tell the room, from the job as recorded."""
@@ -505,6 +504,7 @@ async def run_job(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
     ]
     limit = ctx.settings.job_timeout_seconds or None
     deadline = asyncio.timeout(limit)
+    outcome: Coroutine[Any, Any, JobStatus]
     try:
         try:
             async with deadline:
@@ -514,15 +514,43 @@ async def run_job(ctx: RunContext, job: dict[str, Any], cancelled: Callable[[], 
             # JobLost may have just done) must not cancel the handling below halfway.
             for helper in helpers:
                 helper.cancel()
-        return JobStatus.COMPLETED
+        outcome = _done(run)
     except asyncio.CancelledError:
-        return await _cancelled(run, cancelled)
+        outcome = _cancelled(run, cancelled)
     except Exception as exc:
-        if this_task.cancelling():
-            # A cancel that landed inside a library and came out as its own error (the driver reports a
-            # connection it closed on the way out): still the cancel, not a failure of the export.
-            return await _cancelled(run, cancelled)
-        return await _failed(run, exc, limit if deadline.expired() else None)
+        # A cancel that landed inside a library and came out as its own error (the driver reports a
+        # connection it closed on the way out): still the cancel, not a failure of the export.
+        cancel = this_task.cancelling() > 0
+        outcome = _cancelled(run, cancelled) if cancel else _failed(run, exc, limit if deadline.expired() else None)
+    return await _settle(run, outcome, cancelled)
+
+
+async def _settle(run: JobRun, outcome: Coroutine[Any, Any, JobStatus], cancelled: Callable[[], bool]) -> JobStatus:
+    """Handle the run's outcome in a task of its own, which a user's cancel cannot cut short halfway: an end
+    recorded but neither told nor counted, a completion told twice. A stop waits for it as well, then goes on
+    cancelling, so the worker queues the job again if it is still running; a second cancel of a stop that
+    found it waiting (on a silent database) ends it."""
+    handling = asyncio.create_task(outcome, name=f"outcome-{run.id}")
+    stopping = False
+    while True:
+        try:
+            status = await asyncio.shield(handling)
+        except asyncio.CancelledError:
+            if handling.cancelled():  # the handling's own: a stop found while the export ran
+                raise
+            if stopping:
+                handling.cancel()
+                raise
+            stopping = not cancelled()
+            continue
+        if stopping:
+            raise asyncio.CancelledError
+        return status
+
+
+async def _done(run: JobRun) -> JobStatus:
+    await run._completed()
+    return JobStatus.COMPLETED
 
 
 async def _cancelled(run: JobRun, cancelled: Callable[[], bool]) -> JobStatus:

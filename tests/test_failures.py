@@ -1,13 +1,17 @@
 """Faults end in a clear job state: failed with an export-failed event, and no partial file left."""
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncGenerator
 
 import pytest
 
+from service import runner as runner_module
 from service.app import create_app
+from service.db import DatabaseError, FindSpec
+from service.jobs import JobStatus
 from service.settings import MANAGER_KEY, Settings
 
 from conftest import Gate, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
@@ -59,3 +63,52 @@ async def test_full_disk_fails_the_job_with_a_clear_message(
     assert snap["error"]["code"] == "disk_error"
     assert "No space left on device" in snap["error"]["message"]
     assert export_files(settings.export_dir) == []  # nothing partial left behind
+
+
+class Refused:
+    """A BatchSource whose server refuses the query (and the count), once asked to go on: every export fails."""
+
+    def __init__(self) -> None:
+        self.go_on = asyncio.Event()
+
+    async def count(self, spec: FindSpec) -> int:
+        raise DatabaseError("the server refused the count")
+
+    async def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]:
+        await self.go_on.wait()
+        raise DatabaseError("the server refused the query")
+        yield b""  # a generator, as a source's batches are
+
+
+async def test_a_cancel_that_lands_while_the_failure_is_recorded_leaves_it_told_and_counted(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DELETE's cancel reaches the run while the reply to its failed write is on its way: the failure stands,
+    and is told and counted, not left silent."""
+    source = Refused()
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=source))
+    manager = api.server.app[MANAGER_KEY]
+    real = runner_module.transition
+
+    async def cancelled_in_flight(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        doc = await real(db, expected, to, **kwargs)
+        if to == JobStatus.FAILED and kwargs["job_id"] in manager.running:
+            manager.cancelling.add(kwargs["job_id"])  # what a DELETE does to a job running here
+            manager.running[kwargs["job_id"]].cancel()
+            await asyncio.sleep(0.01)  # the cancel lands here, as if waiting for the reply
+        return doc
+
+    monkeypatch.setattr(runner_module, "transition", cancelled_in_flight)
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    sio = await subscribe(api, job["id"], seen)
+    source.go_on.set()
+    try:
+        await until(lambda: any(name in ("export-failed", "export-cancelled") for _, name, _ in seen), "an end event")
+    finally:
+        await sio.disconnect()
+    final = await wait_status(api, job["id"])
+    assert final["status"] == "failed" and final["error"]["code"] == "database_error", final
+    assert [name for _, name, _ in seen if name in ("export-failed", "export-cancelled")] == ["export-failed"], seen
+    await until(lambda: job["id"] not in manager.running, "the run's end")
+    assert manager.metrics.jobs_ended == {"database_error": 1}, manager.metrics.jobs_ended

@@ -218,27 +218,34 @@ async def test_a_cancel_that_lands_after_the_completed_write_keeps_the_job_compl
     assert "export-completed" in names and "export-cancelled" not in names, names
 
 
+@pytest.mark.parametrize("sent", [True, False], ids=["after-the-send", "before-the-send"])
 async def test_a_cancel_that_lands_while_the_completion_is_told_counts_and_tells_it_once(
-    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch, sent: bool
 ) -> None:
     """A DELETE's cancel reaches the run while export-completed is on its way (a publish through Redis waits for
-    its reply): the run finds its own completion recorded, and must not count and tell it a second time."""
+    its reply, or for its connection): the completion is counted and told once, neither twice nor cut short."""
     api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path)))
     manager = api.server.app[MANAGER_KEY]
-    real_emit, told = EventHub.emit, []
+    real_emit, told, cancelled = EventHub.emit, [], []
 
     async def cancelled_while_telling(hub: EventHub, event: str, snap: dict[str, Any], **extra: Any) -> None:
-        await real_emit(hub, event, snap, **extra)
-        if event == "export-completed":
+        if event != "export-completed":
+            return await real_emit(hub, event, snap, **extra)
+        if sent:
+            await real_emit(hub, event, snap, **extra)
             told.append(snap["id"])
-            if snap["id"] in manager.running and snap["id"] not in manager.cancelling:
-                manager.cancelling.add(snap["id"])  # what a DELETE does to a job running here
-                manager.running[snap["id"]].cancel()
-            await asyncio.sleep(0.01)  # the cancel lands here, as if waiting for the publish's reply
+        if snap["id"] in manager.running and snap["id"] not in manager.cancelling:
+            manager.cancelling.add(snap["id"])  # what a DELETE does to a job running here
+            manager.running[snap["id"]].cancel()
+            cancelled.append(snap["id"])
+        await asyncio.sleep(0.01)  # the cancel lands here, as if waiting on the network
+        if not sent:
+            await real_emit(hub, event, snap, **extra)
+            told.append(snap["id"])
 
     monkeypatch.setattr(EventHub, "emit", cancelled_while_telling)
     job = await (await api.post("/api/exports", json={**SPEC, "limit": 20})).json()
-    await until(lambda: told and job["id"] not in manager.running, "the run ended after telling its completion")
+    await until(lambda: cancelled and job["id"] not in manager.running, "the run's end after the cancel")
     assert (await wait_status(api, job["id"]))["status"] == "completed"
     assert told == [job["id"]], told
     assert manager.metrics.jobs_completed == {"csv": 1} and manager.metrics.rows == {"csv": 20}, manager.metrics
