@@ -416,6 +416,8 @@ class JobRun:
             self._kill_encoder()
 
     async def _record_later(self, status: JobStatus, fields: dict[str, Any]) -> None:
+        """Record the end once the database is back, and only then count it and tell the room: the job may have
+        completed meanwhile (the completed write landed, its reply was lost), or run out its lease and be queued."""
         for _ in range(RECORD_RETRIES):
             await asyncio.sleep(RECORD_RETRY_SECONDS)
             try:
@@ -424,13 +426,15 @@ class JobRun:
                 continue
             if recorded is None:
                 log.info("job %s: not recorded %s, it had ended or moved on meanwhile", self.id, status.value)
+                await self.taken_over()
             else:
                 log.info("job %s: recorded %s once the database was back", self.id, status.value)
+                await self._ended(status, fields)
             return
         log.error("job %s: could not record %s; it is run again once its lease runs out", self.id, status.value)
 
     async def record_end(self, status: JobStatus, error: dict[str, str] | None = None) -> JobStatus:
-        """Record a failed or cancelled end, count it and tell the room, and return it; when the job is no longer
+        """Record a failed or cancelled end, then count it and tell the room, and return it; when the job is no longer
         this run's to end (completed, cancelled or claimed meanwhile), stop as taken over and return what it is."""
         self.discard()
         fields: dict[str, Any] = {"finished_at": now_ms(), "owner": None}
@@ -441,16 +445,23 @@ class JobRun:
         try:
             recorded = await transition(self.ctx.db, ACTIVE, status, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
         except DatabaseError:
-            # The database is down (often the very reason for the failure): keep trying in the background.
+            # The database is down (often the very reason for the failure): keep trying in the background, and
+            # say nothing until then, as what is recorded may turn out otherwise.
             task = asyncio.create_task(self._record_later(status, fields), name=f"record-{self.id}")
             self.ctx.background.add(task)
             task.add_done_callback(self.ctx.background.discard)
-        else:
-            if recorded is None:
-                return await self.taken_over()
-            if self.renamed:
-                remove_file(self.final_path)
-                self.renamed = False
+            return status
+        if recorded is None:
+            return await self.taken_over()
+        await self._ended(status, fields)
+        return status
+
+    async def _ended(self, status: JobStatus, fields: dict[str, Any]) -> None:
+        """The failed or cancelled end is recorded: remove the file this run renamed, count it, tell the room."""
+        if self.renamed:
+            remove_file(self.final_path)
+            self.renamed = False
+        error = fields.get("error")
         self.ctx.metrics.job_ended(error["code"] if error is not None else "cancelled")
         self.job.update(fields, status=status.value)
         self.waiting_since = None
@@ -458,7 +469,6 @@ class JobRun:
             await self.emit("export-failed", error=error, phase="done")
         else:
             await self.emit("export-cancelled", phase="done")
-        return status
 
     async def taken_over(self) -> JobStatus:
         """The job document says someone else decides now: a user cancelled it, or another instance claimed

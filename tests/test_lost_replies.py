@@ -11,10 +11,13 @@ import pytest
 
 from service import db as db_module
 from service import manager as manager_module
+from service import runner as runner_module
 from service.app import create_app
-from service.settings import DB_KEY
+from service.db import DatabaseUnavailable
+from service.jobs import JobStatus
+from service.settings import DB_KEY, MANAGER_KEY
 
-from conftest import make_settings, wait_status
+from conftest import make_settings, subscribe, until, wait_status
 from wire_proxy import WireProxy
 
 CLOSE_LIMIT = 1.0
@@ -99,3 +102,46 @@ async def test_the_wait_for_a_reply_outlasts_the_query_time_limit(aiohttp_client
     api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, query_max_time_ms=15 * 60_000)))
     client = api.server.app[DB_KEY].client
     assert client.options.pool_options.socket_timeout == 16 * 60
+
+
+async def test_a_completion_whose_reply_is_lost_in_an_outage_is_told_completed_once_the_database_is_back(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The completed write lands and its reply is lost as the database goes away: the run fails on it, and its
+    failure cannot be recorded. Nothing is told or counted while the end is unknown; once the database is back,
+    the failed write finds the job completed, and the room hears export-completed, counted once."""
+    monkeypatch.setattr(runner_module, "RECORD_RETRY_SECONDS", 0.2)
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path)))
+    manager = api.server.app[MANAGER_KEY]
+    real, down, refused = runner_module.transition, [False], []
+
+    async def lost_in_outage(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        if down[0]:
+            refused.append(to)
+            raise DatabaseUnavailable("connection refused")
+        doc = await real(db, expected, to, **kwargs)
+        if to == JobStatus.COMPLETED:
+            down[0] = True
+            raise DatabaseUnavailable("connection closed before the reply")
+        return doc
+
+    monkeypatch.setattr(runner_module, "transition", lost_in_outage)
+    job = await (await api.post("/api/exports", json={**SPEC, "limit": 20})).json()
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    sio = await subscribe(api, job["id"], seen)
+    try:
+        # The run has failed, and its failed write was refused twice: at once, then by the retry.
+        await until(lambda: refused.count(JobStatus.FAILED) >= 2 and job["id"] not in manager.running, "the refused writes")
+        ends = [name for _, name, _ in seen if name in ("export-completed", "export-failed", "export-cancelled")]
+        assert ends == [] and not manager.metrics.jobs_ended and not manager.metrics.jobs_completed, (ends, manager.metrics)
+        down[0] = False
+        await until(lambda: any(name == "export-completed" for _, name, _ in seen), "the export-completed event")
+        await until(lambda: not manager.ctx.background, "the background record's end")
+    finally:
+        await sio.disconnect()
+    ends = [name for _, name, _ in seen if name in ("export-completed", "export-failed", "export-cancelled")]
+    assert ends == ["export-completed"], ends
+    assert manager.metrics.jobs_completed == {"csv": 1} and not manager.metrics.jobs_ended, manager.metrics
+    assert (await wait_status(api, job["id"]))["status"] == "completed"
+    resp = await api.get(f"/api/exports/{job['id']}/download")
+    assert resp.status == 200 and len((await resp.text()).splitlines()) == 21  # the header and 20 rows
