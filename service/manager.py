@@ -297,6 +297,9 @@ class JobManager:
         fields = {
             "owner": self.instance_id,
             "instance": self.instance_id,  # kept after the end, to tell which instance ran it
+            # This claim's own: the run it starts changes the job only while it holds it, whoever claims it next
+            # (this instance included, should another one queue it again after this run's lease ran out).
+            "claim": secrets.token_hex(8),
             "lease_until": now + int(self.settings.lease_seconds * 1000),
             "started_at": now,
             "error": None,
@@ -319,7 +322,7 @@ class JobManager:
                 job = None
             if self.stopping:  # the stop came while claiming
                 if job is not None:
-                    await self._requeue(job["_id"])
+                    await self._requeue(job)
                 return
             if job is None:
                 self.wake.clear()
@@ -343,6 +346,11 @@ class JobManager:
         """Run a claimed job in a task of its own: a user's cancel ends that task, not this worker; a stop
         puts the job back in the queue."""
         job_id = job["_id"]
+        try:
+            await self._end_stale_run(job_id)
+        except asyncio.CancelledError:
+            await self._requeue(job)  # the service is stopping: this claim's job goes back to the queue
+            raise
         task = asyncio.create_task(run_job(self.ctx, job, lambda: job_id in self.cancelling), name=f"export-{job_id}")
         self.running[job_id] = task
         self.metrics.running += 1
@@ -358,22 +366,37 @@ class JobManager:
             # The service is stopping: the job goes back to the queue for the next start.
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await self._requeue(job_id)
+            await self._requeue(job)
             raise
         finally:
-            self.running.pop(job_id, None)
-            self.cancelling.discard(job_id)
+            if self.running.get(job_id) is task:  # else a run of a later claim of the job, here, has it now
+                self.running.pop(job_id)
+                self.cancelling.discard(job_id)
             self.metrics.running -= 1
 
-    async def _requeue(self, job_id: str) -> None:
+    async def _end_stale_run(self, job_id: str) -> None:
+        """A run of this job may still go on here under a claim it lost (its lease renewals failed while another
+        instance queued the job again) without having noticed yet: it ends, as at a stop, before the new run
+        starts, as the two would share the partial file's name."""
+        stale = self.running.get(job_id)
+        if stale is not None:
+            log.warning("job %s: claimed again while an earlier run of it goes on here; that run ends", job_id)
+            stale.cancel()
+            await asyncio.wait([stale], timeout=RECORD_STOP_SECONDS)
+            if not stale.done():  # handling its outcome, waiting for a silent database: a second cancel cuts it short
+                stale.cancel()
+                await asyncio.wait([stale])
+
+    async def _requeue(self, job: dict[str, Any]) -> None:
         """Put a job this instance stops back in the queue, with the attempt its claim counted given back: a
         graceful stop (a rolling deploy) is no failure of the export. A crash still counts, its lease runs out."""
         try:
             await transition(
-                self.db, RUNNING, JobStatus.QUEUED, job_id=job_id, owner=self.instance_id, fields={"owner": None}, inc={"attempts": -1, "stops": 1}
+                self.db, RUNNING, JobStatus.QUEUED, job_id=job["_id"], owner=self.instance_id, guard={"claim": job.get("claim")},
+                fields={"owner": None}, inc={"attempts": -1, "stops": 1},
             )
         except DatabaseError:
-            log.warning("job %s could not be queued again; its lease will expire", job_id)
+            log.warning("job %s could not be queued again; its lease will expire", job["_id"])
 
     async def _give_up(self, job: dict[str, Any]) -> None:
         stops = job.get("stops", 0)
@@ -381,7 +404,7 @@ class JobManager:
         error = {"code": "too_many_attempts", "message": how}
         # Guarded like any end: a cancel that came first stays a cancel.
         failed = await transition(
-            self.db, [JobStatus.FETCHING], JobStatus.FAILED, job_id=job["_id"], owner=self.instance_id,
+            self.db, [JobStatus.FETCHING], JobStatus.FAILED, job_id=job["_id"], owner=self.instance_id, guard={"claim": job.get("claim")},
             fields={"error": error, "finished_at": now_ms(), "owner": None},
         )
         if failed is None:

@@ -72,6 +72,9 @@ class JobRun:
         self.ctx = ctx
         self.job = job
         self.id: str = job["_id"]
+        # The job is this run's while it is held by this instance under this claim: the same instance may claim
+        # it again after another one queued it again (this run's renewals failing longer than the lease).
+        self.claim: str | None = job.get("claim")
         self.spec = ExportSpec.from_doc(job["spec"])
         self.final_path = final_path(ctx.settings.export_dir, self.id, self.spec)
         # One partial file per instance: a job taken over after a lost lease never shares its file.
@@ -93,7 +96,7 @@ class JobRun:
     async def _change(self, fields: dict[str, Any], expected: Iterable[JobStatus], to: JobStatus | None = None) -> None:
         """Write fields (and move to `to`) if the job is still ours and in an expected state; else it was taken."""
         fields = {**fields, "lease_until": self._lease()}
-        doc = await transition(self.ctx.db, expected, to, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
+        doc = await transition(self.ctx.db, expected, to, fields=fields, **self._ours())
         if doc is None:
             raise JobLost(self.id)
         self.job.update(doc)
@@ -108,9 +111,7 @@ class JobRun:
         while True:
             await asyncio.sleep(interval)
             try:
-                still_ours = await transition(
-                    self.ctx.db, RUNNING, job_id=self.id, owner=self.ctx.instance_id, fields={"lease_until": self._lease()}
-                )
+                still_ours = await transition(self.ctx.db, RUNNING, fields={"lease_until": self._lease()}, **self._ours())
             except DatabaseError:
                 continue  # an outage fails the run itself; the lease only matters once the database is back
             if still_ours is None:
@@ -119,6 +120,10 @@ class JobRun:
                 self.lost = True
                 task.cancel()
                 return
+
+    def _ours(self) -> dict[str, Any]:
+        """What transition() is given to change the job only while it is still this run's."""
+        return {"job_id": self.id, "owner": self.ctx.instance_id, "guard": {"claim": self.claim}}
 
     def _lease(self) -> int:
         return now_ms() + int(self.ctx.settings.lease_seconds * 1000)
@@ -421,12 +426,13 @@ class JobRun:
         for _ in range(RECORD_RETRIES):
             await asyncio.sleep(RECORD_RETRY_SECONDS)
             try:
-                recorded = await transition(self.ctx.db, ACTIVE, status, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
+                recorded = await transition(self.ctx.db, ACTIVE, status, fields=fields, **self._ours())
             except DatabaseError:
                 continue
             if recorded is None:
                 log.info("job %s: not recorded %s, it had ended or moved on meanwhile", self.id, status.value)
-                await self.taken_over()
+                # Its partial file went when the end was first tried; the name may be a new run's now.
+                await self._judge_takeover()
             else:
                 log.info("job %s: recorded %s once the database was back", self.id, status.value)
                 await self._ended(status, fields)
@@ -443,7 +449,7 @@ class JobRun:
         # Only an active job that is still ours changes here: a DELETE may have cancelled it, the completed
         # state may have been written before a lost reply, another instance may have claimed it.
         try:
-            recorded = await transition(self.ctx.db, ACTIVE, status, job_id=self.id, owner=self.ctx.instance_id, fields=fields)
+            recorded = await transition(self.ctx.db, ACTIVE, status, fields=fields, **self._ours())
         except DatabaseError:
             # The database is down (often the very reason for the failure): keep trying in the background, and
             # say nothing until then, as what is recorded may turn out otherwise.
@@ -474,6 +480,11 @@ class JobRun:
         """The job document says someone else decides now: a user cancelled it, or another instance claimed
         it after our lease ran out. Stop without touching its state."""
         self.discard()
+        return await self._judge_takeover()
+
+    async def _judge_takeover(self) -> JobStatus:
+        """What the job is now, and what this run still has to do about it: tell its own completion, or a
+        cancel, and remove a file it renamed that no job will name."""
         try:
             current = await self.ctx.db.get_job(self.id)
         except DatabaseError as exc:

@@ -14,7 +14,7 @@ from service import runner as runner_module
 from service.app import create_app
 from service.db import DatabaseUnavailable
 from service.events import EventHub
-from service.jobs import JobStatus, new_job_doc, now_ms
+from service.jobs import RUNNING, JobStatus, new_job_doc, now_ms, transition
 from service.query import validate_request
 from service.settings import MANAGER_KEY
 
@@ -346,6 +346,88 @@ async def test_a_job_still_running_here_is_not_queued_again_when_its_lease_looks
     assert final["status"] == "completed", final
     with MongoClient(mongo_url) as client:  # claimed once: never queued for a second run
         assert client[DATA_DB][settings.jobs_collection].find_one({"_id": job["id"]})["attempts"] == 1
+
+
+async def test_a_job_claimed_again_by_the_instance_that_lost_it_runs_once(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This instance's lease renewals fail longer than the lease; another instance queues the job again, and an
+    idle worker here claims it before the first run noticed: the first run ends there, and the new one alone
+    writes the file (they would share its partial file's name) and completes the export, counted once."""
+    settings = make_settings(mongo_url, tmp_path, lease_seconds=6)
+    api = await aiohttp_client(create_app(settings, source=gate))
+    manager = api.server.app[MANAGER_KEY]
+    gate.shut()
+    job_id = (await (await api.post("/api/exports", json=SPEC)).json())["id"]
+    await until(lambda: gate.held == 1, "the export held at its first batch")
+    first = manager.running[job_id]
+    cut_off = {first, *(t for t in asyncio.all_tasks() if t.get_name() == f"lease-{job_id}")}
+    real = runner_module.transition
+
+    async def unreachable_for_the_first_run(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        if asyncio.current_task() in cut_off:
+            raise DatabaseUnavailable("this instance cannot reach the database")
+        return await real(db, expected, to, **kwargs)
+
+    monkeypatch.setattr(runner_module, "transition", unreachable_for_the_first_run)
+    doc = await manager.db.get_job(job_id)
+    # The write another instance's sweep makes once the lease has run out (the wait for it left out).
+    assert await transition(manager.db, RUNNING, JobStatus.QUEUED, job_id=job_id, owner=doc["owner"],
+                            fields={"owner": None}, guard={"lease_until": doc["lease_until"]})
+    manager.wake.set()
+    await until(lambda: manager.running.get(job_id) not in (None, first), "the job claimed again here")
+    second = manager.running[job_id]
+    cut_off.clear()  # the database is back for the first run too: its next lease check may notice
+    await until(first.done, "the first run's end", timeout=10)
+    assert manager.running.get(job_id) is second and not second.done()
+    gate.open()
+    final = await wait_status(api, job_id)
+    assert final["status"] == "completed" and final["error"] is None, final
+    resp = await api.get(f"/api/exports/{job_id}/download")
+    assert resp.status == 200 and len((await resp.text()).splitlines()) == len(tasks) + 1
+    await until(lambda: not manager.running, "the second run's end")
+    assert manager.metrics.jobs_completed == {"csv": 1} and not manager.metrics.jobs_ended, manager.metrics
+    assert export_files(settings.export_dir) == [f"{job_id}.csv"]  # no partial file left behind
+    assert (await manager.db.get_job(job_id))["attempts"] == 2
+
+
+async def test_a_failure_recorded_late_does_not_end_the_same_instance_s_later_claim(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run fails while this instance cannot reach the database, so its failure waits to be recorded; meanwhile
+    another instance queues the job again (the lease ran out) and this one claims it again. The late record finds
+    the job held under another claim, though by the same instance: it must not fail the new run."""
+    monkeypatch.setattr(runner_module, "RECORD_RETRY_SECONDS", 0.2)
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, lease_seconds=6), source=gate))
+    manager = api.server.app[MANAGER_KEY]
+    down, cut_off, real = [True], set(), runner_module.transition
+
+    async def unreachable(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
+        if down[0] or asyncio.current_task() in cut_off:
+            raise DatabaseUnavailable("this instance cannot reach the database")
+        return await real(db, expected, to, **kwargs)
+
+    monkeypatch.setattr(runner_module, "transition", unreachable)
+    gate.shut()
+    job_id = (await (await api.post("/api/exports", json=SPEC)).json())["id"]
+    # The run fails at its first write, and its failure waits for the database.
+    await until(lambda: job_id not in manager.running and manager.ctx.background, "the failure waiting")
+    cut_off.update(manager.ctx.background)  # that record stays cut off; a new run reaches the database
+    down[0] = False
+    doc = await manager.db.get_job(job_id)
+    # The write another instance's sweep makes once the lease has run out (the wait for it left out).
+    assert await transition(manager.db, RUNNING, JobStatus.QUEUED, job_id=job_id, owner=doc["owner"],
+                            fields={"owner": None}, guard={"lease_until": doc["lease_until"]})
+    manager.wake.set()
+    await until(lambda: gate.held == 1, "the job claimed again here, its new run held at its first batch")
+    cut_off.clear()  # the late record reaches the database now
+    await until(lambda: not manager.ctx.background, "the late record's end")
+    assert (await manager.db.get_job(job_id))["status"] == "fetching"
+    assert not manager.metrics.jobs_ended, manager.metrics.jobs_ended
+    gate.open()
+    final = await wait_status(api, job_id)
+    assert final["status"] == "completed" and final["error"] is None, final
+    assert manager.metrics.jobs_completed == {"csv": 1} and not manager.metrics.jobs_ended, manager.metrics
 
 
 async def test_a_job_stopped_with_its_instance_too_often_is_given_up(
