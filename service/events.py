@@ -130,12 +130,18 @@ class EventHub:
         A WebSocket closes at once; a long-polling client that no longer polls would never take its close
         packet, so the wait for that is bounded."""
         eio = self.sio.eio
-        closing = [asyncio.create_task(client.close(reason=eio.reason.SERVER_DISCONNECT)) for client in list(eio.sockets.values())]
+        clients = list(eio.sockets.values())
+        closing = [asyncio.create_task(client.close(reason=eio.reason.SERVER_DISCONNECT)) for client in clients]
         if closing:
             _, late = await asyncio.wait(closing, timeout=CLOSE_SECONDS)
             for task in late:
                 task.cancel()
             await asyncio.gather(*closing, return_exceptions=True)
+        for client in clients:
+            # A browser's WebSocket ignores the close packet, and python-engineio's writer waits for another packet
+            # until the ping timeout (45 s), holding the request, and so the stop, that long: None ends the writer,
+            # which closes the WebSocket. (It is how python-engineio ends the writer itself.)
+            client.queue.put_nowait(None)
 
     async def emit(self, event: str, snap: Mapping[str, Any], **extra: Any) -> None:
         payload = {key: snap.get(key) for key in EVENT_FIELDS}

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import re
+import time
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncGenerator
@@ -385,7 +386,9 @@ async def test_a_job_a_stop_puts_back_in_the_queue_shows_queued_then_its_next_ru
         await until(lambda: source.held == 2, "both exports held after two batches")
 
         port = first.port
+        stopping = time.monotonic()
         await first.close()  # the service stops: both jobs go back to the queue, the page loses its connection
+        assert time.monotonic() - stopping < 10, "the stop waited on the page's WebSocket"  # a container's grace period
         await expect(page.locator("#conn")).not_to_have_attribute("data-state", "live")
         with MongoClient(mongo_url) as sync:
             docs = list(sync[DATA_DB][settings.jobs_collection].find({"_id": {"$in": ids}}))
