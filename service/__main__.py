@@ -12,6 +12,8 @@ from .db import DatabaseError
 from .embedded_db import EmbeddedDbError
 from .settings import SettingsError, settings_from_env
 
+SHUTDOWN_SECONDS = 5.0
+
 
 def check_listen(host: str, port: int) -> None:
     """Bind each address run_app will bind, and let go: a port in use (or a host that is not ours) is then a
@@ -49,6 +51,10 @@ def main() -> int:
             # A request whose client is gone is cancelled: a long poll Socket.IO left open would otherwise hold the
             # stop until it times out, past a container's grace period.
             handler_cancellation=True,
+            # Downloads under way get this long to finish at a stop, and as long again once cancelled (aiohttp waits
+            # twice; its default of 60 s made a stop during a slow download outlast any container's grace period).
+            # A cut download is asked again from the byte it reached (mexport does; so can a browser).
+            shutdown_timeout=SHUTDOWN_SECONDS,
             print=lambda _: print(f"Export service on http://{settings.host}:{settings.port}/", flush=True),
         )
     except (StartupError, EmbeddedDbError, DatabaseError) as exc:  # raised while starting: the database, its data
