@@ -99,6 +99,7 @@ class JobRun:
         doc = await transition(self.ctx.db, expected, to, fields=fields, **self._ours())
         if doc is None:
             raise JobLost(self.id)
+        self.last_persist = time.monotonic()  # the lease is renewed, and the job found still ours
         self.job.update(doc)
         if self.unsaved_total is not None:  # counted while this write was on its way: the stored null is older
             self.job["total"] = self.unsaved_total
@@ -110,6 +111,8 @@ class JobRun:
         interval = min(self.ctx.settings.lease_seconds / 3, OWNERSHIP_CHECK_SECONDS)
         while True:
             await asyncio.sleep(interval)
+            if time.monotonic() - self.last_persist < interval:
+                continue  # the run's own writes, guarded the same way, renewed it and found the job still ours
             try:
                 still_ours = await transition(self.ctx.db, RUNNING, fields={"lease_until": self._lease()}, **self._ours())
             except DatabaseError:
@@ -348,8 +351,6 @@ class JobRun:
         else:
             self.job.update(fields)
             fields = {}
-        if fields:
-            self.last_persist = now
         if "total" in fields:  # persisted now; a count that came in while the write was on its way is not
             self.unsaved_total = None
         if last:
