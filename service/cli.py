@@ -129,6 +129,7 @@ async def save(api: Api, snap: dict[str, Any], out: str | None, interrupts: Inte
     dest = output_path(snap, out)
     if not snap.get("download_url"):
         raise CliError(f"export {snap['id']} is {snap['status']}; there is nothing to download")
+
     def warn(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 

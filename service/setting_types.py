@@ -5,9 +5,9 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
-from importlib.util import find_spec
 from urllib.parse import urlsplit
 
 from pymongo.errors import ConfigurationError, InvalidURI
