@@ -15,21 +15,24 @@ from .settings import SettingsError, settings_from_env
 SHUTDOWN_SECONDS = 5.0
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int) -> int:
     """Bind each address run_app will bind, and let go: a port in use (or a host that is not ours) is then a
-    one-line start-up error, found before the app recovers jobs or opens the database, not a traceback after."""
+    one-line start-up error, found before the app recovers jobs or opens the database, not a traceback after.
+    Returns the port to listen on: for port 0 a free one, chosen here so that the start-up line names it."""
     try:
         addresses = {info[:3] + (info[4],) for info in socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}
-        for family, kind, proto, address in addresses:
+        for family, kind, proto, address in sorted(addresses):
             with socket.socket(family, kind, proto) as probe:
                 # As asyncio's create_server sets them: a port left in TIME_WAIT is free; IPv6 stays IPv6.
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind(address)
+                probe.bind((address[0], port, *address[2:]))
+                port = port or probe.getsockname()[1]
     except OSError as exc:
         raise SettingsError(f"cannot listen on {host}:{port} (EXPORT_HOST, EXPORT_PORT): {exc.strerror or exc}") from None
+    return port
 
 
 def main() -> int:
@@ -38,7 +41,7 @@ def main() -> int:
     try:
         settings = settings_from_env()
         check_export_dir(settings)
-        check_listen(settings.host, settings.port)
+        port = check_listen(settings.host, settings.port)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -47,7 +50,7 @@ def main() -> int:
         web.run_app(
             app,
             host=settings.host,
-            port=settings.port,
+            port=port,
             # A request whose client is gone is cancelled: a long poll Socket.IO left open would otherwise hold the
             # stop until it times out, past a container's grace period.
             handler_cancellation=True,
@@ -55,7 +58,7 @@ def main() -> int:
             # twice; its default of 60 s made a stop during a slow download outlast any container's grace period).
             # A cut download is asked again from the byte it reached (mexport does; so can a browser).
             shutdown_timeout=SHUTDOWN_SECONDS,
-            print=lambda _: print(f"Export service on http://{settings.host}:{settings.port}/", flush=True),
+            print=lambda _: print(f"Export service on http://{settings.host}:{port}/", flush=True),
         )
     except (StartupError, EmbeddedDbError, DatabaseError) as exc:  # raised while starting: the database, its data
         print(f"error: cannot start: {exc}", file=sys.stderr)

@@ -584,6 +584,23 @@ def test_the_service_with_its_port_in_use_stops_with_one_line(mongo_url: str, tm
     assert proc.stderr == f"error: cannot listen on 127.0.0.1:{port} (EXPORT_HOST, EXPORT_PORT): Address already in use\n"
 
 
+def test_the_service_on_port_0_names_the_port_it_listens_on(mongo_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "EXPORT_MONGO_URL": mongo_url, "EXPORT_DIR": str(tmp_path / "exports"), "EXPORT_HOST": "127.0.0.1",
+           "EXPORT_PORT": "0", "EXPORT_JOBS_COLLECTION": f"jobs_{secrets.token_hex(4)}"}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"Export service on http://127\.0\.0\.1:(\d+)/\n", line)
+        assert match and match[1] != "0", line
+        with urllib.request.urlopen(f"http://127.0.0.1:{match[1]}/healthz", timeout=10) as resp:
+            assert json.load(resp)["event_loop"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 class SilentServer:
     """Accepts connections and reads the requests, never answers: a service stuck before its first byte."""
 
