@@ -34,6 +34,7 @@ DATA_DB = "export_tests" + (f"_{os.environ['PYTEST_XDIST_WORKER']}" if os.enviro
 END_STATES = ("completed", "failed", "cancelled", "expired")
 EVENTS = ("export-fetching", "export-processing", "export-finalizing", "export-completed", "export-failed", "export-cancelled")
 BIG_ROWS = 20_000
+DEFAULT_DRIVER = os.environ.get("EXPORT_MONGO_DRIVER", "pymongo")
 _job_collections: list[str] = []  # named by the running test
 _undropped: list[str] = []  # refused by the server when their test ended
 HANG_REPORT_SECONDS = 240  # before pytest-timeout's 300 s, whose report shows threads but not coroutines
@@ -193,8 +194,8 @@ class Gate:
     Given to create_app(settings, source=...), it holds the workers: with every worker held, jobs created
     meanwhile stay queued (hold_queue)."""
 
-    def __init__(self, mongo_url: str) -> None:
-        self.db = Database.connect(mongo_url, DATA_DB)
+    def __init__(self, mongo_url: str, driver: str = DEFAULT_DRIVER) -> None:
+        self.db = Database.connect(mongo_url, DATA_DB, driver)
         self.opened = asyncio.Event()
         self.held = 0  # exports waiting at the gate now
 
@@ -220,8 +221,9 @@ class Gate:
 
 
 @pytest.fixture
-async def gate(mongo_url: str) -> AsyncIterator[Gate]:
-    gate = Gate(mongo_url)
+async def gate(mongo_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Gate]:
+    # Rows go through the driver the test runs with, where it runs with one.
+    gate = Gate(mongo_url, request.getfixturevalue("driver") if "driver" in request.fixturenames else DEFAULT_DRIVER)
     yield gate
     await gate.db.close()
 
@@ -265,7 +267,7 @@ def driver(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def make_settings(mongo_url: str, tmp_path: Path, driver: str = os.environ.get("EXPORT_MONGO_DRIVER", "pymongo"), **overrides: Any) -> Settings:
+def make_settings(mongo_url: str, tmp_path: Path, driver: str = DEFAULT_DRIVER, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
         mongo_url=mongo_url,
         db_name=DATA_DB,

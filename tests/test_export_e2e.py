@@ -94,6 +94,8 @@ async def test_export_all_formats_end_to_end(gated_client: Any, gate: Gate, task
         done = events[-1][1]
         assert done["processed"] == done["total"] == len(expected) and done["percent"] == 100.0
         assert done["download_url"].startswith(f"/api/exports/{job['id']}/download?exp=") and done["bytes"] > 0
+        assert done["file_name"] == f"tasks {fmt}.{fmt}" and isinstance(done["duration_seconds"], float), done
+        assert 0 < done["duration_seconds"] < 60, done
         for _, data in events:
             assert {"id", "status", "processed", "total", "percent", "ts"} <= set(data)
 

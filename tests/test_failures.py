@@ -81,18 +81,19 @@ class Refused:
 
 
 async def test_a_cancel_that_lands_while_the_failure_is_recorded_leaves_it_told_and_counted(
-    aiohttp_client: Any, mongo_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A DELETE's cancel reaches the run while the reply to its failed write is on its way: the failure stands,
     and is told and counted, not left silent."""
     source = Refused()
     api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=source))
     manager = api.server.app[MANAGER_KEY]
-    real = runner_module.transition
+    real, injected = runner_module.transition, []
 
     async def cancelled_in_flight(db: Any, expected: Any, to: Any = None, **kwargs: Any) -> Any:
         doc = await real(db, expected, to, **kwargs)
         if to == JobStatus.FAILED and kwargs["job_id"] in manager.running:
+            injected.append(kwargs["job_id"])
             manager.cancelling.add(kwargs["job_id"])  # what a DELETE does to a job running here
             manager.running[kwargs["job_id"]].cancel()
             await asyncio.sleep(0.01)  # the cancel lands here, as if waiting for the reply
@@ -109,6 +110,7 @@ async def test_a_cancel_that_lands_while_the_failure_is_recorded_leaves_it_told_
         await sio.disconnect()
     final = await wait_status(api, job["id"])
     assert final["status"] == "failed" and final["error"]["code"] == "database_error", final
+    assert injected == [job["id"]]  # the cancel did land inside the failure's write
     assert [name for _, name, _ in seen if name in ("export-failed", "export-cancelled")] == ["export-failed"], seen
     await until(lambda: job["id"] not in manager.running, "the run's end")
     assert manager.metrics.jobs_ended == {"database_error": 1}, manager.metrics.jobs_ended

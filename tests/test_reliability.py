@@ -120,7 +120,12 @@ async def test_tokens_guard_http_and_socketio_and_hide_other_users_jobs(aiohttp_
     resp = await api.post("/api/exports", json=body, headers={"Authorization": "Bearer wrong"})
     assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
     assert (await api.get("/api/collections")).status == 401
-    assert (await api.get("/healthz")).status == 200  # health stays open for load balancers
+    for path in ("/metrics", "/api/nowhere"):
+        resp = await api.get(path, headers={"Authorization": "Bearer wrong"})
+        assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized", path
+    assert (await api.get("/metrics", headers=bob)).status == 200
+    for path in ("/healthz", "/readyz"):
+        assert (await api.get(path)).status == 200, path  # probes stay open for load balancers
 
     job = await (await api.post("/api/exports", json=body, headers=alice)).json()
     assert (await wait_status(api, job["id"], headers=alice))["status"] == "completed"

@@ -16,7 +16,7 @@ from pymongo.errors import ExecutionTimeout
 from scripts.generate_data import make_documents
 from service.app import create_app
 from service.db import Database, FindSpec, QueryTimeout, make_client, translate
-from service.settings import SETTINGS_KEY
+from service.settings import MANAGER_KEY, SETTINGS_KEY
 
 from conftest import DATA_DB, END_STATES, export_files, make_settings, new_jobs_collection, subscribe, until, wait_status
 from playwright.async_api import expect
@@ -184,6 +184,17 @@ async def test_liveness_answers_at_once_while_the_database_answers_nothing(aioht
     assert scrape.status == 200 and time.monotonic() - started < 3, time.monotonic() - started
     text = await scrape.text()
     assert "export_jobs_running" in text and "export_jobs_queued" not in text
+
+
+async def test_liveness_fails_once_no_encoder_can_be_started(aiohttp_client: Any, mongo_url: str, tmp_path: Path) -> None:
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path)))
+    health = await api.get("/healthz")
+    assert health.status == 200 and (await health.json())["encoders"] == "ok"
+    api.server.app[MANAGER_KEY].encoders.close()  # as at a stop: no export can start from here on
+    health = await api.get("/healthz")
+    assert health.status == 503 and health.headers["Cache-Control"] == "no-store"
+    body = await health.json()
+    assert (body["status"], body["encoders"], body["event_loop"]) == ("unavailable", "unusable", "ok"), body
 
 
 @pytest.mark.browser

@@ -45,7 +45,7 @@ async def test_after_unsubscribe_no_more_events_of_that_job(aiohttp_client: Any,
 
 
 async def test_a_subscribe_the_database_cannot_answer_gets_an_error_answer(
-    aiohttp_client: Any, mongo_url: str, tmp_path: Path, gate: Gate, monkeypatch: Any
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, monkeypatch: Any
 ) -> None:
     api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=gate))
     job = await (await api.post("/api/exports", json=BODY)).json()
