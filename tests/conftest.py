@@ -220,6 +220,24 @@ class Gate:
         self.opened.clear()
 
 
+class HoldAfterTwoBatches(Gate):
+    """Gives each export two batches, then holds it until open() (a stop cancels it there): the job shows
+    progress short of its end for as long as the test needs (the encoder reports a batch's rows at the next one)."""
+
+    async def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]:
+        async with aclosing(self.db.raw_batches(spec)) as batches:
+            given = 0
+            async for batch in batches:
+                if given == 2:
+                    self.held += 1
+                    try:
+                        await self.opened.wait()
+                    finally:
+                        self.held -= 1
+                given += 1
+                yield batch
+
+
 @pytest.fixture
 async def gate(mongo_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Gate]:
     # Rows go through the driver the test runs with, where it runs with one.

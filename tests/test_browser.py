@@ -27,7 +27,7 @@ from service.jobs import JobStatus, now_ms, transition
 from service.settings import MANAGER_KEY, Settings
 
 from expected import csv_text, lookup
-from conftest import BIG_ROWS, DATA_DB, Gate, export_files, make_settings, until
+from conftest import BIG_ROWS, DATA_DB, Gate, HoldAfterTwoBatches, export_files, make_settings, until
 
 from playwright.async_api import expect
 
@@ -72,24 +72,6 @@ PROGRESS_RECORDER = """
   }).observe(document, { subtree: true, attributes: true, attributeFilter: ["aria-valuenow"] });
 })();
 """
-
-
-class HoldAfterTwoBatches(Gate):
-    """Gives each export two batches, then holds it until open() (a stop cancels it there): the job shows
-    progress short of its end for as long as the test needs (the encoder reports a batch's rows at the next one)."""
-
-    async def raw_batches(self, spec: FindSpec) -> AsyncGenerator[bytes, None]:
-        async with aclosing(self.db.raw_batches(spec)) as batches:
-            given = 0
-            async for batch in batches:
-                if given == 2:
-                    self.held += 1
-                    try:
-                        await self.opened.wait()
-                    finally:
-                        self.held -= 1
-                given += 1
-                yield batch
 
 
 class MiscountingGate(Gate):

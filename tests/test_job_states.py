@@ -18,7 +18,7 @@ from service.jobs import RUNNING, JobStatus, new_job_doc, now_ms, transition
 from service.query import validate_request
 from service.settings import MANAGER_KEY
 
-from conftest import DATA_DB, END_STATES, Gate, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
+from conftest import DATA_DB, END_STATES, Gate, HoldAfterTwoBatches, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
 
 SPEC = {"collection": "tasks", "format": "csv", "fields": ["seq", "title"], "sort": {"seq": 1}}
 
@@ -152,10 +152,11 @@ async def test_without_redis_a_restarting_instance_never_takes_a_job_another_one
 ) -> None:
     shared = dict(export_dir=tmp_path / "shared", batch_size=50, lease_seconds=2.0, max_concurrent=1)
     first = make_settings(mongo_url, tmp_path, **shared)
-    owner = await aiohttp_client(create_app(first))
+    held = HoldAfterTwoBatches(mongo_url)  # the job stays in processing until the other instance is done
+    owner = await aiohttp_client(create_app(first, source=held))
     owner_id = owner.server.app[MANAGER_KEY].instance_id
     job = await (await owner.post("/api/exports", json={**SPEC, "collection": "tasks_big"})).json()
-    assert (await wait_status(owner, job["id"], ("processing",) + END_STATES))["status"] == "processing"
+    await until(lambda: held.held == 1, "the job held after its first batches")
     # Another instance on the same jobs, no Redis: started, stopped and started again while the job runs.
     other_settings = make_settings(mongo_url, tmp_path, jobs_collection=first.jobs_collection, **shared)
     for _ in range(2):
@@ -163,15 +164,15 @@ async def test_without_redis_a_restarting_instance_never_takes_a_job_another_one
         assert other.server.app[MANAGER_KEY].instance_id != owner_id
         await asyncio.sleep(3)  # longer than the lease: the owner renews it, the other must leave the job alone
         mid = await (await other.get(f"/api/exports/{job['id']}")).json()
-        if mid["status"] == "completed":
-            break
-        assert mid["status"] == "processing", mid
+        assert (mid["status"], mid["run"]) == ("processing", 1), mid
         await other.close()
+    held.open()
     final = await wait_status(owner, job["id"], timeout=120)
     assert final["status"] == "completed" and final["processed"] == len(big_tasks), final
     with MongoClient(mongo_url) as client:
         doc = client[DATA_DB][first.jobs_collection].find_one({"_id": job["id"]})
     assert doc["instance"] == owner_id and doc["attempts"] == 1, doc  # finished once, by its owner
+    await held.db.close()
 
 
 async def follow(api: Any, gate: Gate, body: dict[str, Any]) -> tuple[str, list[tuple[float, str, dict[str, Any]]], Any]:
