@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import orjson
 from bson import json_util
 
-from .query import CANONICAL, RELAXED, ExportSpec
+from .query import RELAXED, ExportSpec, ejson_loads
 
 if TYPE_CHECKING:  # jobs.py is imported by the encoder processes, which need no driver
     from .db import Database
@@ -202,7 +202,7 @@ def run_number(doc: Mapping[str, Any]) -> int:
 
 
 def _relaxed(canonical: str) -> Any:
-    return orjson.loads(json_util.dumps(json_util.loads(canonical, json_options=CANONICAL), json_options=RELAXED))
+    return orjson.loads(json_util.dumps(ejson_loads(canonical), json_options=RELAXED))
 
 
 def _query_of(spec: ExportSpec) -> dict[str, Any]:

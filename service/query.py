@@ -4,6 +4,8 @@ Every rejection is a ValidationError naming the offending field, turned into a 4
 """
 from __future__ import annotations
 
+import base64
+import json
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
@@ -19,6 +21,11 @@ FORMATS = ("csv", "json", "ndjson", "xlsx", "parquet")
 # Formats that compress inside the file: gzip around them would only cost time.
 SELF_COMPRESSED = frozenset({"xlsx", "parquet"})
 FORBIDDEN_OPERATORS = frozenset({"$where", "$function", "$accumulator"})
+# Query operators that take a list.
+LIST_OPERATORS = frozenset({"$and", "$or", "$nor", "$in", "$nin", "$all"})
+# Legacy Extended JSON wrappers that json_util reads even with other keys beside them, which it then drops; their
+# own companion keys.
+LEGACY_WRAPPERS = {"$undefined": frozenset(), "$binary": frozenset({"$type"})}
 MAX_BODY_BYTES = 256 * 1024
 MAX_DEPTH = 32
 MAX_FIELDS = 1000
@@ -100,13 +107,13 @@ class ExportSpec:
 
     @property
     def filter(self) -> dict[str, Any]:
-        return json_util.loads(self.filter_json, json_options=CANONICAL)
+        return ejson_loads(self.filter_json)
 
     @property
     def pipeline(self) -> list[dict[str, Any]] | None:
         if self.pipeline_json is None:
             return None
-        return json_util.loads(self.pipeline_json, json_options=CANONICAL)
+        return ejson_loads(self.pipeline_json)
 
     @property
     def extension(self) -> str:
@@ -163,17 +170,23 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _check_depth_and_operators(value: Any, where: str, depth: int = 0) -> None:
-    if depth > MAX_DEPTH:
-        raise ValidationError(where, f"{where} is nested deeper than {MAX_DEPTH} levels", "invalid_filter")
+def _check_operators(value: Any, where: str, depth: int, limit: int, code: str, query: bool = False) -> None:
+    """$where, $function and $accumulator anywhere, and nesting up to limit; in a query, also lists for the
+    operators that take one, which the server refuses only when the job runs. An error names the full path."""
+    if depth > limit:
+        raise ValidationError(where, f"{where} is nested deeper than {MAX_DEPTH} levels", code)
     if isinstance(value, dict):
         for key, item in value.items():
+            path = f"{where}.{key}"
             if key in FORBIDDEN_OPERATORS:
-                raise ValidationError(where, f"operator {key} is not allowed in {where}", "forbidden_operator")
-            _check_depth_and_operators(item, where, depth + 1)
+                raise ValidationError(path, f"operator {key} is not allowed in {where.split('.')[0]}", "forbidden_operator")
+            if query and key in LIST_OPERATORS and not isinstance(item, list):
+                raise ValidationError(path, f"{key} takes a list, such as [1, 2]", code)
+            # Below $expr an aggregation expression, where {"$and": "$flag"} is a list of one.
+            _check_operators(item, path, depth + 1, limit, code, query and key != "$expr")
     elif isinstance(value, list):
-        for item in value:
-            _check_depth_and_operators(item, where, depth + 1)
+        for index, item in enumerate(value):
+            _check_operators(item, f"{where}.{index}", depth + 1, limit, code, query)
 
 
 def _is_path(value: Any) -> bool:
@@ -205,11 +218,35 @@ def _from_extended_json(value: Any, field: str, code: str) -> Any:
     """value parsed as relaxed Extended JSON, and encoded to BSON once: what the server could not be sent is
     refused now, not when the job runs."""
     try:
-        parsed = json_util.loads(orjson.dumps(value), json_options=RELAXED)
+        parsed = ejson_loads(orjson.dumps(value))
         bson.encode({field: parsed})
     except EJSON_ERRORS as exc:
         raise ValidationError(field, f"{field} is not valid Extended JSON: {exc}", code) from None
     return parsed
+
+
+def ejson_loads(text: str | bytes) -> Any:
+    """Extended JSON as json_util reads it, except for what it would lose: {"$regex": "^T", "$ne": "Tea"} stays the
+    $regex query operator beside another (json_util reads a regular expression value and drops the rest; the
+    embedded server cannot match a regular expression value at all), and other keys beside a legacy wrapper, or
+    base64 that is not, are refused (json_util drops them, and reads bad base64 as empty bytes)."""
+    return json.loads(text, object_hook=_ejson_object)
+
+
+def _ejson_object(doc: dict[str, Any]) -> Any:
+    if isinstance(doc.get("$regex"), str):
+        if not isinstance(doc.get("$options", ""), str):
+            raise ValueError(f"$options must be a string, got {doc['$options']!r}")
+        return doc
+    for key, companions in LEGACY_WRAPPERS.items():
+        extra = doc.keys() - {key} - companions if key in doc else set()
+        if extra:
+            raise ValueError(f"{key} takes no other keys beside it, got {', '.join(sorted(extra))}")
+    binary = doc.get("$binary")
+    encoded = binary.get("base64") if isinstance(binary, dict) else binary
+    if isinstance(encoded, str):
+        base64.b64decode(encoded, validate=True)
+    return json_util.object_hook(doc, RELAXED)
 
 
 def _filter(value: Any) -> str:
@@ -217,7 +254,7 @@ def _filter(value: Any) -> str:
         return "{}"
     if not isinstance(value, dict):
         raise ValidationError("filter", "filter must be a JSON object", "invalid_filter")
-    _check_depth_and_operators(value, "filter")
+    _check_operators(value, "filter", 0, MAX_DEPTH, "invalid_filter", query=True)
     parsed = _from_extended_json(value, "filter", "invalid_filter")
     if not isinstance(parsed, dict):
         raise ValidationError("filter", "filter must be a JSON object", "invalid_filter")
@@ -328,21 +365,6 @@ def validate_collection_name(value: Any, jobs_collection: str, allowed: tuple[st
     return value
 
 
-def _forbidden_operators(value: Any, where: str, depth: int) -> None:
-    """$where, $function and $accumulator anywhere in a stage; the error names the operator's full path."""
-    if depth > MAX_DEPTH + 2:  # + the pipeline list and the stage object: a $match gets as deep as a filter
-        raise ValidationError(where, f"{where} is nested deeper than {MAX_DEPTH} levels", "invalid_pipeline")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            path = f"{where}.{key}"
-            if key in FORBIDDEN_OPERATORS:
-                raise ValidationError(path, f"operator {key} is not allowed in a pipeline", "forbidden_operator")
-            _forbidden_operators(item, path, depth + 1)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _forbidden_operators(item, f"{where}.{index}", depth + 1)
-
-
 class _PipelineCheck:
     """Walks a pipeline and the pipelines nested in it ($facet, $lookup), with the request's collection rules."""
 
@@ -377,7 +399,7 @@ class _PipelineCheck:
         elif name == "$lookup":
             self.lookup(body, where, depth)
         else:
-            _forbidden_operators(body, where, depth)
+            self.operators(body, where, depth)
 
     def lookup(self, body: Any, where: str, depth: int) -> None:
         if not isinstance(body, dict):
@@ -390,7 +412,12 @@ class _PipelineCheck:
             if key == "pipeline":
                 self.pipeline(item, f"{where}.pipeline", depth + 1)
             else:
-                _forbidden_operators(item, f"{where}.{key}", depth + 1)
+                self.operators(item, f"{where}.{key}", depth + 1)
+
+    @staticmethod
+    def operators(value: Any, where: str, depth: int) -> None:
+        # + the pipeline list and the stage object: a $match gets as deep as a filter
+        _check_operators(value, where, depth, MAX_DEPTH + 2, "invalid_pipeline")
 
 
 def _count(value: Any) -> bool:
@@ -422,7 +449,7 @@ def check_exportable(spec: "ExportSpec", jobs_collection: str, allowed: tuple[st
     or it may have been created by an instance with other settings."""
     validate_collection_name(spec.collection, jobs_collection, allowed)
     if spec.pipeline_json is not None:
-        _PipelineCheck(jobs_collection, allowed).pipeline(json_util.loads(spec.pipeline_json), "pipeline", 0)
+        _PipelineCheck(jobs_collection, allowed).pipeline(ejson_loads(spec.pipeline_json), "pipeline", 0)
 
 
 def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_jobs", allowed: tuple[str, ...] = ()) -> ExportSpec:

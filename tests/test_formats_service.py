@@ -99,6 +99,24 @@ async def test_columns_are_sampled_and_later_fields_are_reported(api: Any, sync_
     assert len(snap["warnings"]) == 1 and re.search(r"\bc\b", snap["warnings"][0]), snap["warnings"]
 
 
+async def test_a_regex_keeps_the_operators_beside_it(api: Any, sync_db: Any) -> None:
+    """{"$regex": ..., "$ne": ...} is one field's two conditions; read as a regular expression value, the $ne was
+    dropped and the export held the rows it excludes."""
+    name = f"regex_{secrets.token_hex(4)}"
+    sync_db[name].insert_many([{"_id": i, "name": text} for i, text in enumerate(["Tea", "Toast", "tart", "Coffee", "Tarte"])])
+    try:
+        filters = {"plain": {"$regex": "^T", "$ne": "Tea"}, "options": {"$regex": "^t", "$options": "i", "$nin": ["Tarte"]},
+                   "range": {"$regex": "a", "$lt": "Tf"}}
+        names = {}
+        for case, condition in filters.items():
+            body = {"collection": name, "format": "csv", "filter": {"name": condition}, "sort": {"_id": 1}, "fields": ["name"]}
+            data, _ = await download(api, await finished(api, await create(api, body)))
+            names[case] = [row[0] for row in csv.reader(io.StringIO(data.decode("utf-8"), newline=""))][1:]
+    finally:
+        sync_db.drop_collection(name)
+    assert names == {"plain": ["Toast", "Tarte"], "options": ["Tea", "Toast", "tart"], "range": ["Tea", "Tarte"]}
+
+
 async def test_download_names_non_ascii_with_rfc6266_filename_star(api: Any) -> None:
     named = await finished(api, await create(api, {"collection": "tasks", "format": "csv", "limit": 5, "filename": "Café 東京"}))
     assert named["file_name"] == "Café 東京.csv"
