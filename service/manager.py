@@ -11,6 +11,7 @@ import logging
 import re
 import secrets
 import time
+import weakref
 from bisect import bisect_left
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,6 +77,9 @@ class JobManager:
         self.cancelling: set[str] = set()
         self.last_order = 0
         self.stopping = False
+        # One create at a time per user here: the limit is a count, then an insert, and two creates between them
+        # would both pass. (Creates through two instances at once can still pass it by one.)
+        self.creating: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -188,12 +192,16 @@ class JobManager:
 
     # --- requests ----------------------------------------------------------------------------
     async def create(self, spec: ExportSpec, user: str) -> dict[str, Any]:
-        active = await self.db.count_jobs({"user": user, "status": {"$in": ACTIVE_VALUES}})
-        if active >= self.settings.max_active_per_user:
-            raise TooManyJobs(self.settings.max_active_per_user)
-        doc = new_job_doc(spec, user, "", self._next_order())
-        doc["file_name"] = self.file_name(spec, doc)
-        await self.db.insert_job(doc)
+        lock = self.creating.get(user)
+        if lock is None:
+            lock = self.creating[user] = asyncio.Lock()
+        async with lock:
+            active = await self.db.count_jobs({"user": user, "status": {"$in": ACTIVE_VALUES}})
+            if active >= self.settings.max_active_per_user:
+                raise TooManyJobs(self.settings.max_active_per_user)
+            doc = new_job_doc(spec, user, "", self._next_order())
+            doc["file_name"] = self.file_name(spec, doc)
+            await self.db.insert_job(doc)
         self.metrics.job_created(spec.format)
         self.wake.set()
         return await self.snapshot_of(doc)

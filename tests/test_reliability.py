@@ -104,6 +104,15 @@ async def test_queue_is_fifo_with_positions_and_per_user_limit_answers_429(aioht
     assert (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 1})).status == 202
 
 
+async def test_creates_at_once_never_pass_the_per_user_limit(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate) -> None:
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, max_concurrent=1, max_active_per_user=5), source=gate))
+    body = {"collection": "tasks", "format": "csv", "limit": 1}
+    answers = await asyncio.gather(*(api.post("/api/exports", json=body) for _ in range(20)))
+    assert sorted(resp.status for resp in answers) == [202] * 5 + [429] * 15
+    listed = (await (await api.get("/api/exports")).json())["exports"]
+    assert len(listed) == 5 and all(job["status"] in ("queued", "fetching") for job in listed), listed
+
+
 TOKENS = "tok-alice:alice,tok-bob:bob"
 
 
