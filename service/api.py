@@ -25,6 +25,7 @@ routes = web.RouteTableDef()
 USER_KEY = web.RequestKey("user", str)
 DOWNLOAD_PATH = "/api/exports/{id}/download"
 METRICS_COUNT_SECONDS = 1.0
+BODY_SECONDS = 30.0  # for a request's body to arrive: aiohttp itself waits without limit
 CONTENT_TYPES = {
     "csv": "text/csv; charset=utf-8",
     "json": "application/json",
@@ -135,12 +136,18 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
     """The body, or its first limit bytes: enough to tell that it is too large without reading it all."""
     chunks: list[bytes] = []
     size = 0
-    while size < limit:
-        chunk = await request.content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            while size < limit:
+                chunk = await request.content.read(limit - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+    except TimeoutError:
+        raise web.HTTPRequestTimeout() from None  # answered as JSON, code request_timeout
+    except web.RequestPayloadError:
+        raise ValidationError("body", "the body is not what its Content-Encoding or chunking says", "invalid_body") from None
     return b"".join(chunks)
 
 

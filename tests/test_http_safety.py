@@ -3,6 +3,8 @@ job creation only from JSON bodies, Socket.IO only from allowed origins, and une
 as the JSON error shape with a request id."""
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 import socketio
 from aiohttp import FormData, web
 
+from service import api as api_module
 from service.app import create_app
 
 from conftest import make_settings
@@ -51,6 +54,32 @@ async def test_a_multipart_form_post_answers_415(api: Any) -> None:
     resp = await api.post("/api/exports", data=form)
     assert resp.status == 415
     assert (await resp.json())["error"]["code"] == "unsupported_media_type"
+    assert await listed(api) == []
+
+
+async def raw_post(api: Any, headers: bytes, body: bytes) -> tuple[bytes, dict[str, Any]]:
+    """A POST written on a socket as given (a test client would not send it so): the status line and the error."""
+    reader, writer = await asyncio.open_connection(api.host, api.port)
+    writer.write(b"POST /api/exports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + headers + b"\r\n" + body)
+    await writer.drain()
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+        return head.split(b"\r\n")[0], json.loads(await reader.readexactly(length))["error"]
+    finally:
+        writer.close()
+
+
+async def test_a_body_that_is_not_what_its_encoding_says_answers_400(api: Any) -> None:
+    status, error = await raw_post(api, b"Content-Encoding: gzip\r\nContent-Length: 15\r\n", b"not gzip at all")
+    assert status == b"HTTP/1.1 400 Bad Request" and (error["code"], error["field"]) == ("invalid_body", "body"), (status, error)
+    assert await listed(api) == []
+
+
+async def test_a_body_that_never_arrives_answers_408(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_module, "BODY_SECONDS", 0.5)
+    status, error = await raw_post(api, b"Content-Length: 100\r\n", b'{"coll')  # the other 94 bytes never come
+    assert status == b"HTTP/1.1 408 Request Timeout" and error["code"] == "request_timeout", (status, error)
     assert await listed(api) == []
 
 
