@@ -12,9 +12,8 @@ import dataclasses
 import io
 import re
 import time
-from contextlib import aclosing
 from pathlib import Path
-from typing import Any, AsyncGenerator
+from typing import Any
 
 import openpyxl
 import pytest

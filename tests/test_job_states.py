@@ -18,7 +18,7 @@ from service.jobs import RUNNING, JobStatus, new_job_doc, now_ms, transition
 from service.query import validate_request
 from service.settings import MANAGER_KEY
 
-from conftest import DATA_DB, END_STATES, Gate, HoldAfterTwoBatches, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
+from conftest import DATA_DB, Gate, HoldAfterTwoBatches, export_files, hold_queue, make_settings, release_queue, subscribe, until, wait_status
 
 SPEC = {"collection": "tasks", "format": "csv", "fields": ["seq", "title"], "sort": {"seq": 1}}
 
