@@ -100,7 +100,9 @@ class EventHub:
         job_id = data.get("id") if isinstance(data, dict) else None
         return job_id if isinstance(job_id, str) and job_id else None
 
-    async def _subscribe(self, sid: str, data: Any) -> dict[str, Any]:
+    # data defaults, and more arguments are taken: python-socketio calls a handler with what the client sent, and a
+    # TypeError there leaves the client without an answer.
+    async def _subscribe(self, sid: str, data: Any = None, *_: Any) -> dict[str, Any]:
         job_id = self._job_id(data)
         if job_id is None:
             return {"ok": False, "error": {"code": "invalid_request", "message": "subscribe needs {\"id\": ...}", "field": "id"}}
@@ -119,7 +121,7 @@ class EventHub:
             return {"ok": False, "error": {"code": "not_found", "message": f"no export {job_id}", "field": "id"}}
         return {"ok": True, "job": snap}
 
-    async def _unsubscribe(self, sid: str, data: Any) -> dict[str, Any]:
+    async def _unsubscribe(self, sid: str, data: Any = None, *_: Any) -> dict[str, Any]:
         job_id = self._job_id(data)
         if job_id is not None:
             await self.sio.leave_room(sid, room(job_id))

@@ -61,3 +61,20 @@ async def test_a_subscribe_the_database_cannot_answer_gets_an_error_answer(
     finally:
         await sio.disconnect()
     assert ack["ok"] is False and ack["error"]["code"] == "database_unavailable", ack
+
+
+async def test_every_subscribe_gets_an_answer_whatever_it_carries(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate) -> None:
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path), source=gate))
+    job = await (await api.post("/api/exports", json=BODY)).json()
+    sio = socketio.AsyncClient(reconnection=False)
+    await sio.connect(str(api.make_url("/")), transports=["websocket"])
+    try:
+        refused = [await sio.call("subscribe", data, timeout=5) for data in (None, "x", [job["id"]], {"id": 5}, {"id": ""})]
+        # Two arguments: python-socketio passes the tuple's items as arguments.
+        taken = await sio.call("subscribe", ({"id": job["id"]}, 2), timeout=5)
+        left = [await sio.call("unsubscribe", data, timeout=5) for data in (None, ({"id": job["id"]}, 2))]
+    finally:
+        await sio.disconnect()
+    assert all(ack["ok"] is False and ack["error"]["code"] == "invalid_request" for ack in refused), refused
+    assert taken["ok"] is True and taken["job"]["id"] == job["id"], taken
+    assert left == [{"ok": True}, {"ok": True}]
