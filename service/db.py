@@ -58,11 +58,13 @@ class QueryTimeout(DatabaseError):
 
 
 def translate(exc: BaseException) -> DatabaseError:
+    # Without the reply PyMongo appends: for a raw-batch cursor it is a RawBSONDocument's bytes.
+    text = str(exc).split(", full error: ")[0]
     if isinstance(exc, pymongo_errors.ExecutionTimeout):
-        return QueryTimeout(f"the query ran past its time limit: {str(exc)[:300]}")
+        return QueryTimeout(f"the query ran past its time limit: {text[:300]}")
     if isinstance(exc, (pymongo_errors.ConnectionFailure, pymongo_errors.ServerSelectionTimeoutError)):
-        return DatabaseUnavailable(f"database unavailable: {exc.__class__.__name__}: {str(exc)[:300]}")
-    return DatabaseError(f"database error: {str(exc)[:500]}")
+        return DatabaseUnavailable(f"database unavailable: {exc.__class__.__name__}: {text[:300]}")
+    return DatabaseError(f"database error: {text[:500]}")
 
 
 @asynccontextmanager

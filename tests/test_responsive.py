@@ -11,7 +11,8 @@ from typing import Any, AsyncGenerator
 import bson
 import pytest
 from pymongo import monitoring
-from pymongo.errors import ExecutionTimeout
+from bson.raw_bson import RawBSONDocument
+from pymongo.errors import ExecutionTimeout, OperationFailure
 
 from scripts.generate_data import make_documents
 from service.app import create_app
@@ -154,6 +155,13 @@ async def test_every_user_query_carries_a_server_side_time_limit(mongo_url: str,
 def test_the_servers_time_limit_error_becomes_a_timeout() -> None:
     error = translate(ExecutionTimeout("operation exceeded time limit", 50))
     assert isinstance(error, QueryTimeout) and error.code == "timeout"
+
+
+def test_a_server_error_is_told_without_the_raw_reply() -> None:
+    reply = RawBSONDocument(bson.encode({"ok": 0, "errmsg": "unknown operator: $bogus", "code": 2}))
+    error = translate(OperationFailure("unknown operator: $bogus", 2, reply))
+    assert "full error" in str(OperationFailure("unknown operator: $bogus", 2, reply))  # what PyMongo appends
+    assert str(error) == "database error: unknown operator: $bogus", str(error)
 
 
 async def test_liveness_answers_at_once_while_the_database_answers_nothing(aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any) -> None:
