@@ -54,6 +54,7 @@ PARQUET_COMPRESSIONS = ("zstd", "snappy", "gzip", "none")
 ROW_GROUP_MIN, ROW_GROUP_DEFAULT, ROW_GROUP_MAX = 1_000, 50_000, 1_000_000
 COMPRESSIONS = ("none", "gzip")
 WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))})
+UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 _PATH_PART = re.compile(r"^[^$.\x00][^.\x00]*$")
 RELAXED = JSONOptions(json_mode=JSONMode.RELAXED, tz_aware=True)
 CANONICAL = JSONOptions(json_mode=JSONMode.CANONICAL, tz_aware=True)
@@ -482,6 +483,9 @@ def validate_request(body: Mapping[str, Any], jobs_collection: str = "export_job
 def safe_filename(name: str) -> str:
     """A file name that is safe on every common filesystem and in a header, keeping non-ASCII letters."""
     name = unicodedata.normalize("NFC", name)
+    # Controls, invisible format characters (U+202E turns "txt.exe" around on screen, U+200B hides) and line or
+    # paragraph separators go too.
+    name = "".join("\x00" if unicodedata.category(c) in UNSEEN_CATEGORIES else c for c in name)
     name = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", "-", name).strip(" .-")[:150]
     if name.split(".")[0].upper() in WINDOWS_RESERVED:
         name = "_" + name  # CON, NUL, COM1... cannot be file names on Windows, whatever the extension

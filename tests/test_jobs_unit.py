@@ -93,6 +93,9 @@ def test_file_names_are_sanitized_and_keep_one_extension(manager: JobManager) ->
     assert manager.file_name(spec(options={"compress": "gzip"}), created) == "tasks-20240229-134530.csv.gz"
     assert manager.file_name(spec(format="xlsx", filename="Q1/report"), created) == "Q1-report.xlsx"
     assert manager.file_name(spec(filename="done.csv"), created) == "done.csv"
+    # Invisible characters: a right-to-left override shows "\u202etxt.exe.csv" as "vsc.exe.txt".
+    assert manager.file_name(spec(filename="\u202etxt.exe"), created) == "txt.exe.csv"
+    assert manager.file_name(spec(filename="a\u200bb\ufeffc\u2028d\u0085e--f"), created) == "a-b-c-d-e--f.csv"
 
 
 def test_snapshot_of_a_completed_job_has_a_signed_download_url_bound_to_job_owner_and_time() -> None:
