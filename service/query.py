@@ -270,11 +270,11 @@ def _fields(value: Any) -> tuple[str, ...] | None:
     if len(value) > MAX_FIELDS:
         raise ValidationError("fields", f"at most {MAX_FIELDS} fields", "invalid_fields")
     seen: set[str] = set()
-    for path in value:
+    for index, path in enumerate(value):
         if not _is_path(path):
-            raise ValidationError("fields", f"{path!r} is not a dotted field path such as assignee.name", "invalid_fields")
+            raise ValidationError(f"fields.{index}", f"{path!r} is not a dotted field path such as assignee.name", "invalid_fields")
         if path in seen:
-            raise ValidationError("fields", f"field {path!r} is listed twice", "invalid_fields")
+            raise ValidationError(f"fields.{index}", f"field {path!r} is listed twice", "invalid_fields")
         seen.add(path)
     return tuple(value)
 
@@ -289,9 +289,9 @@ def _sort(value: Any) -> tuple[tuple[str, int], ...]:
     result = []
     for key, direction in value.items():
         if not _is_path(key):
-            raise ValidationError("sort", f"{key!r} is not a dotted field path", "invalid_sort")
+            raise ValidationError(f"sort.{key}", f"{key!r} is not a dotted field path", "invalid_sort")
         if isinstance(direction, bool) or direction not in (1, -1):
-            raise ValidationError("sort", f"sort value for {key!r} must be 1 or -1", "invalid_sort")
+            raise ValidationError(f"sort.{key}", f"sort value for {key!r} must be 1 or -1", "invalid_sort")
         result.append((key, int(direction)))
     return tuple(result)
 
