@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 from urllib.parse import quote
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from . import catalog
 from .db import DatabaseError, DatabaseUnavailable
@@ -25,6 +25,7 @@ routes = web.RouteTableDef()
 USER_KEY = web.RequestKey("user", str)
 DOWNLOAD_PATH = "/api/exports/{id}/download"
 METRICS_COUNT_SECONDS = 1.0
+SERVED_RANGE = re.compile(r"bytes=(\d+)-(\d*)|bytes=-(\d+)", re.ASCII | re.IGNORECASE)  # as aiohttp reads one
 BODY_SECONDS = 30.0  # for a request's body to arrive: aiohttp itself waits without limit
 CONTENT_TYPES = {
     "csv": "text/csv; charset=utf-8",
@@ -220,7 +221,7 @@ async def download_export(request: web.Request) -> web.StreamResponse:
         raise JobConflict("the export file is gone", JobStatus.EXPIRED.value)
     spec = ExportSpec.from_doc(doc["spec"])
     content_type = "application/gzip" if spec.compress == "gzip" else CONTENT_TYPES[spec.format]
-    return web.FileResponse(
+    return ExportFile(
         path,
         chunk_size=256 * 1024,
         headers={
@@ -229,6 +230,27 @@ async def download_export(request: web.Request) -> web.StreamResponse:
             "Cache-Control": "private, no-transform",
         },
     )
+
+
+class ExportFile(web.FileResponse):
+    """aiohttp's FileResponse, answering 200 with the whole file to a Range it does not serve, as RFC 9110 lets a
+    server do (an unknown unit must be ignored): aiohttp answers an empty 416 to a unit other than bytes, to
+    several ranges and to a malformed one, and the whole file as a 206 to a suffix of 0 bytes."""
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        asked = request.headers.get(hdrs.RANGE)
+        if asked is not None and not self.served(asked):
+            request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})
+        return await super().prepare(request)
+
+    @staticmethod
+    def served(asked: str) -> bool:
+        """One range of bytes, first to last or a suffix of at least one byte."""
+        found = SERVED_RANGE.fullmatch(asked)
+        if found is None:
+            return False
+        first, last, suffix = found.groups()
+        return int(suffix) > 0 if suffix is not None else not last or int(first) <= int(last)
 
 
 @routes.get("/api/collections")

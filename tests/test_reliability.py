@@ -196,6 +196,12 @@ async def test_download_range_etag_head(client: Any) -> None:
     assert resp.headers["Content-Range"] == f"bytes 10-99/{len(full)}"
     resp = await client.get(url, headers={"Range": "bytes=-50"})
     assert resp.status == 206 and await resp.read() == full[-50:]
+    # A Range it does not serve is ignored, as RFC 9110 allows: the whole file.
+    for ignored in ("items=0-1", "bytes=abc", "bytes=0-1,5-6", "bytes=-0", "bytes=9-3", "bytes= 1-2"):
+        resp = await client.get(url, headers={"Range": ignored})
+        assert (resp.status, await resp.read()) == (200, full), ignored
+    resp = await client.get(url, headers={"Range": f"bytes={len(full)}-"})  # past the end: unsatisfiable
+    assert resp.status == 416 and resp.headers["Content-Range"] == f"bytes */{len(full)}"
     etag = (await client.get(url)).headers["ETag"]
     resp = await client.get(url, headers={"If-None-Match": etag})
     assert resp.status == 304
