@@ -1,6 +1,7 @@
 """python -m service: read settings, check them, run the app."""
 from __future__ import annotations
 
+import argparse
 import logging
 import socket
 import sys
@@ -13,6 +14,22 @@ from .embedded_db import EmbeddedDbError
 from .settings import SettingsError, settings_from_env
 
 SHUTDOWN_SECONDS = 5.0
+DESCRIPTION = """\
+The MongoDB export service: an HTTP API, a browser page and Socket.IO progress events for exporting
+collections to CSV, JSON, NDJSON, XLSX or Parquet files.
+
+It takes no arguments: it is configured by EXPORT_* environment variables (EXPORT_MONGO_URL, EXPORT_PORT,
+EXPORT_API_TOKENS, ...). `python -m service.settings --markdown` lists every one with its default, and the
+README's Settings table says the same. Without EXPORT_MONGO_URL it starts an embedded database under var/db."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """--help, and nothing else: every setting is an environment variable. Any argument is a usage error (exit
+    2) before anything starts, so a mistyped option never starts the service nor creates var/."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser.parse_args(argv)
 
 
 def check_listen(host: str, port: int) -> int:
@@ -35,7 +52,8 @@ def check_listen(host: str, port: int) -> int:
     return port
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:

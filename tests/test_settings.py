@@ -150,6 +150,34 @@ def test_start_up_with_a_bad_variable_exits_2_with_one_line(tmp_path: Path) -> N
     assert proc.stderr.decode().strip() == "error: EXPORT_MONGO_DRIVER must be one of pymongo, motor, got 'mongo'"
 
 
+def _service_in(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """python -m service run from cwd with no EXPORT_* variable: started for real, it would create var/ there
+    (the embedded database's and the exports' default directories). This checkout's code, whatever the cwd."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("EXPORT_")}
+    env.update(PYTHONPATH=str(ROOT), EXPORT_PORT="0")  # were it to start, on a port nobody else has
+    return subprocess.run([sys.executable, "-m", "service", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_help_describes_the_service_and_starts_nothing(tmp_path: Path) -> None:
+    proc = _service_in(tmp_path, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m service")
+    assert "EXPORT_* environment variables" in proc.stdout and "python -m service.settings --markdown" in proc.stdout
+    assert "Settings table" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # no var/: neither the database nor the export directory was made
+
+
+@pytest.mark.parametrize("args", [("--port", "9000"), ("serve",), ("-v",)])
+def test_any_other_argument_is_a_usage_error_and_starts_nothing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    proc = _service_in(tmp_path, *args)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines()[0] == "usage: python -m service [-h]"
+    assert proc.stderr.splitlines()[-1].startswith("python -m service: error: unrecognized arguments: ")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_readme_table_is_the_one_the_settings_print() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert readme.count(START) == 1 and readme.count(END) == 1
