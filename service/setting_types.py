@@ -89,13 +89,22 @@ def _strings(value: Any, what: str) -> list[str]:
 _TOKENS_SHAPE = "must look like token:user,token2:user2"
 
 
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
 def _tokens_text(raw: str) -> dict[str, str]:
     tokens: dict[str, str] = {}
-    for item in _items(raw):
+    entry_of: dict[str, int] = {}
+    for number, item in enumerate(_items(raw), 1):
         token, sep, user = item.partition(":")
         if not sep or not token or not user:
             raise Invalid(_TOKENS_SHAPE)  # never echoes the text: it holds secrets
+        if token in entry_of:  # which user would it be? Kept silently, the last one would win.
+            raise Invalid(f"repeats a token: the {_ordinal(number)} entry has the token of the {_ordinal(entry_of[token])}")
         tokens[token] = user
+        entry_of[token] = number
     return tokens
 
 

@@ -66,6 +66,11 @@ def test_environment_text_is_parsed_per_type() -> None:
     assert settings.xlsx_max_rows_per_sheet == 1_048_575
 
 
+def test_one_user_may_have_several_tokens() -> None:
+    settings = settings_from_env({"EXPORT_API_TOKENS": "old-token:alice,new-token:alice,t3:bob"})
+    assert settings.api_tokens == {"old-token": "alice", "new-token": "alice", "t3": "bob"}
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"EXPORT_BATCH_SIZE": "many"}, "EXPORT_BATCH_SIZE must be an integer, got 'many'"),
     ({"EXPORT_PORT": "80.5"}, "EXPORT_PORT must be an integer, got '80.5'"),
@@ -90,6 +95,11 @@ def test_environment_text_is_parsed_per_type() -> None:
     ({"EXPORT_MONGO_DRIVER": "mongo"}, "EXPORT_MONGO_DRIVER must be one of pymongo, motor, got 'mongo'"),
     ({"EXPORT_API_TOKENS": "secret-token"}, "EXPORT_API_TOKENS must look like token:user,token2:user2"),
     ({"EXPORT_API_TOKENS": "a:alice,:bob"}, "EXPORT_API_TOKENS must look like token:user,token2:user2"),
+    ({"EXPORT_API_TOKENS": "secret-token:alice,secret-token:bob"},
+     "EXPORT_API_TOKENS repeats a token: the 2nd entry has the token of the 1st"),
+    ({"EXPORT_API_TOKENS": "t1:alice, ,t2:bob,t3:carol,secret-token:dave,t5:erin,t6:frank,t7:gina,t8:hal,t9:ida,"
+                           "t10:jo,secret-token:ken"},
+     "EXPORT_API_TOKENS repeats a token: the 11th entry has the token of the 4th"),
     ({"EXPORT_ALLOWED_ORIGINS": "https://app.example/\npath"},
      "EXPORT_ALLOWED_ORIGINS must list origins like https://app.example.com:8443, got 'https://app.example/\\npath'"),
 ])
