@@ -81,7 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=1,
     ),
     Setting("max_active_per_user", "EXPORT_MAX_ACTIVE_PER_USER", INTEGER, 10,
-        "queued + running jobs per user; more answers `429`",
+        "queued + running jobs per user; more answers `429`. In open mode one limit for all callers together",
         minimum=1,
     ),
     Setting("ttl_hours", "EXPORT_TTL_HOURS", NUMBER, 24.0,
@@ -89,7 +89,9 @@ SETTINGS: tuple[Setting, ...] = (
         positive=True, maximum=87_600, why_maximum=" (ten years)",
     ),
     Setting("api_tokens", "EXPORT_API_TOKENS", TOKENS, {},
-        "`token:user,token2:user2`; users see only their own jobs",
+        "`token:user,token2:user2`, each token once (one user may have several); users see, cancel and delete only "
+        "their own jobs. Empty: open mode, no authentication, every caller is the one user `anonymous`, who sees, "
+        "cancels and deletes every job (see [Open mode](#open-mode))",
         shown_default="*(empty: open mode, logged loudly)*",
     ),
     Setting("collections", "EXPORT_COLLECTIONS", NAMES, (),
