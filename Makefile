@@ -7,7 +7,7 @@ VENDOR := service/static/vendor/socket.io.esm.min.js
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-fast bench bench-quick base-deps system-deps clean
+.PHONY: install demo test test-fast bench bench-quick base-deps system-deps redis-deps clean
 
 # Debian packages the install needs (root, as on a fresh machine or in CI): venv and pip for the virtualenv,
 # Node.js and npm for the page's vendored Socket.IO client. Nothing happens where they are present already.
@@ -31,6 +31,11 @@ system-deps:
 	@command -v chromium >/dev/null && command -v redis-server >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server >/dev/null)
 
+# redis-server alone, for the tests without a browser (two instances sharing events through it).
+redis-deps:
+	@command -v redis-server >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
+
 # The service on http://127.0.0.1:8080/ with the embedded database, seeded with 100,000 tasks on first run.
 demo: install
 	EXPORT_SEED_DEMO_ROWS=$${EXPORT_SEED_DEMO_ROWS:-100000} $(BIN)/python -m service
@@ -38,8 +43,8 @@ demo: install
 test: system-deps install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
-# The same without the browser tests, for a quick loop.
-test-fast: install
+# The same without the browser tests, for a quick loop: no Chromium needed, redis-server still is.
+test-fast: redis-deps install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not browser" $(PYTEST_ARGS)
 
 # The benchmark's report goes to var/bench.md; bench-quick runs every stage at small sizes (under two minutes).
@@ -49,5 +54,7 @@ bench: install
 bench-quick: install
 	$(BIN)/python scripts/bench.py run --quick
 
+# Everything set-up and runs made, var/ whole: the embedded database (every job, the seeded tasks), the default
+# export directory with its files and signing key, and the benchmark's database and report.
 clean:
 	rm -rf $(VENV) var node_modules service/static/vendor test-output

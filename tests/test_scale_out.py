@@ -24,7 +24,7 @@ from service_process import ServiceProcess
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = shutil.which("redis-server")
     if server is None:
-        pytest.fail("redis-server is not installed; `make test` installs it (Debian package redis-server)")
+        pytest.fail("redis-server is not installed; `make test` and `make test-fast` install it (Debian package redis-server)")
     port = free_port()
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
