@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="one export's snapshot")
     status.add_argument("id")
     status.add_argument("--json", action="store_true", help="the snapshot as JSON")
-    for name, text in (("cancel", "cancel a queued or running export"), ("delete", "delete an export and its file")):
+    for name, text in (("cancel", "cancel a queued or running export"), ("delete", "delete a finished export and its file; a queued or running one is cancelled (and kept, as cancelled)")):
         commands.add_parser(name, parents=[common], help=text).add_argument("id")
     download = commands.add_parser("download", parents=[common], help="download a completed export's file")
     download.add_argument("id")

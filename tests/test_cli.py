@@ -231,6 +231,25 @@ def test_cancel_a_running_export(service: ServiceProcess, big_tasks: Any, tmp_pa
     assert api(service, "GET", f"/api/exports/{job_id}")[1]["status"] == "cancelled"
 
 
+def test_delete_cancels_a_running_export_and_keeps_it_then_deletes_it(service: ServiceProcess, big_tasks: Any, tmp_path: Path) -> None:
+    # What `mexport --help` and the README say delete does to an export that has not ended.
+    request = urllib.request.Request(
+        service.url + "/api/exports", method="POST", data=json.dumps({"collection": "tasks_big", "format": "csv"}).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        job_id = json.loads(resp.read())["id"]
+    first = mexport(service, "delete", job_id, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"export {job_id} cancelled"
+    status, kept = api(service, "GET", f"/api/exports/{job_id}")
+    assert status == 200 and kept["status"] == "cancelled"
+    second = mexport(service, "delete", job_id, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == f"export {job_id} deleted"
+    assert api(service, "GET", f"/api/exports/{job_id}")[0] == 404
+
+
 async def test_a_cancel_that_comes_as_the_job_completes_leaves_its_file(service: ServiceProcess, tmp_path: Path) -> None:
     # What mexport cancel (and Ctrl-C while following) sends once the job's record said it was running.
     done = mexport(service, "create", "tasks", "--type", "csv", "--limit", "5", "-o", str(tmp_path / "five.csv"), cwd=tmp_path)
