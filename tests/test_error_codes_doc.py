@@ -15,7 +15,7 @@ CODE = re.compile(r"[a-z]+(?:_[a-z]+)*")
 # helpers that pass one on.
 CODE_ARGUMENT = {
     "ValidationError": 2, "UnsupportedMediaType": 2, "JobConflict": 2, "error_response": 1, "SignatureError": 0,
-    "EncoderError": 0, "_fail": 1, "_from_extended_json": 2,
+    "EncoderError": 0, "_fail": 1, "_from_extended_json": 2, "_check_operators": 4,
 }
 # Codes that never reach a client: a checkpoint's file gone makes the run start again from its first row.
 NEVER_ANSWERED = {"checkpoint_gone"}
