@@ -142,6 +142,7 @@ def create_app(settings: Settings, source: BatchSource | None = None) -> web.App
     app.router.add_static("/static", STATIC_DIR, show_index=False, follow_symlinks=False, append_version=False)
     app.on_response_prepare.append(_revalidate_static)
     app.on_response_prepare.append(api.add_request_id)
+    app.on_response_prepare.append(api.add_security_headers)
     app.cleanup_ctx.extend([_export_dir_ctx, _database_ctx, _manager_ctx])
     app.on_shutdown.append(_stop_jobs_and_sockets)
     return app

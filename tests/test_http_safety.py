@@ -16,7 +16,7 @@ from aiohttp import FormData, web
 from service import api as api_module
 from service.app import create_app
 
-from conftest import make_settings
+from conftest import make_settings, wait_status
 
 BODY = '{"collection": "tasks", "format": "csv"}'
 
@@ -183,3 +183,15 @@ async def test_an_unexpected_exception_answers_500_json_with_the_logged_request_
     odd = await api.get("/api/exports", headers={"X-Request-Id": "no spaces\tor tabs"})
     assert odd.status == 200 and odd.headers["X-Request-Id"] not in ("", "no spaces\tor tabs")
     assert (await api.get("/nope")).headers["X-Request-Id"]
+
+
+async def test_every_answer_forbids_framing_sniffing_and_foreign_content(api: Any) -> None:
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 3})).json()
+    done = await wait_status(api, job["id"])
+    for path in ("/", "/static/app.js", "/api/exports", "/api/nowhere", done["download_url"], "/healthz"):
+        resp = await api.get(path)
+        assert resp.headers.get("X-Frame-Options") == "DENY", path
+        assert resp.headers.get("X-Content-Type-Options") == "nosniff", path
+        assert resp.headers.get("Referrer-Policy") == "no-referrer", path
+        policy = dict(part.strip().split(" ", 1) for part in resp.headers["Content-Security-Policy"].split(";"))
+        assert (policy["default-src"], policy["frame-ancestors"]) == ("'self'", "'none'"), (path, policy)
