@@ -319,6 +319,31 @@ async def test_page_recovers_when_the_socket_is_killed_mid_export(
     errors.check()
 
 
+async def test_a_link_with_another_token_does_not_replace_the_saved_one(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: Any, browser: Any
+) -> None:
+    """A link to /#token=... made by another user must not swap the saved token silently: exports started after
+    it would be theirs, for them to list and download."""
+    tokens = {TOKEN: "alice", "tok-mallory": "mallory"}
+    settings = make_settings(mongo_url, tmp_path, "pymongo", collections=(COLLECTION,), api_tokens=tokens)
+    client = await aiohttp_client(create_app(settings))
+    url = str(client.make_url("/"))
+    page, errors = await open_page(browser, f"{url}#token={TOKEN}")  # alice's, saved in this browser
+    await page.goto("about:blank")
+    await page.goto(f"{url}#token=tok-mallory")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
+    await expect(page.get_by_role("alert").filter(has_text="another API token")).to_be_visible()
+    assert "token" not in page.url
+    assert await page.evaluate("localStorage.getItem('export-service.token')") == TOKEN
+    await expect(page.get_by_label("API token", exact=True)).to_have_value("tok-mallory")  # there to save, if trusted
+    await page.get_by_label("Limit", exact=True).fill("10")
+    job_id = await start_export(page, "csv")
+    for token, status in ((TOKEN, 200), ("tok-mallory", 404)):
+        resp = await client.get(f"/api/exports/{job_id}", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == status, (token, await resp.text())
+    errors.check()
+
+
 async def test_download_of_a_job_retention_expired_shows_it_expired(
     aiohttp_client: Any, browser_settings: Settings, browser: Any
 ) -> None:

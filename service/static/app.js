@@ -115,15 +115,24 @@ function initToken() {
   const parts = url.hash.slice(1).split("&").filter(Boolean);
   const tokenPart = parts.find((part) => part.startsWith("token="));
   const fromUrl = tokenPart ? decodeURIComponent(tokenPart.slice("token=".length)) : "";
+  try { state.token = localStorage.getItem(TOKEN_KEY) || ""; } catch { state.token = ""; }
+  $("#token-input").value = state.token;
   if (fromUrl) {
-    state.token = fromUrl;
-    storeToken(fromUrl);
     const rest = parts.filter((part) => part !== tokenPart).join("&"); // out of the history and of bookmarks
     history.replaceState(null, "", url.pathname + url.search + (rest ? `#${rest}` : ""));
-  } else {
-    try { state.token = localStorage.getItem(TOKEN_KEY) || ""; } catch { state.token = ""; }
   }
-  $("#token-input").value = state.token;
+  if (fromUrl && state.token && fromUrl !== state.token) {
+    // A link must not swap the token silently: exports started after it would be the link maker's, for them to
+    // list and download. The link's token waits in the box until the user saves it.
+    $("#token-input").value = fromUrl;
+    $("#token-box").open = true;
+    showBanner("This link carries another API token than the one saved in this browser. It is not used: "
+      + "save it under API token only if you trust it.");
+  } else if (fromUrl) {
+    state.token = fromUrl;
+    storeToken(fromUrl);
+    $("#token-input").value = fromUrl;
+  }
   $("#token-box").dataset.hasToken = String(Boolean(state.token));
 }
 
