@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 from dataclasses import replace
 import re
 import secrets
 from typing import Any, Awaitable, Callable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import orjson
 from aiohttp import hdrs, web
@@ -17,7 +19,7 @@ from .db import DatabaseError, DatabaseUnavailable
 from .jobs import JobStatus
 from .manager import JobConflict, JobNotFound, TooManyJobs
 from .query import MAX_BODY_BYTES, ExportSpec, ValidationError, parse_body, plain_int, validate_request
-from .settings import DB_KEY, HEALTH_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, bearer_token
+from .settings import DB_KEY, HEALTH_KEY, MANAGER_KEY, METRICS_KEY, SETTINGS_KEY, Settings, bearer_token
 from .signing import SignatureError
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ routes = web.RouteTableDef()
 USER_KEY = web.RequestKey("user", str)
 DOWNLOAD_PATH = "/api/exports/{id}/download"
 METRICS_COUNT_SECONDS = 1.0
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # asked by orchestrators under any name
 SERVED_RANGE = re.compile(r"bytes=(\d+)-(\d*)|bytes=-(\d+)", re.ASCII | re.IGNORECASE)  # as aiohttp reads one
 BODY_SECONDS = 30.0  # for a request's body to arrive: aiohttp itself waits without limit
 CONTENT_TYPES = {
@@ -130,10 +133,32 @@ async def _domain_errors(request: web.Request, handler: Handler) -> web.StreamRe
         raise
 
 
+def host_name(header: str) -> str | None:
+    """The host a Host header names, without its port, lower-cased; None when there is none."""
+    try:
+        return urlsplit(f"//{header}").hostname or None
+    except ValueError:
+        return header.lower() or None
+
+
+def host_allowed(name: str, settings: Settings) -> bool:
+    """Whether an open service answers to this name. A page on another site can reach a service on this machine
+    under its own name, once its DNS points that name here (rebinding), and the browser then treats the service as
+    that site's own: only names an attacker cannot point here are taken."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name)
+        return True
+    return name == "localhost" or name.endswith(".localhost") or name == settings.host.lower() or name in settings.allowed_hosts
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
     if settings.open_mode:
+        name = host_name(request.headers.get(hdrs.HOST, ""))
+        if request.path not in PROBE_PATHS and name is not None and not host_allowed(name, settings):
+            return error_response(421, "host_not_allowed", f"this service does not answer to the host name {name!r}: an "
+                                  "open service answers to localhost, IP addresses and EXPORT_ALLOWED_HOSTS", "Host")
         request[USER_KEY] = "anonymous"
         return await handler(request)
     if not request.path.startswith("/api/") and request.path != "/metrics":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -117,6 +118,14 @@ def _tokens(value: Any) -> dict[str, str]:
     return dict(pairs)
 
 
+def _host_name(item: str) -> str:
+    """A host name as a Host header names it, without the port, lower-cased."""
+    name = item.lower()
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", name):
+        raise Invalid(f"must be host names such as exports.example.com (no scheme, port or path), got {item!r}")
+    return name
+
+
 def _origin(item: str) -> str:
     """An origin as browsers send it (scheme://host[:port], no path), lower-cased, or "*"."""
     if item == "*":
@@ -176,6 +185,11 @@ NUMBER = Kind("number", _number_text, _number)
 PATH = Kind("path", Path, _path)
 TOKENS = Kind("`token:user` list", _tokens_text, _tokens)
 NAMES = Kind("name list", lambda raw: tuple(_items(raw)), lambda value: tuple(_strings(value, "names")))
+HOSTS = Kind(
+    "host name list",
+    lambda raw: tuple(_host_name(item) for item in _items(raw)),
+    lambda value: tuple(_host_name(item) for item in _strings(value, "host names")),
+)
 ORIGINS = Kind(
     "origin list",
     lambda raw: tuple(_origin(item) for item in _items(raw)),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .setting_types import (
-    COLLECTION_NAME, DB_NAME, INTEGER, MONGO_URL, NAMES, NUMBER, ORIGINS, PATH, REDIS_URL, TEXT, TOKENS, Invalid, Kind,
+    COLLECTION_NAME, DB_NAME, HOSTS, INTEGER, MONGO_URL, NAMES, NUMBER, ORIGINS, PATH, REDIS_URL, TEXT, TOKENS, Invalid, Kind,
 )
 
 if TYPE_CHECKING:  # the keys name these types; importing them here would be circular
@@ -147,6 +147,13 @@ SETTINGS: tuple[Setting, ...] = (
         "refused; clients that send no `Origin` (not browsers) are not affected",
         shown_default="*(empty: the page's own origin only)*",
     ),
+    Setting("allowed_hosts", "EXPORT_ALLOWED_HOSTS", HOSTS, (),
+        "comma-separated host names (`exports.intranet`) the service answers to in open mode besides `localhost`, IP "
+        "addresses and `EXPORT_HOST`; a request whose `Host` names another answers `421`, so a site that points its "
+        "own name at this address (DNS rebinding) cannot use an open service. Not checked with `EXPORT_API_TOKENS`, "
+        "nor on `/healthz`, `/readyz` and `/metrics`",
+        shown_default="*(empty)*",
+    ),
 )
 SETTING_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -181,6 +188,7 @@ class Settings:
     download_url_seconds: int
     checkpoint_batches: int
     allowed_origins: tuple[str, ...]  # "*" for any
+    allowed_hosts: tuple[str, ...]
 
     @property
     def open_mode(self) -> bool:

@@ -60,7 +60,7 @@ async def test_a_multipart_form_post_answers_415(api: Any) -> None:
 async def raw_post(api: Any, headers: bytes, body: bytes) -> tuple[bytes, dict[str, Any]]:
     """A POST written on a socket as given (a test client would not send it so): the status line and the error."""
     reader, writer = await asyncio.open_connection(api.host, api.port)
-    writer.write(b"POST /api/exports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + headers + b"\r\n" + body)
+    writer.write(b"POST /api/exports HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + headers + b"\r\n" + body)
     await writer.drain()
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -195,3 +195,23 @@ async def test_every_answer_forbids_framing_sniffing_and_foreign_content(api: An
         assert resp.headers.get("Referrer-Policy") == "no-referrer", path
         policy = dict(part.strip().split(" ", 1) for part in resp.headers["Content-Security-Policy"].split(";"))
         assert (policy["default-src"], policy["frame-ancestors"]) == ("'self'", "'none'"), (path, policy)
+
+
+async def test_an_open_service_answers_only_to_names_no_other_site_can_point_at_it(aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any) -> None:
+    """DNS rebinding: a site that points its own name at this address would be the page's own origin to the browser."""
+    api = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path, allowed_hosts=("exports.intranet",))))
+    rebound = {"Host": "rebind.attacker.example:8080", "Origin": "http://rebind.attacker.example:8080"}
+    for method, path in (("GET", "/"), ("GET", "/api/exports"), ("POST", "/api/exports"), ("GET", "/socket.io/?EIO=4&transport=polling")):
+        resp = await api.request(method, path, headers=rebound, json={"collection": "tasks", "format": "csv"} if method == "POST" else None)
+        assert resp.status == 421, (method, path, resp.status)
+        error = (await resp.json())["error"]
+        assert (error["code"], error["field"]) == ("host_not_allowed", "Host"), error
+    assert await listed(api) == []  # the POST created nothing
+    for path in ("/healthz", "/readyz", "/metrics"):  # probes come under any name
+        assert (await api.get(path, headers=rebound)).status == 200, path
+    for host in ("localhost:8080", "app.localhost", "[::1]:8080", "10.0.0.7", "Exports.Intranet:443"):
+        assert (await api.get("/api/exports", headers={"Host": host})).status == 200, host
+
+    guarded = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path / "guarded", api_tokens={"tok": "alice"})))
+    resp = await guarded.get("/api/exports", headers={"Host": "rebind.attacker.example", "Authorization": "Bearer tok"})
+    assert resp.status == 200  # a token is what guards it; no page on another site has it

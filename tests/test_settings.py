@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from service import setting_types
-from service.setting_types import COLLECTION_NAME, DB_NAME, INTEGER, MONGO_URL, NAMES, NUMBER, ORIGINS, PATH, REDIS_URL, TEXT, TOKENS
+from service.setting_types import COLLECTION_NAME, DB_NAME, HOSTS, INTEGER, MONGO_URL, NAMES, NUMBER, ORIGINS, PATH, REDIS_URL, TEXT, TOKENS
 from service.settings import SETTINGS, Settings, SettingsError, settings_from_env, settings_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,8 @@ def test_every_dataclass_field_has_one_table_entry_of_the_same_type() -> None:
     assert len({s.env for s in SETTINGS}) == len(SETTINGS) and all(s.env.startswith("EXPORT_") for s in SETTINGS)
     python_type = {id(TEXT): str, id(MONGO_URL): str, id(DB_NAME): str, id(COLLECTION_NAME): str, id(REDIS_URL): str,
                    id(INTEGER): int, id(NUMBER): float, id(PATH): Path,
-                   id(TOKENS): Mapping[str, str], id(NAMES): tuple[str, ...], id(ORIGINS): tuple[str, ...]}
+                   id(TOKENS): Mapping[str, str], id(NAMES): tuple[str, ...], id(ORIGINS): tuple[str, ...],
+                   id(HOSTS): tuple[str, ...]}
     hints = typing.get_type_hints(Settings)
     for setting in SETTINGS:
         expected = python_type[id(setting.kind)]
@@ -55,7 +56,7 @@ def test_environment_text_is_parsed_per_type() -> None:
         "EXPORT_DIR": "/srv/exports", "EXPORT_BATCH_SIZE": " 250 ", "EXPORT_TTL_HOURS": "0.5",
         "EXPORT_API_TOKENS": " t1:alice , t2:bob:ops ,", "EXPORT_COLLECTIONS": "tasks, people ,,",
         "EXPORT_ALLOWED_ORIGINS": "https://App.Example:8443, *", "EXPORT_XLSX_MAX_ROWS": "1048575",
-        "EXPORT_CHECKPOINT_BATCHES": "0",
+        "EXPORT_CHECKPOINT_BATCHES": "0", "EXPORT_ALLOWED_HOSTS": "Exports.Intranet, app-1.example.com",
     })
     assert settings.mongo_url == "mongodb://db:27017" and settings.driver == "motor" and settings.port == 0
     assert settings.export_dir == Path("/srv/exports") and isinstance(settings.export_dir, Path)
@@ -63,6 +64,7 @@ def test_environment_text_is_parsed_per_type() -> None:
     assert settings.api_tokens == {"t1": "alice", "t2": "bob:ops"} and not settings.open_mode
     assert settings.collections == ("tasks", "people")
     assert settings.allowed_origins == ("https://app.example:8443", "*")
+    assert settings.allowed_hosts == ("exports.intranet", "app-1.example.com")
     assert settings.xlsx_max_rows_per_sheet == 1_048_575
 
 
@@ -100,6 +102,8 @@ def test_one_user_may_have_several_tokens() -> None:
     ({"EXPORT_API_TOKENS": "t1:alice, ,t2:bob,t3:carol,secret-token:dave,t5:erin,t6:frank,t7:gina,t8:hal,t9:ida,"
                            "t10:jo,secret-token:ken"},
      "EXPORT_API_TOKENS repeats a token: the 11th entry has the token of the 4th"),
+    ({"EXPORT_ALLOWED_HOSTS": "exports.intranet:8080"},
+     "EXPORT_ALLOWED_HOSTS must be host names such as exports.example.com (no scheme, port or path), got 'exports.intranet:8080'"),
     ({"EXPORT_ALLOWED_ORIGINS": "https://app.example/\npath"},
      "EXPORT_ALLOWED_ORIGINS must list origins like https://app.example.com:8443, got 'https://app.example/\\npath'"),
 ])
