@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Sequence
 from urllib.parse import parse_qs, urlsplit
 
+from bson.errors import InvalidDocument
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.raw_bson import RawBSONDocument
 from bson.tz_util import utc
@@ -72,7 +73,7 @@ async def driver_errors() -> AsyncIterator[None]:
     """Re-raise driver exceptions as this module's domain errors."""
     try:
         yield
-    except pymongo_errors.PyMongoError as exc:
+    except (pymongo_errors.PyMongoError, InvalidDocument) as exc:  # the latter: a document past 16 MB, say
         raise translate(exc) from exc
 
 

@@ -110,7 +110,8 @@ class ExportPipeline:
             # The first batch is the sample; later documents are checked against it.
             columns = discover_columns(first_docs)
             for doc in first_docs:
-                self.dotted.update(dict.fromkeys(dotted_keys(doc)))
+                for key in dotted_keys(doc):
+                    _note(self.dotted, key)
             self.discovered = set(columns)
             self.leaf_keys = frozenset(c for c in columns if "." not in c)
         self.writer = make_writer(self.stream, self.spec, columns, self.info, self.scratch)
@@ -164,13 +165,13 @@ class ExportPipeline:
                 if key in leaf_keys:  # the whole value is in that column, however deep it goes
                     continue
                 if "." in key:
-                    self.dotted.setdefault(key, None)
+                    _note(self.dotted, key)
                 elif type(value) is dict and value:
                     for path in paths_of(value, key + "."):
                         if not _covered(path, known):
-                            missed.setdefault(path, None)
+                            _note(missed, path)
                 elif key not in known:
-                    missed.setdefault(key, None)
+                    _note(missed, key)
 
     def finish(self) -> PipelineResult:
         if self.writer is None:
@@ -188,14 +189,13 @@ class ExportPipeline:
         if self.dotted:
             warnings.append(
                 "keys with a dot in their name are in no column, since a path cannot name them: "
-                + ", ".join(list(self.dotted)[:MAX_WARNED_PATHS])
+                + _listed(self.dotted)
                 + " (rename them in a pipeline, with $getField)"
             )
         if self.missed:
-            paths = list(self.missed)[:MAX_WARNED_PATHS]
             warnings.append(
                 "columns were chosen from the first documents; later documents also have "
-                + ", ".join(paths)
+                + _listed(self.missed)
                 + " (pass fields to export them)"
             )
         return PipelineResult(self.rows, self.part_path.stat().st_size, self.writer.columns, warnings)
@@ -268,3 +268,14 @@ def _covered(path: str, known: set[str]) -> bool:
             return False
         path = path[:cut]
     return True
+
+
+def _note(found: dict[str, None], path: str) -> None:
+    """Up to MAX_WARNED_PATHS: a warning names no more, and a checkpoint carries them all (keys that differ in
+    every document grew it past MongoDB's 16 MB document limit)."""
+    if len(found) < MAX_WARNED_PATHS:
+        found.setdefault(path, None)
+
+
+def _listed(found: dict[str, None]) -> str:
+    return ", ".join(found) + (f" and perhaps more (the first {MAX_WARNED_PATHS} are named)" if len(found) >= MAX_WARNED_PATHS else "")

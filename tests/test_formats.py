@@ -31,7 +31,7 @@ from openpyxl.utils.escape import unescape
 
 from service.api import content_disposition
 from scripts.generate_data import make_documents
-from service.pipeline import ExportPipeline, PipelineResult, non_finite_suspects
+from service.pipeline import MAX_WARNED_PATHS, ExportPipeline, PipelineResult, non_finite_suspects
 from service.query import CsvOptions, ExportSpec, JsonOptions, safe_filename
 
 from expected import FORMULA_START, INF, NAN, OID, UUID, UUID_B64
@@ -647,6 +647,21 @@ def test_keys_with_a_dot_in_their_name_are_warned_of(tmp_path: Path) -> None:
     assert [row[1:3] for row in csv_rows(data)[1:]] == [["", ""], ["", ""]]  # what the warning is about
     assert result.warnings == ["keys with a dot in their name are in no column, since a path cannot name them: "
                                "a.b, c.d.e, x.y (rename them in a pipeline, with $getField)"]
+
+
+def test_keys_that_differ_in_every_document_keep_the_checkpoint_and_the_warning_small(tmp_path: Path) -> None:
+    """Dotted keys, or fields the first documents missed, new in every document: a checkpoint carried them all, and
+    grew past MongoDB's 16 MB document limit in a long export."""
+    pipeline = ExportPipeline(ExportSpec(collection="golden", format="csv"), tmp_path / "out.part", {"collection": "golden"})
+    for start in range(0, 3000, 1000):
+        pipeline.feed(raw([{"_id": i, "a": i, f"k.{i}": i, **({f"new{i}": i} if start else {})} for i in range(start, start + 1000)]))
+        point = pipeline.checkpoint()
+        assert len(point["dotted"]) == MAX_WARNED_PATHS and len(point["missed"]) <= MAX_WARNED_PATHS, point
+    assert point["missed"] == [f"new{i}" for i in range(1000, 1000 + MAX_WARNED_PATHS)]
+    dotted, missed = pipeline.finish().warnings
+    assert dotted.startswith("keys with a dot in their name are in no column, since a path cannot name them: k.0, k.1, "), dotted
+    assert dotted.endswith(f"k.19 and perhaps more (the first {MAX_WARNED_PATHS} are named) (rename them in a pipeline, with $getField)")
+    assert missed.endswith(f"new1019 and perhaps more (the first {MAX_WARNED_PATHS} are named) (pass fields to export them)")
 
 
 def test_no_discovery_warning_with_fields_or_for_documents(tmp_path: Path) -> None:

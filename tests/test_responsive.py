@@ -12,11 +12,11 @@ import bson
 import pytest
 from pymongo import monitoring
 from bson.raw_bson import RawBSONDocument
-from pymongo.errors import ExecutionTimeout, OperationFailure
+from pymongo.errors import DocumentTooLarge, ExecutionTimeout, OperationFailure
 
 from scripts.generate_data import make_documents
 from service.app import create_app
-from service.db import Database, FindSpec, QueryTimeout, make_client, translate
+from service.db import Database, DatabaseError, FindSpec, QueryTimeout, driver_errors, make_client, translate
 from service.settings import MANAGER_KEY, SETTINGS_KEY
 
 from conftest import DATA_DB, END_STATES, export_files, make_settings, new_jobs_collection, subscribe, until, wait_status
@@ -162,6 +162,13 @@ def test_a_server_error_is_told_without_the_raw_reply() -> None:
     error = translate(OperationFailure("unknown operator: $bogus", 2, reply))
     assert "full error" in str(OperationFailure("unknown operator: $bogus", 2, reply))  # what PyMongo appends
     assert str(error) == "database error: unknown operator: $bogus", str(error)
+
+
+async def test_a_document_the_driver_cannot_send_is_a_database_error() -> None:
+    with pytest.raises(DatabaseError) as caught:  # not an unexpected exception, which a job ends as internal_error
+        async with driver_errors():
+            raise DocumentTooLarge("BSON document too large (16793600 bytes)")
+    assert str(caught.value) == "database error: BSON document too large (16793600 bytes)"
 
 
 async def test_liveness_answers_at_once_while_the_database_answers_nothing(aiohttp_client: Any, proxy: WireProxy, tmp_path: Path, driver: str, tasks: Any) -> None:
