@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import bson
 import orjson
-from bson import json_util
+from bson import Regex, json_util
 from bson.errors import BSONError
 from bson.json_util import JSONOptions, JSONMode
 
@@ -230,8 +230,26 @@ def ejson_loads(text: str | bytes) -> Any:
     """Extended JSON as json_util reads it, except for what it would lose: {"$regex": "^T", "$ne": "Tea"} stays the
     $regex query operator beside another (json_util reads a regular expression value and drops the rest; the
     embedded server cannot match a regular expression value at all), and other keys beside a legacy wrapper, or
-    base64 that is not, are refused (json_util drops them, and reads bad base64 as empty bytes)."""
-    return json.loads(text, object_hook=_ejson_object)
+    base64 that is not, are refused (json_util drops them, and reads bad base64 as empty bytes). In a list
+    ({"$in": [{"$regex": "^T"}]}) it is a regular expression value, as $in, $nin and $all need one."""
+    return _regex_values_in_lists(json.loads(text, object_hook=_ejson_object))
+
+
+def _regex_values_in_lists(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_regex_value(item) if isinstance(item, dict) and _regex_only(item) else _regex_values_in_lists(item) for item in value]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = _regex_values_in_lists(item)
+    return value
+
+
+def _regex_only(doc: dict[str, Any]) -> bool:
+    return isinstance(doc.get("$regex"), str) and doc.keys() <= {"$regex", "$options"}
+
+
+def _regex_value(doc: dict[str, Any]) -> Regex:
+    return Regex(doc["$regex"], doc.get("$options", ""))
 
 
 def _ejson_object(doc: dict[str, Any]) -> Any:

@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from bson import Regex
 from mongomock_motor import AsyncMongoMockClient
 
 from service.db import SERVER_SELECTION_TIMEOUT_MS, SOCKET_TIMEOUT_MS, Database, make_client
@@ -151,3 +152,20 @@ async def test_timeouts_in_the_connection_string_win_over_the_defaults(driver: s
     finally:
         for client in (given, default, long_queries):
             await Database(client, "unit").close()
+
+
+def test_a_regex_is_an_operator_beside_others_and_a_value_in_a_list() -> None:
+    """{"$regex": ...} beside other operators keeps them (json_util dropped them); in the list of $in, $nin or $all
+    a regular expression value is what the server needs, and what is sent; stored and read back the same."""
+    spec = validate_request({"collection": "tasks", "format": "csv", "filter": {
+        "title": {"$regex": "^T", "$options": "i", "$ne": "Tea"},
+        "tag": {"$in": [{"$regex": "^a"}, "b"], "$nin": [{"$regex": "z$", "$options": "m"}]},
+        "$or": [{"owner": {"$regex": "x"}}],
+    }})
+    assert spec.filter == {
+        "title": {"$regex": "^T", "$options": "i", "$ne": "Tea"},
+        "tag": {"$in": [Regex("^a"), "b"], "$nin": [Regex("z$", "m")]},
+        "$or": [{"owner": {"$regex": "x"}}],
+    }
+    pipeline = validate_request({"collection": "tasks", "format": "csv", "pipeline": [{"$match": {"t": {"$all": [{"$regex": "q"}]}}}]})
+    assert pipeline.pipeline == [{"$match": {"t": {"$all": [Regex("q")]}}}]
