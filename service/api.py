@@ -134,11 +134,13 @@ async def _domain_errors(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def host_name(header: str) -> str | None:
-    """The host a Host header names, without its port, lower-cased; None when there is none."""
+    """The host a Host header names, without its port and a final dot (localhost. is localhost), lower-cased;
+    None when there is none."""
     try:
-        return urlsplit(f"//{header}").hostname or None
+        name = urlsplit(f"//{header}").hostname
     except ValueError:
-        return header.lower() or None
+        name = header.lower()
+    return name.removesuffix(".") or None if name else None
 
 
 def host_allowed(name: str, settings: Settings) -> bool:

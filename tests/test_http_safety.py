@@ -209,7 +209,7 @@ async def test_an_open_service_answers_only_to_names_no_other_site_can_point_at_
     assert await listed(api) == []  # the POST created nothing
     for path in ("/healthz", "/readyz", "/metrics"):  # probes come under any name
         assert (await api.get(path, headers=rebound)).status == 200, path
-    for host in ("localhost:8080", "app.localhost", "[::1]:8080", "10.0.0.7", "Exports.Intranet:443"):
+    for host in ("localhost:8080", "localhost.", "app.localhost", "[::1]:8080", "10.0.0.7", "Exports.Intranet.:443"):
         assert (await api.get("/api/exports", headers={"Host": host})).status == 200, host
 
     guarded = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path / "guarded", api_tokens={"tok": "alice"})))
