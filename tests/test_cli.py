@@ -74,8 +74,10 @@ def mexport(service: ServiceProcess, *args: str, cwd: Path, token: str | None = 
     return subprocess.run([*CLI, *args], cwd=cwd, env=cli_env(service, token), capture_output=True, text=True, timeout=180)
 
 
-def api(service: ServiceProcess, method: str, path: str, token: str = TOKEN) -> tuple[int, Any]:
-    request = urllib.request.Request(service.url + path, method=method, headers={"Authorization": f"Bearer {token}"})
+def api(service: ServiceProcess, method: str, path: str, token: str = TOKEN, body: Any = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}", **({"Content-Type": "application/json"} if body is not None else {})}
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(service.url + path, method=method, headers=headers, data=data)
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -219,12 +221,7 @@ def test_list_status_download_and_delete(service: ServiceProcess, tmp_path: Path
 
 
 def test_cancel_a_running_export(service: ServiceProcess, big_tasks: Any, tmp_path: Path) -> None:
-    request = urllib.request.Request(
-        service.url + "/api/exports", method="POST", data=json.dumps({"collection": "tasks_big", "format": "csv"}).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        job_id = json.loads(resp.read())["id"]
+    job_id = api(service, "POST", "/api/exports", body={"collection": "tasks_big", "format": "csv"})[1]["id"]
     done = mexport(service, "cancel", job_id, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"export {job_id} cancelled"
@@ -233,12 +230,7 @@ def test_cancel_a_running_export(service: ServiceProcess, big_tasks: Any, tmp_pa
 
 def test_delete_cancels_a_running_export_and_keeps_it_then_deletes_it(service: ServiceProcess, big_tasks: Any, tmp_path: Path) -> None:
     # What `mexport --help` and the README say delete does to an export that has not ended.
-    request = urllib.request.Request(
-        service.url + "/api/exports", method="POST", data=json.dumps({"collection": "tasks_big", "format": "csv"}).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        job_id = json.loads(resp.read())["id"]
+    job_id = api(service, "POST", "/api/exports", body={"collection": "tasks_big", "format": "csv"})[1]["id"]
     first = mexport(service, "delete", job_id, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == f"export {job_id} cancelled"
