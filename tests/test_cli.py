@@ -303,8 +303,13 @@ def test_plain_lines_come_at_most_once_a_second(service: ServiceProcess, big_tas
 
 
 def test_polling_instead_of_socketio(service: ServiceProcess, tasks: list[dict[str, Any]], tmp_path: Path) -> None:
-    done = mexport(service, "create", "-c", "tasks", "--type", "ndjson", "--poll", "-q", '{"priority": "urgent"}', "-f", "seq", "-o", "u.ndjson", cwd=tmp_path)
+    with ApiOnlyProxy(service.url) as proxy:
+        done = subprocess.run([*CLI, "create", "-c", "tasks", "--type", "ndjson", "--poll", "-q", '{"priority": "urgent"}', "-f", "seq",
+                               "-o", "u.ndjson"], cwd=tmp_path, env=cli_env(service, url=proxy.url), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
+    # Asked to poll, it never tried Socket.IO (nor said it was unavailable), and asked for the job's state instead.
+    assert not [path for path in proxy.paths if not path.startswith("/api/")] and "unavailable" not in done.stderr, proxy.paths
+    assert any(re.fullmatch(r"/api/exports/[0-9a-f]{24}", path) for path in proxy.paths), proxy.paths
     got = [json.loads(line) for line in (tmp_path / "u.ndjson").read_text().splitlines()]
     assert sorted(d["seq"] for d in got) == sorted(d["seq"] for d in tasks if d.get("priority") == "urgent")
 
