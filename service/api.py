@@ -284,7 +284,10 @@ class ExportFile(web.FileResponse):
     async def prepare(self, request: web.BaseRequest) -> Any:
         asked = request.headers.get(hdrs.RANGE)
         if asked is not None and not self.served(asked):
-            request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})
+            # From the raw bytes: clone() encodes the headers as UTF-8 again, which a header holding another
+            # encoding's bytes (a Latin-1 cookie) would fail, leaving the download without an answer.
+            kept = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers if k.lower() != b"range"]
+            request = request.clone(headers=kept)
         return await super().prepare(request)
 
     @staticmethod

@@ -85,8 +85,9 @@ class ExportPipeline:
         if columns is not None and not self.spec.fields:
             self.discovered = set(columns)
             self.leaf_keys = frozenset(c for c in columns if "." not in c)
-        self.missed = dict.fromkeys(resume.missed)
-        self.dotted = dict.fromkeys(resume.dotted)
+        # Capped as they are noted: a checkpoint written before there was a cap may carry thousands.
+        self.missed = dict.fromkeys(resume.missed[:MAX_WARNED_PATHS])
+        self.dotted = dict.fromkeys(resume.dotted[:MAX_WARNED_PATHS])
         self.writer = make_writer(self.stream, self.spec, columns, self.info, self.scratch)
         self.writer.resume(resume.rows)
 

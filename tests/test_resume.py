@@ -184,3 +184,21 @@ def test_a_resumed_csv_keeps_the_warnings_about_fields_found_before_its_checkpoi
         resumed.feed(raw)
     assert resumed.finish().warnings == expected
     assert (tmp_path / "resumed.part").read_bytes() == (tmp_path / "whole.part").read_bytes()
+
+
+def test_a_checkpoint_from_before_the_cap_is_capped_when_resumed(tmp_path: Path) -> None:
+    """A checkpoint written before warned paths were capped may carry thousands: the resumed run keeps as many as
+    it would have noted itself, and its later checkpoints stay small."""
+    spec = validate_request({"collection": "t", "format": "csv"})
+    dead = ExportPipeline(spec, tmp_path / "dead.part", INFO)
+    dead.feed(b"".join(bson.encode({"_id": i, "a": i}) for i in range(BATCH)))
+    point = dead.checkpoint()
+    dead.abandon()
+    old = tuple(f"f{i}" for i in range(5000))
+    resumed = ExportPipeline(spec, tmp_path / "resumed.part", INFO, ResumePoint(
+        tmp_path / "dead.part", point["bytes"], point["rows"], point["columns"], old, tuple(f"k.{i}" for i in range(5000))))
+    resumed.feed(b"".join(bson.encode({"_id": i, "a": i}) for i in range(BATCH, 2 * BATCH)))
+    later = resumed.checkpoint()
+    assert (later["missed"], later["dotted"]) == ([f"f{i}" for i in range(20)], [f"k.{i}" for i in range(20)])
+    missed = [w for w in resumed.finish().warnings if "later documents" in w]
+    assert missed and missed[0].count(", ") == 19, missed
