@@ -26,6 +26,7 @@ LIST_OPERATORS = frozenset({"$and", "$or", "$nor", "$in", "$nin", "$all"})
 # Legacy Extended JSON wrappers that json_util reads even with other keys beside them, which it then drops; their
 # own companion keys.
 LEGACY_WRAPPERS = {"$undefined": frozenset(), "$binary": frozenset({"$type"})}
+REGEX_OPTIONS = "imsux"  # what MongoDB's $regex takes; json_util ignored other letters, the server refuses them
 MAX_BODY_BYTES = 256 * 1024
 MAX_DEPTH = 32
 MAX_FIELDS = 1000
@@ -227,35 +228,39 @@ def _from_extended_json(value: Any, field: str, code: str) -> Any:
 
 
 def ejson_loads(text: str | bytes) -> Any:
-    """Extended JSON as json_util reads it, except for what it would lose: {"$regex": "^T", "$ne": "Tea"} stays the
-    $regex query operator beside another (json_util reads a regular expression value and drops the rest; the
-    embedded server cannot match a regular expression value at all), and other keys beside a legacy wrapper, or
-    base64 that is not, are refused (json_util drops them, and reads bad base64 as empty bytes). In a list
-    ({"$in": [{"$regex": "^T"}]}) it is a regular expression value, as $in, $nin and $all need one."""
-    return _regex_values_in_lists(json.loads(text, object_hook=_ejson_object))
+    """Extended JSON as json_util reads it, except for what it would lose. Where a query names a field,
+    {"$regex": "^T", "$ne": "Tea"} stays the $regex operator beside others: json_util reads a regular expression
+    value and drops the rest (and the embedded server cannot match such a value at all). Elsewhere (the list of $in,
+    $nin or $all, $regexMatch's regex, an expression) {"$regex": ...} alone is a regular expression value, as
+    json_util reads it. Other keys beside a legacy wrapper, and base64 that is not, are refused: json_util drops
+    them, and reads bad base64 as empty bytes. A filter is a query from its root; a pipeline in its $match stages."""
+    parsed = json.loads(text, object_hook=_ejson_object)
+    return _regex_values(parsed, isinstance(parsed, dict))
 
 
-def _regex_values_in_lists(value: Any) -> Any:
+def _regex_values(value: Any, query: bool, key: str | None = None) -> Any:
+    """value with each {"$regex": ...} that is not a query's operator made a regular expression value."""
     if isinstance(value, list):
-        return [_regex_value(item) if isinstance(item, dict) and _regex_only(item) else _regex_values_in_lists(item) for item in value]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            value[key] = _regex_values_in_lists(item)
+        return [_regex_values(item, query) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if isinstance(value.get("$regex"), str) and value.keys() <= {"$regex", "$options"} and not (query and _names_a_field(key)):
+        return Regex(value["$regex"], value.get("$options", ""))
+    for name, item in value.items():
+        value[name] = _regex_values(item, (query or name == "$match") and name != "$expr", name)
     return value
 
 
-def _regex_only(doc: dict[str, Any]) -> bool:
-    return isinstance(doc.get("$regex"), str) and doc.keys() <= {"$regex", "$options"}
-
-
-def _regex_value(doc: dict[str, Any]) -> Regex:
-    return Regex(doc["$regex"], doc.get("$options", ""))
+def _names_a_field(key: str | None) -> bool:
+    """Whether a query's value under key holds operators on a field: {field: {...}}, $not and $elemMatch."""
+    return key is not None and (not key.startswith("$") or key in ("$not", "$elemMatch"))
 
 
 def _ejson_object(doc: dict[str, Any]) -> Any:
     if isinstance(doc.get("$regex"), str):
-        if not isinstance(doc.get("$options", ""), str):
-            raise ValueError(f"$options must be a string, got {doc['$options']!r}")
+        options = doc.get("$options", "")
+        if not isinstance(options, str) or set(options) - set(REGEX_OPTIONS):
+            raise ValueError(f"$options must be some of the letters {REGEX_OPTIONS}, got {options!r}")
         return doc
     for key, companions in LEGACY_WRAPPERS.items():
         extra = doc.keys() - {key} - companions if key in doc else set()

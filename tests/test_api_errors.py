@@ -71,6 +71,7 @@ REJECTIONS: list[tuple[str, Any, str, str]] = [
     ("legacy $binary with an operator", {**VALID, "filter": {"a": {"$binary": "AA==", "$type": "00", "$ne": 1}}}, "invalid_filter", "filter"),
     ("$binary not base64", {**VALID, "filter": {"a": {"$binary": {"base64": "!!", "subType": "00"}}}}, "invalid_filter", "filter"),
     ("$regex with $options not a string", {**VALID, "filter": {"a": {"$regex": "^a", "$options": 1, "$ne": "ab"}}}, "invalid_filter", "filter"),
+    ("$regex with an unknown option", {**VALID, "filter": {"a": {"$regex": "^a", "$options": "iq"}}}, "invalid_filter", "filter"),
 ]
 
 

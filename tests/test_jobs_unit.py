@@ -160,12 +160,20 @@ def test_a_regex_is_an_operator_beside_others_and_a_value_in_a_list() -> None:
     spec = validate_request({"collection": "tasks", "format": "csv", "filter": {
         "title": {"$regex": "^T", "$options": "i", "$ne": "Tea"},
         "tag": {"$in": [{"$regex": "^a"}, "b"], "$nin": [{"$regex": "z$", "$options": "m"}]},
-        "$or": [{"owner": {"$regex": "x"}}],
+        "$or": [{"owner": {"$regex": "x"}}], "code": {"$not": {"$regex": "^0"}}, "tags": {"$elemMatch": {"$regex": "^b"}},
+        "$expr": {"$regexMatch": {"input": "$title", "regex": {"$regex": "e$"}}},
     }})
     assert spec.filter == {
         "title": {"$regex": "^T", "$options": "i", "$ne": "Tea"},
         "tag": {"$in": [Regex("^a"), "b"], "$nin": [Regex("z$", "m")]},
-        "$or": [{"owner": {"$regex": "x"}}],
+        "$or": [{"owner": {"$regex": "x"}}], "code": {"$not": {"$regex": "^0"}}, "tags": {"$elemMatch": {"$regex": "^b"}},
+        "$expr": {"$regexMatch": {"input": "$title", "regex": Regex("e$")}},  # an expression's argument: a value
     }
-    pipeline = validate_request({"collection": "tasks", "format": "csv", "pipeline": [{"$match": {"t": {"$all": [{"$regex": "q"}]}}}]})
-    assert pipeline.pipeline == [{"$match": {"t": {"$all": [Regex("q")]}}}]
+    pipeline = validate_request({"collection": "tasks", "format": "csv", "pipeline": [
+        {"$match": {"t": {"$all": [{"$regex": "q"}]}, "u": {"$regex": "v", "$ne": "vw"}}},
+        {"$addFields": {"m": {"$regexMatch": {"input": "$t", "regex": {"$regex": "^q"}}}}},
+    ]})
+    assert pipeline.pipeline == [
+        {"$match": {"t": {"$all": [Regex("q")]}, "u": {"$regex": "v", "$ne": "vw"}}},
+        {"$addFields": {"m": {"$regexMatch": {"input": "$t", "regex": Regex("^q")}}}},
+    ]
