@@ -202,6 +202,9 @@ async def create_export(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         given = request.headers.get("Content-Type") or "none"
         raise UnsupportedMediaType("Content-Type", f"the body must be sent as application/json, not {given}", "unsupported_media_type")
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):  # another would be read as if it were none
+        raise UnsupportedMediaType("Content-Encoding", f"the body may be sent as gzip or deflate, not {encoding}", "unsupported_media_type")
     body = parse_body(await read_limited(request, MAX_BODY_BYTES + 1))
     spec = replace(validate_request(body, settings.jobs_collection, settings.collections), xlsx_rows_per_sheet=settings.xlsx_max_rows_per_sheet)
     if spec.collection not in await request.app[DB_KEY].collection_names():

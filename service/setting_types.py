@@ -121,7 +121,7 @@ def _tokens(value: Any) -> dict[str, str]:
 def _host_name(item: str) -> str:
     """A host name as a Host header names it, without the port, lower-cased."""
     name = item.lower()
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", name):
+    if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", name):  # "_" as in container names (export_app)
         raise Invalid(f"must be host names such as exports.example.com (no scheme, port or path), got {item!r}")
     return name
 

@@ -76,6 +76,13 @@ async def test_a_body_that_is_not_what_its_encoding_says_answers_400(api: Any) -
     assert await listed(api) == []
 
 
+async def test_a_body_in_an_encoding_not_read_answers_415(api: Any) -> None:
+    for encoding in ("foo", "gzip, gzip"):
+        status, error = await raw_post(api, b"Content-Encoding: " + encoding.encode() + b"\r\nContent-Length: 40\r\n", BODY.encode())
+        assert status == b"HTTP/1.1 415 Unsupported Media Type" and (error["code"], error["field"]) == ("unsupported_media_type", "Content-Encoding")
+    assert await listed(api) == []
+
+
 async def test_a_body_that_never_arrives_answers_408(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api_module, "BODY_SECONDS", 0.5)
     status, error = await raw_post(api, b"Content-Length: 100\r\n", b'{"coll')  # the other 94 bytes never come

@@ -56,7 +56,7 @@ def test_environment_text_is_parsed_per_type() -> None:
         "EXPORT_DIR": "/srv/exports", "EXPORT_BATCH_SIZE": " 250 ", "EXPORT_TTL_HOURS": "0.5",
         "EXPORT_API_TOKENS": " t1:alice , t2:bob:ops ,", "EXPORT_COLLECTIONS": "tasks, people ,,",
         "EXPORT_ALLOWED_ORIGINS": "https://App.Example:8443, *", "EXPORT_XLSX_MAX_ROWS": "1048575",
-        "EXPORT_CHECKPOINT_BATCHES": "0", "EXPORT_ALLOWED_HOSTS": "Exports.Intranet, app-1.example.com",
+        "EXPORT_CHECKPOINT_BATCHES": "0", "EXPORT_ALLOWED_HOSTS": "Exports.Intranet, app-1.example.com, export_app",
     })
     assert settings.mongo_url == "mongodb://db:27017" and settings.driver == "motor" and settings.port == 0
     assert settings.export_dir == Path("/srv/exports") and isinstance(settings.export_dir, Path)
@@ -64,7 +64,7 @@ def test_environment_text_is_parsed_per_type() -> None:
     assert settings.api_tokens == {"t1": "alice", "t2": "bob:ops"} and not settings.open_mode
     assert settings.collections == ("tasks", "people")
     assert settings.allowed_origins == ("https://app.example:8443", "*")
-    assert settings.allowed_hosts == ("exports.intranet", "app-1.example.com")
+    assert settings.allowed_hosts == ("exports.intranet", "app-1.example.com", "export_app")
     assert settings.xlsx_max_rows_per_sheet == 1_048_575
 
 
