@@ -61,6 +61,7 @@ class ApiError extends Error {
   constructor(status, error) {
     super(error?.message || `request failed (${status})`);
     this.status = status;
+    this.code = error?.code || null;
     this.field = error?.field || null;
   }
 }
@@ -609,18 +610,16 @@ async function cancelJob(id) {
   button.disabled = true;
   button.textContent = "Cancelling…";
   try {
-    const result = await api(`/api/exports/${encodeURIComponent(id)}`, { method: "DELETE" });
-    if (result?.deleted) {
-      // The job finished just before the cancel arrived, and DELETE removes a finished export.
-      const name = state.jobs.get(id)?.file_name || "The export";
-      dropJob(id);
-      announce(`${name} had already finished; it was removed.`);
-      showBanner(`${name} had already ${result.status} when it was cancelled, so it was removed.`);
-      $("#jobs-heading").focus();
+    // ?if=active: a job that ended before the cancel arrived (the page may not have heard yet) is left as it is;
+    // a plain DELETE would remove a finished export and its file.
+    merge(await api(`/api/exports/${encodeURIComponent(id)}?if=active`, { method: "DELETE" }), "snapshot");
+  } catch (error) {
+    if (error.code === "not_active") {
+      const job = await api(`/api/exports/${encodeURIComponent(id)}`).catch(() => null);
+      if (job) merge(job, "snapshot");
+      announce(`The export had already ${job?.status || "ended"}; nothing was cancelled.`);
       return;
     }
-    merge(result, "snapshot");
-  } catch (error) {
     button.disabled = false;
     button.textContent = "Cancel";
     showJobError(id, `Cancelling failed: ${error.message}`);
