@@ -193,8 +193,8 @@ async def test_the_embedded_database_ends_with_a_killed_service(tmp_path: Path) 
         service.kill()
     killed = time.monotonic()
     await until(lambda: ended(server), "the embedded database to end after its service was killed", timeout=15)
-    # The README says within a second (the guard looks twice a second); 3 s leaves room for a loaded machine.
-    assert time.monotonic() - killed < 3
+    # The README says within a few seconds (the guard looks twice a second, then the server stops in order).
+    assert time.monotonic() - killed < 5
 
 
 def test_a_server_left_on_the_data_file_is_stopped_before_another_starts(tmp_path: Path) -> None:
