@@ -30,18 +30,22 @@ def scratch_dir(part_path: Path) -> Path:
     return part_path.with_name(part_path.name + ".tmp")
 
 
-def discard_partial(part_path: Path) -> None:
-    """Remove an unfinished export: its partial file and its scratch directory, whichever exist."""
-    remove_file(part_path)
+def discard_partial(part_path: Path) -> bool:
+    """Remove an unfinished export: its partial file and its scratch directory, whichever exist. Whether the
+    partial file is gone."""
     shutil.rmtree(scratch_dir(part_path), ignore_errors=True)
+    return remove_file(part_path)
 
 
-def remove_file(path: Path) -> None:
-    """Remove path if it is there; a directory that is gone or unreadable is not a second failure."""
+def remove_file(path: Path) -> bool:
+    """Remove path if it is there; whether it is gone. A file that cannot be removed (its directory gone or
+    unreadable, a read-only or failing filesystem) is logged, not a second failure on top of the first."""
     try:
         path.unlink(missing_ok=True)
-    except (NotADirectoryError, PermissionError) as exc:
-        log.warning("could not remove %s: %s", path, exc)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc.strerror or exc)
+        return False
+    return True
 
 
 class CheckpointGone(OSError):

@@ -149,8 +149,7 @@ class JobManager:
             return
         active = await self._jobs_in({part.name.split(".", 1)[0] for part in parts}, ACTIVE_VALUES)
         for part in parts:
-            if part.name.split(".", 1)[0] not in active:
-                discard_partial(part)
+            if part.name.split(".", 1)[0] not in active and discard_partial(part):
                 log.info("removed stale partial file %s", part.name)
 
     async def _jobs_in(self, ids: Iterable[str], states: Iterable[str]) -> set[str]:
@@ -184,8 +183,7 @@ class JobManager:
         kept = await self._jobs_in(files, FILE_KEEPING_STATES)
         removed = 0
         for job_id, path in files.items():
-            if job_id not in kept and path.is_file():
-                remove_file(path)
+            if job_id not in kept and path.is_file() and remove_file(path):
                 removed += 1
                 log.info("removed %s: no completed export names it", path.name)
         return removed

@@ -65,6 +65,24 @@ async def test_full_disk_fails_the_job_with_a_clear_message(
     assert export_files(settings.export_dir) == []  # nothing partial left behind
 
 
+async def test_a_partial_file_that_cannot_be_removed_still_ends_the_job_with_its_error(
+        aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate) -> None:
+    """A failed export's partial file is removed; when that fails too (a read-only or failing filesystem: here a
+    directory in its place), the job still ends with the first error, not hanging until its attempts ran out."""
+    settings = make_settings(mongo_url, tmp_path)
+    api = await aiohttp_client(create_app(settings, source=gate))
+    holders = await hold_queue(api, gate)
+    job = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv"})).json()
+    part = Path(settings.export_dir) / f"{job['id']}.csv.{api.server.app[MANAGER_KEY].instance_id}.part"
+    (part / "held").mkdir(parents=True)  # neither opened for writing nor removed
+    await release_queue(api, gate, holders)
+    snap = await wait_status(api, job["id"], timeout=20)
+    assert (snap["status"], snap["error"]["code"]) == ("failed", "disk_error"), snap
+    assert "Is a directory" in snap["error"]["message"], snap["error"]
+    job2 = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson", "limit": 10})).json()
+    assert (await wait_status(api, job2["id"]))["status"] == "completed"
+
+
 class Refused:
     """A BatchSource whose server refuses the query (and the count), once asked to go on: every export fails."""
 
