@@ -13,7 +13,7 @@ from aiohttp import web
 
 from . import api
 from .db import Database
-from .embedded_db import EmbeddedMongo
+from .embedded_db import EmbeddedDbError, EmbeddedMongo
 from .events import EventHub
 from .health import Health
 from .manager import JobManager
@@ -26,6 +26,7 @@ from .settings import (
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 EMBEDDED_CONNECT_TIMEOUT_MS = 30_000
+EMBEDDED_WATCH_SECONDS = 1.0  # how often the service looks whether its embedded server still runs
 GENERATOR = Path(__file__).resolve().parent.parent / "scripts" / "generate_data.py"
 
 
@@ -68,12 +69,32 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
             if settings.seed_demo_rows:
                 await _seed_demo(url, settings)
-            yield
+            watcher = asyncio.create_task(_keep_running(embedded), name="embedded-watch") if embedded is not None else None
+            try:
+                yield
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
         finally:
             await app[DB_KEY].close()
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+
+
+async def _keep_running(embedded: EmbeddedMongo) -> None:
+    """Start the embedded server again when it ends (killed, out of memory): on its port, where the driver finds
+    it by itself. Without this the service stays up but can do nothing until someone restarts it."""
+    while True:
+        await asyncio.sleep(EMBEDDED_WATCH_SECONDS)
+        if embedded.running():
+            continue
+        log.error("the embedded database ended (exit code %s); starting it again", embedded.exit_code())
+        try:
+            await asyncio.to_thread(embedded.start)
+        except EmbeddedDbError as exc:  # its port taken meanwhile, say: tried again at the next look
+            log.error("the embedded database could not be started again: %s", exc)
 
 
 async def _seed_demo(url: str, settings: Settings) -> None:

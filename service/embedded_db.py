@@ -114,6 +114,12 @@ class EmbeddedMongo:
         self.stop()
         raise EmbeddedDbError(f"embedded database did not start within {timeout:.0f}s; see {log_path}")
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
     def stop(self) -> None:
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:

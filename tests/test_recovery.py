@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -267,5 +268,27 @@ async def test_a_stop_fits_a_containers_grace_period_after_a_long_polling_client
         await sio.disconnect()
         service.stop(grace=10)  # Docker's default: SIGTERM, then SIGKILL 10 s later
         assert service.proc is not None and service.proc.returncode == 0, "the service had to be killed"
+    finally:
+        service.stop()
+
+
+async def test_an_embedded_database_that_dies_is_started_again(tmp_path: Path) -> None:
+    db_dir = tmp_path / "db"
+    env = {"EXPORT_MONGO_URL": "", "EXPORT_EMBEDDED_DIR": str(db_dir), "EXPORT_DIR": str(tmp_path / "exports"),
+           "EXPORT_API_TOKENS": "", "EXPORT_SEED_DEMO_ROWS": "50"}
+    service = await ServiceProcess(env).start()
+    try:
+        first = int((db_dir / "export.db.pid").read_text())
+        os.kill(first, signal.SIGKILL)  # as the OOM killer would
+        await until(lambda: ended(first), "the embedded database to end")
+        again = await until(lambda: (pid := int((db_dir / "export.db.pid").read_text())) != first and not ended(pid) and pid,
+                            "the service to start its embedded database again", timeout=20)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(service.url + "/api/exports", json={"collection": "tasks", "format": "csv", "limit": 10}) as resp:
+                assert resp.status == 202, await resp.text()
+                job = await resp.json()
+            final = await wait_status(http, job["id"], timeout=60, base=service.url)
+        assert (final["status"], final["processed"]) == ("completed", 10), final
+        assert "starting it again" in service.log_tail() and not ended(again)
     finally:
         service.stop()
