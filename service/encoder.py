@@ -14,6 +14,7 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import pickle
+import signal
 import socket
 import struct
 from dataclasses import asdict
@@ -95,6 +96,9 @@ def _answer(pipeline: ExportPipeline, raw: bytes) -> tuple[Any, ...]:
 def _serve(sock: socket.socket, spec_doc: dict[str, Any], part_path: str, info: dict[str, Any], resume: ResumePoint | None) -> None:
     """The encoder process: open the .part file, then answer each message until the export ends."""
     _lower_priority()
+    # Ctrl-C at a terminal reaches the whole process group: the service stops its encoders in order (writing
+    # their checkpoints first), where a KeyboardInterrupt here would crash them mid-batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with multiprocessing.connection.Connection(sock.detach()) as conn:
         try:
             from .pipeline import ExportPipeline  # the encoder's own import: the server process never loads the writers

@@ -92,3 +92,16 @@ async def test_a_hung_encoder_fails_the_job_with_encoder_hung_and_leaves_no_file
     assert export_files(export_dir) == []
     again = await (await api.post("/api/exports", json={"collection": "tasks_big", "format": "ndjson", "limit": 120})).json()
     assert (await wait_status(api, again["id"]))["status"] == "completed"
+
+
+async def test_an_interrupt_from_the_terminal_leaves_the_encoder_to_the_service(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, big_tasks: list[dict[str, Any]]
+) -> None:
+    """Ctrl-C reaches the whole process group; the service stops its encoders in order, so an encoder goes on."""
+    settings = make_settings(mongo_url, tmp_path, batch_size=200, max_concurrent=1)
+    api = await aiohttp_client(create_app(settings))
+    job = await (await api.post("/api/exports", json={"collection": "tasks_big", "format": "csv", "limit": 6000})).json()
+    assert (await wait_status(api, job["id"], ("processing",) + END_STATES))["status"] == "processing"
+    process_writing(Path(settings.export_dir).resolve(), job["id"]).send_signal(signal.SIGINT)
+    final = await wait_status(api, job["id"], timeout=60)
+    assert (final["status"], final["processed"]) == ("completed", 6000), final
