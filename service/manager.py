@@ -105,6 +105,7 @@ class JobManager:
             return
         self.stopping = True
         self.wake.set()
+        log.info("stopping: %d running job(s) go back to the queue", len(self.running))
         for task in self.tasks:
             task.cancel()
         _, pending = await asyncio.wait(self.tasks, timeout=STOP_TIMEOUT_SECONDS) if self.tasks else (set(), set())
@@ -200,6 +201,7 @@ class JobManager:
             doc = new_job_doc(spec, user, "", self._next_order())
             doc["file_name"] = self.file_name(spec, doc)
             await self.db.insert_job(doc)
+        log.info("job %s created by %s: %s of %s", doc["_id"], user, spec.format, spec.collection)
         self.metrics.job_created(spec.format)
         self.wake.set()
         return await self.snapshot_of(doc)
@@ -279,8 +281,10 @@ class JobManager:
             # The record first: were its removal to fail, the job would still name its file, whole. A file left
             # behind by a failure after this is one no job names, which the sweep removes.
             await self.db.delete_job(job_id)
-            self.path_of(doc).unlink(missing_ok=True)
+            remove_file(self.path_of(doc))
+            log.info("job %s deleted by %s, with its file", job_id, user)
             return {**self.snapshot(doc), "download_url": None, "deleted": True}
+        log.info("job %s: cancel asked by %s", job_id, user)
         task = self.running.get(job_id)
         if task is not None:
             # Running here: the runner records the cancel, kills its encoder and removes the .part file.

@@ -386,6 +386,7 @@ class JobRun:
         self.announced = True
         duration = time.monotonic() - self.started
         self.ctx.metrics.job_completed(self.spec.format, self.job["processed"], self.job["bytes"], duration)
+        log.info("job %s completed: %d rows, %d bytes in %.1f s", self.id, self.job["processed"], self.job["bytes"], duration)
         snap = self.snapshot()
         await self.emit(
             "export-completed",
@@ -615,4 +616,5 @@ async def _fail_unexpected(run: JobRun, exc: BaseException) -> JobStatus:
 
 
 async def _fail(run: JobRun, code: str, message: str) -> JobStatus:
+    log.info("job %s fails with %s", run.id, code)  # the line above says why, in words
     return await run.record_end(JobStatus.FAILED, {"code": code, "message": message})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import time
 from dataclasses import replace
@@ -381,3 +382,26 @@ async def _no_longer_exportable(aiohttp_client: Any, mongo_url: str, tmp_path: P
         assert final["status"] == "failed" and final["error"]["code"] == "collection_not_exportable", final
         assert "tasks_then" in final["error"]["message"] and final["error"]["message"].startswith(where), final
         assert final.get("download_url") is None
+
+
+async def test_the_log_tells_who_created_downloaded_cancelled_and_deleted_what(
+    aiohttp_client: Any, mongo_url: str, tmp_path: Path, tasks: Any, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(mongo_url, tmp_path, api_tokens={"tok-alice": "alice"})
+    api = await aiohttp_client(create_app(settings, source=gate))
+    alice = {"Authorization": "Bearer tok-alice"}
+    caplog.set_level(logging.INFO, logger="service")
+    done = await (await api.post("/api/exports", json={"collection": "tasks", "format": "csv", "limit": 5}, headers=alice)).json()
+    gate.open()
+    snap = await wait_status(api, done["id"], headers=alice)
+    assert (await api.get(snap["download_url"])).status == 200
+    gate.shut()
+    held = await (await api.post("/api/exports", json={"collection": "tasks", "format": "ndjson"}, headers=alice)).json()
+    assert (await api.delete(f"/api/exports/{held['id']}", headers=alice)).status == 200
+    assert (await api.delete(f"/api/exports/{done['id']}", headers=alice)).status == 200
+    lines = [record.getMessage() for record in caplog.records]
+    for expected in (f"job {done['id']} created by alice: csv of tasks", f"job {done['id']} completed: 5 rows, {snap['bytes']} bytes in ",
+                     f"job {done['id']}: its file asked for (GET) through a signed link; the job is alice's",
+                     f"job {held['id']}: cancel asked by alice", f"job {done['id']} deleted by alice, with its file"):
+        assert any(line.startswith(expected) for line in lines), (expected, lines)
+    assert not any("sig=" in line for line in lines)  # a signed link works for whoever reads it
