@@ -432,7 +432,9 @@ class JobManager:
                 await self.requeue_expired_leases()
             except DatabaseError as exc:
                 log.warning("maintenance skipped: %s", exc)
-            except Exception:  # the export directory failing (gone, a stale network mount): this round only
+            except OSError as exc:  # the export directory failing (gone, a stale network mount): this round only
+                log.error("maintenance failed, it runs again in its next round: %s: %s", exc.strerror or exc, exc.filename)
+            except Exception:  # a defect: said loudly, and the loop goes on
                 log.exception("maintenance failed; it runs again in its next round")
 
     async def sweep(self) -> int:

@@ -604,7 +604,7 @@ async def _failed(run: JobRun, exc: Exception, expired_limit: float | None) -> J
         log.warning("job %s failed in the encoder: %s", run.id, exc.message)
         return await _fail(run, exc.code, exc.message)
     if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-        log.error("job %s failed writing its file", run.id, exc_info=exc)
+        log.error("job %s failed writing its file: %s", run.id, exc)  # an operator's matter (a full disk): no traceback
         return await _fail(run, "disk_error", f"cannot write export file: {exc.strerror or exc}")
     # A defect must not leave the job active forever: fail it, loudly.
     return await _fail_unexpected(run, exc)
