@@ -40,8 +40,10 @@ def check_export_dir(settings: Settings) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"ok")
+        finally:  # created, then refused its byte on a full disk: not left behind
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise SettingsError(f"EXPORT_DIR {str(path)!r} is not writable: {exc.strerror or exc}") from None
 

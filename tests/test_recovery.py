@@ -16,9 +16,9 @@ import pytest
 from pymongo import MongoClient
 
 from scripts.generate_data import make_documents
-from service.app import create_app
+from service.app import check_export_dir, create_app
 from service.embedded_db import EmbeddedDbError, EmbeddedMongo, free_port
-from service.settings import MANAGER_KEY
+from service.settings import MANAGER_KEY, SettingsError
 
 from conftest import DATA_DB, export_files, make_settings, new_jobs_collection, replace_collection, until, wait_status
 from service_process import ROOT, ServiceProcess
@@ -82,6 +82,15 @@ async def test_start_up_removes_partial_files_and_scratch_directories_of_dead_jo
     client = await aiohttp_client(create_app(make_settings(mongo_url, tmp_path)))
     assert (await client.get("/healthz")).status == 200
     assert export_files(export_dir) == ["89abcdef.csv"]
+
+
+def test_a_full_export_dir_at_start_up_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    export_dir = tmp_path / "exports"
+    export_dir.mkdir()
+    (export_dir / f".write-probe-{os.getpid()}").symlink_to("/dev/full")  # the probe's byte finds the disk full
+    with pytest.raises(SettingsError, match="is not writable: No space left on device"):
+        check_export_dir(make_settings("mongodb://127.0.0.1:1", tmp_path, export_dir=export_dir))
+    assert list(export_dir.iterdir()) == []  # no probe left behind
 
 
 async def test_start_up_with_unwritable_export_dir_stops_with_one_line(service_env: dict[str, str], tmp_path: Path) -> None:
