@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MIN_EVENT_GAP = 0.1  # at most ten progress events a second
 PERSIST_EVERY = 1.0  # progress and lease written to the jobs collection at most once a second
+RATE_WINDOW = 5.0  # seconds of progress the rate (and so the time left) is taken over
 OWNERSHIP_CHECK_SECONDS = 2.0  # the lease is renewed at least this often, which tells a run it was cancelled elsewhere
 RECORD_RETRY_SECONDS, RECORD_RETRIES = 2.0, 900  # an end state waits up to half an hour for the database
 # While nothing else is said, the current state is sent again this often: the page never looks frozen for
@@ -81,8 +83,9 @@ class JobRun:
         self.part_path = part_path(self.final_path, ctx.instance_id)
         self.encoder: EncoderSession | None = None
         self.started = time.monotonic()
-        # The rate is of the rows this run reads since it started reading, not of those a checkpoint brought.
-        self.rate_since, self.rate_base = self.started, 0
+        # (time, rows) of this run's progress over the last RATE_WINDOW seconds, from its first rows on: the rate
+        # leaves out the wait for the first batch (a count, a sort) and the rows a checkpoint brought.
+        self.samples: deque[tuple[float, int]] = deque()
         self.last_event = 0.0
         self.last_persist = 0.0
         self.waiting_since: float | None = None  # when the run began waiting for the database, while it waits
@@ -261,7 +264,7 @@ class JobRun:
             resumed = {"rows": resume.rows, "bytes": resume.point.bytes, "reread_rows": reread}
             log.info("job %s: resuming at row %d (byte %d); %d rows are read again", self.id, resume.rows, resume.point.bytes, reread)
         fields = {"processed": resume.rows if resume else 0, "total": None, "bytes": 0, "rate": None, "resumed_from": resumed}
-        self.rate_since, self.rate_base = time.monotonic(), fields["processed"]
+        self.samples.clear()
         if resume is None:
             fields["checkpoint"] = None
         # Processing already when a resumed file came out short and is written again.
@@ -335,13 +338,21 @@ class JobRun:
         await self._progress(processed + rows, persist=True, extra={"checkpoint": point})
         return processed + rows
 
+    def _rate(self, now: float, processed: int) -> float | None:
+        """Rows a second over the last RATE_WINDOW seconds; None until the rows span half a second."""
+        samples = self.samples
+        samples.append((now, processed))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:  # one sample stays older than the window
+            samples.popleft()
+        then, rows = samples[0]
+        return (processed - rows) / (now - then) if now - then >= 0.5 else None
+
     async def _progress(self, processed: int, persist: bool = False, extra: dict[str, Any] | None = None, last: bool = False) -> None:
         """Record progress (in the job's record when persist, last, or PERSIST_EVERY has passed) and tell the room,
         at most every MIN_EVENT_GAP; the export's last progress is always told, once that gap has passed."""
         persist = persist or last
         now = time.monotonic()
-        elapsed = max(now - self.rate_since, 1e-6)
-        fields: dict[str, Any] = {"processed": processed, "rate": (processed - self.rate_base) / elapsed, **(extra or {})}
+        fields: dict[str, Any] = {"processed": processed, "rate": self._rate(now, processed), **(extra or {})}
         if self.unsaved_total is not None:
             fields["total"] = self.unsaved_total
         if self.job["status"] == JobStatus.FETCHING.value:
