@@ -378,6 +378,15 @@ async def test_download_of_a_job_retention_expired_shows_it_expired(
     link = item.get_by_role("link", name=re.compile("^Download"))
     await expect(link).to_be_visible()
 
+    # The file gone from the disk under a job still completed: the page says so and stays, rather than showing
+    # the download's error answer in place of itself.
+    kept = Path(browser_settings.export_dir) / f"{job_id}.csv"
+    kept.rename(kept.with_suffix(".away"))
+    await link.click()
+    await expect(page.get_by_role("alert")).to_contain_text("its file is gone from the service")
+    assert page.url == str(client.make_url("/"))
+    kept.with_suffix(".away").rename(kept)
+
     # What the sweep does to a job whose expires_at has passed: the state, then the file, and no event.
     manager = client.server.app[MANAGER_KEY]
     assert await transition(manager.db, [JobStatus.COMPLETED], job_id=job_id, fields={"expires_at": now_ms() - 1})
@@ -391,7 +400,7 @@ async def test_download_of_a_job_retention_expired_shows_it_expired(
     await expect(item.locator(".badge")).to_have_text("Expired")
     await expect(item.get_by_role("link", name=re.compile("^Download"))).to_have_count(0)
     assert (await (await client.get(f"/api/exports/{job_id}")).json())["status"] == "expired"
-    errors.check()
+    errors.check(answered=(410,))  # the probe of the link to the file that was gone
 
 
 async def test_a_job_a_stop_puts_back_in_the_queue_shows_queued_then_its_next_run(

@@ -99,11 +99,22 @@ async function followDownload(event, jobId) {
     const job = await api(`/api/exports/${jobId}`);
     // Retention expires a job without an event: the row learns it here, not only the banner.
     merge(job, "snapshot");
-    if (!job.download_url) throw new ApiError(409, { code: "not_ready", message: `The export is ${job.status}.` });
+    if (!job.download_url) throw new ApiError(409, { code: "not_completed", message: `The export is ${job.status}.` });
+    // Asked first: followed, an error answer (the file removed from the disk) would replace the page with its JSON.
+    const probe = await fetch(job.download_url, { method: "HEAD", cache: "no-store" });
+    if (!probe.ok) {
+      const gone = probe.status === 410 || probe.status === 404;
+      throw new ApiError(probe.status, { message: gone ? "its file is gone from the service" : `the service answered ${probe.status}` });
+    }
     link.href = job.download_url;
     location.assign(job.download_url);
   } catch (error) {
-    showBanner(`The download link could not be renewed: ${error.message}`);
+    if (error.status === 404 && error.code === "not_found") {
+      dropJob(jobId);  // removed meanwhile (from another tab, say)
+      showBanner("That export was removed meanwhile.");
+      return;
+    }
+    showBanner(`The file cannot be downloaded: ${error.message}`);
   }
 }
 
