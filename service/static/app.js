@@ -604,8 +604,10 @@ function describeError(error) {
   if (!error) return "The export failed for an unknown reason.";
   const lead = ERROR_WORDS[error.code];
   const message = error.message || "no details were given";
+  // The service's own words may lead with what the code says already ("database error: ...").
+  const detail = message.replace(/^database error:\s*/i, "");
   return lead && !message.toLowerCase().startsWith(lead.toLowerCase())
-    ? `${lead}: ${message}`
+    ? `${lead}: ${detail}`
     : `The export failed: ${message}`;
 }
 
@@ -756,11 +758,15 @@ function choose(path) {
   if (!state.chosen.includes(path)) state.chosen.push(path);
 }
 
+function shownFields() {
+  const query = $("#field-search").value.trim().toLowerCase();
+  return (currentCollection()?.fields || []).filter((path) => path.toLowerCase().includes(query));
+}
+
 function renderAvailable() {
   const list = $("#field-available");
   const paths = currentCollection()?.fields || [];
-  const query = $("#field-search").value.trim().toLowerCase();
-  const shown = paths.filter((path) => path.toLowerCase().includes(query));
+  const shown = shownFields();
   if (!shown.length) {
     const item = document.createElement("li");
     item.className = "none";
@@ -1243,7 +1249,7 @@ function initForm() {
   }
   $("#field-search").addEventListener("input", renderAvailable);
   $("#fields-select-all").addEventListener("click", () => {
-    for (const path of currentCollection()?.fields || []) choose(path);
+    for (const path of shownFields()) choose(path);  // those the search shows: "all" of what the user sees
     renderFields();
   });
   $("#fields-select-none").addEventListener("click", () => {
