@@ -361,6 +361,10 @@ async def test_a_cancel_that_arrives_after_the_end_keeps_the_file(aiohttp_client
     await expect(page.locator("#announcer")).to_have_text(re.compile("had already completed; nothing was cancelled"))
     await expect(item).to_have_attribute("data-status", "completed")
     assert (await client.get(f"/api/exports/{job_id}/download")).status == 200
+    # An export started elsewhere (another tab, mexport) shows once this page is seen again.
+    other = await (await client.post("/api/exports", json={"collection": COLLECTION, "format": "ndjson", "limit": 5})).json()
+    await page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    await expect(job_item(page, other["id"])).to_be_visible()
     errors.check(answered=(409,))  # the cancel's answer: not_active
 
 

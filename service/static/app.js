@@ -1226,6 +1226,8 @@ async function submitExport(event) {
     const snapshot = await api("/api/exports", { method: "POST", body: request.body });
     merge(snapshot, "snapshot");
     announce(`Export ${snapshot.file_name || ""} started.`);
+    // The list may be out of sight (below the form on a narrow screen, above a scrolled one): bring the new row in.
+    state.elements.get(snapshot.id)?.scrollIntoView({ block: "nearest", behavior: "smooth" });
   } catch (error) {
     const prefix = error.status === 429 ? "Too many exports are running" : "The export could not start";
     showFormError(`${prefix}: ${error.message}`, error.field);
@@ -1291,3 +1293,5 @@ connectSocket();
 loadCollections();
 loadJobs();
 setInterval(pollActive, POLL_TICK_MS);
+// Jobs started or removed in another tab or by mexport meanwhile: the list is read again when the page is seen again.
+document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") loadJobs(); });
