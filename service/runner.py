@@ -84,8 +84,10 @@ class JobRun:
         self.encoder: EncoderSession | None = None
         self.started = time.monotonic()
         # (time, rows) of this run's progress over the last RATE_WINDOW seconds, from its first rows on: the rate
-        # leaves out the wait for the first batch (a count, a sort) and the rows a checkpoint brought.
+        # leaves out the wait for the first batch (a count, a sort). Until they span enough time, the rate is of the
+        # rows this run read since it started; never of those a checkpoint brought.
         self.samples: deque[tuple[float, int]] = deque()
+        self.rate_since, self.rate_base = self.started, 0
         self.last_event = 0.0
         self.last_persist = 0.0
         self.waiting_since: float | None = None  # when the run began waiting for the database, while it waits
@@ -265,6 +267,7 @@ class JobRun:
             log.info("job %s: resuming at row %d (byte %d); %d rows are read again", self.id, resume.rows, resume.point.bytes, reread)
         fields = {"processed": resume.rows if resume else 0, "total": None, "bytes": 0, "rate": None, "resumed_from": resumed}
         self.samples.clear()
+        self.rate_since, self.rate_base = time.monotonic(), fields["processed"]
         if resume is None:
             fields["checkpoint"] = None
         # Processing already when a resumed file came out short and is written again.
@@ -338,14 +341,17 @@ class JobRun:
         await self._progress(processed + rows, persist=True, extra={"checkpoint": point})
         return processed + rows
 
-    def _rate(self, now: float, processed: int) -> float | None:
-        """Rows a second over the last RATE_WINDOW seconds; None until the rows span half a second."""
+    def _rate(self, now: float, processed: int) -> float:
+        """Rows a second over the last RATE_WINDOW seconds; over the whole run while the rows span under a second
+        (a short export's one or two batches)."""
         samples = self.samples
         samples.append((now, processed))
         while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:  # one sample stays older than the window
             samples.popleft()
         then, rows = samples[0]
-        return (processed - rows) / (now - then) if now - then >= 0.5 else None
+        if now - then >= 1.0:
+            return (processed - rows) / (now - then)
+        return (processed - self.rate_base) / max(now - self.rate_since, 1e-6)
 
     async def _progress(self, processed: int, persist: bool = False, extra: dict[str, Any] | None = None, last: bool = False) -> None:
         """Record progress (in the job's record when persist, last, or PERSIST_EVERY has passed) and tell the room,
