@@ -139,6 +139,16 @@ async def start_export(page: Any, fmt: str) -> str:
     return job_id
 
 
+async def finished_export(client: Any, browser: Any) -> tuple[Any, PageErrors, str, Any]:
+    """The page, and a 300-row CSV export started in it and completed: (page, its errors, the job's id, its row)."""
+    page, errors = await open_page(browser, str(client.make_url("/")))
+    await page.get_by_label("Limit", exact=True).fill("300")
+    job_id = await start_export(page, "csv")
+    item = job_item(page, job_id)
+    await expect(item).to_have_attribute("data-status", "completed", timeout=30_000)
+    return page, errors, job_id, item
+
+
 async def wait_running(page: Any, job_id: str, timeout: float = 30.0) -> str:
     """Wait until the job's bar shows a value strictly between 0 and 100; return the status then."""
     bar = job_item(page, job_id).get_by_role("progressbar")
@@ -351,11 +361,7 @@ async def test_a_cancel_that_arrives_after_the_end_keeps_the_file(aiohttp_client
     """A page that has not heard yet that its job completed (a slow socket) sends a cancel: the job stays completed
     with its file, where a plain DELETE removed both."""
     client = await aiohttp_client(create_app(browser_settings))
-    page, errors = await open_page(browser, str(client.make_url("/")))
-    await page.get_by_label("Limit", exact=True).fill("300")
-    job_id = await start_export(page, "csv")
-    item = job_item(page, job_id)
-    await expect(item).to_have_attribute("data-status", "completed", timeout=30_000)
+    page, errors, job_id, item = await finished_export(client, browser)
     await item.locator(".cancel").evaluate("button => { button.hidden = false; }")  # as a page that is behind shows it
     await item.locator(".cancel").click()
     await expect(page.locator("#announcer")).to_have_text(re.compile("had already completed; nothing was cancelled"))
@@ -374,11 +380,7 @@ async def test_download_of_a_job_retention_expired_shows_it_expired(
     """Retention expires a completed job without an event: the row still says Completed. A click on its Download
     asks for the snapshot, which says expired; the row takes it instead of keeping a link to no file."""
     client = await aiohttp_client(create_app(browser_settings))
-    page, errors = await open_page(browser, str(client.make_url("/")))
-    await page.get_by_label("Limit", exact=True).fill("300")
-    job_id = await start_export(page, "csv")
-    item = job_item(page, job_id)
-    await expect(item).to_have_attribute("data-status", "completed", timeout=30_000)
+    page, errors, job_id, item = await finished_export(client, browser)
     link = item.get_by_role("link", name=re.compile("^Download"))
     await expect(link).to_be_visible()
 
