@@ -493,6 +493,11 @@ async def test_narrow_screen_keyboard_and_labels(
     client = await aiohttp_client(create_app(browser_settings))
     page, errors = await open_page(browser, str(client.make_url("/")), width=375, height=812)
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "the page scrolls sideways at 375 px"
+    await page.locator("#token-box summary").click()
+    await expect(page.get_by_label("API token", exact=True)).to_be_visible()
+    box = await page.locator("#token-form").bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375, box  # the open token box fits the screen
+    await page.locator("#token-box summary").click()
     await page.get_by_label("Choose fields and their order").check()
     # Select all takes what the search shows, not every sampled field.
     await page.get_by_role("searchbox", name="Sampled fields").fill("assignee")
