@@ -241,6 +241,7 @@ async def test_export_progress_download_cancel_and_screenshot(
     await expect(cancel_item).to_have_attribute("data-status", "cancelled", timeout=15_000)
     await expect(cancel_item.locator(".badge")).to_have_text("Cancelled")
     await expect(cancel_item.get_by_role("button", name=re.compile("^Cancel"))).to_be_hidden()
+    await expect(cancel_item.get_by_role("button", name=re.compile("^Remove"))).to_be_focused()  # not the page's body
     snap = await (await client.get(f"/api/exports/{cancel_id}")).json()
     assert snap["status"] == "cancelled" and 0 < snap["processed"] < BIG_ROWS, snap
 
@@ -524,6 +525,7 @@ async def test_narrow_screen_keyboard_and_labels(
     async with page.expect_response(lambda r: r.url.endswith("/api/exports") and r.request.method == "POST") as info:
         await page.keyboard.press("Enter")
     job_id = (await (await info.value).json())["id"]
+    await expect(page.get_by_role("button", name="Start export")).to_be_focused()  # the keyboard stays where it was
     item = job_item(page, job_id)
     await expect(item).to_have_attribute("data-status", "completed", timeout=30_000)
     await expect(item.locator(".progress-text")).to_contain_text("500 rows")

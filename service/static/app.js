@@ -626,6 +626,8 @@ async function cancelJob(id) {
     // ?if=active: a job that ended before the cancel arrived (the page may not have heard yet) is left as it is;
     // a plain DELETE would remove a finished export and its file.
     merge(await api(`/api/exports/${encodeURIComponent(id)}?if=active`, { method: "DELETE" }), "snapshot");
+    // The hidden Cancel button had the keyboard's focus: the row's next action takes it, not the page's body.
+    if (document.activeElement === button || document.activeElement === document.body) $(".remove:not([hidden])", li)?.focus();
   } catch (error) {
     if (error.code === "not_active") {
       const job = await api(`/api/exports/${encodeURIComponent(id)}`).catch(() => null);
@@ -1219,7 +1221,9 @@ async function submitExport(event) {
     return;
   }
   const button = $("#start");
-  button.disabled = true;
+  if (button.getAttribute("aria-disabled") === "true") return;  // started already; the answer is on its way
+  // aria-disabled, not disabled: a disabled button drops the keyboard's focus to the page's body.
+  button.setAttribute("aria-disabled", "true");
   button.setAttribute("aria-busy", "true");
   button.textContent = "Starting…";
   try {
@@ -1232,7 +1236,7 @@ async function submitExport(event) {
     const prefix = error.status === 429 ? "Too many exports are running" : "The export could not start";
     showFormError(`${prefix}: ${error.message}`, error.field);
   } finally {
-    button.disabled = false;
+    button.removeAttribute("aria-disabled");
     button.removeAttribute("aria-busy");
     button.textContent = "Start export";
   }
