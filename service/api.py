@@ -269,7 +269,7 @@ async def download_export(request: web.Request) -> web.StreamResponse:
     spec = ExportSpec.from_doc(doc["spec"])
     content_type = "application/gzip" if spec.compress == "gzip" else CONTENT_TYPES[spec.format]
     # Never the query string: a signed link works for anyone who reads it until it runs out.
-    through = "a signed link" if "sig" in request.query else "a token"
+    through = "a signed link" if "sig" in request.query else "open mode" if request.app[SETTINGS_KEY].open_mode else "a token"
     log.info("job %s: its file asked for (%s) through %s; the job is %s's", doc["_id"], request.method, through, doc["user"])
     return ExportFile(
         path,
