@@ -71,18 +71,22 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
             if settings.seed_demo_rows:
                 await _seed_demo(url, settings)
-            watcher = asyncio.create_task(_keep_running(embedded), name="embedded-watch") if embedded is not None else None
-            try:
-                yield
-            finally:
-                if watcher is not None:
-                    watcher.cancel()
-                    await asyncio.gather(watcher, return_exceptions=True)
+            yield
         finally:
             await app[DB_KEY].close()
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+
+
+async def _embedded_watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """While the service runs, its embedded server (when it started one) is started again should it end."""
+    embedded = app[EMBEDDED_KEY]
+    watcher = asyncio.create_task(_keep_running(embedded), name="embedded-watch") if embedded is not None else None
+    yield
+    if watcher is not None:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
 
 
 async def _keep_running(embedded: EmbeddedMongo) -> None:
@@ -166,6 +170,6 @@ def create_app(settings: Settings, source: BatchSource | None = None) -> web.App
     app.on_response_prepare.append(_revalidate_static)
     app.on_response_prepare.append(api.add_request_id)
     app.on_response_prepare.append(api.add_security_headers)
-    app.cleanup_ctx.extend([_export_dir_ctx, _database_ctx, _manager_ctx])
+    app.cleanup_ctx.extend([_export_dir_ctx, _database_ctx, _embedded_watch_ctx, _manager_ctx])
     app.on_shutdown.append(_stop_jobs_and_sockets)
     return app
