@@ -11,8 +11,8 @@ import logging
 import re
 import secrets
 import time
-import weakref
 from bisect import bisect_left
+from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -79,7 +79,8 @@ class JobManager:
         self.stopping = False
         # One create at a time per user here: the limit is a count, then an insert, and two creates between them
         # would both pass. (Creates through two instances at once can still pass it by one.)
-        self.creating: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Users are the token table's, or the one of open mode: a lock each stays bounded.
+        self.creating: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -191,10 +192,7 @@ class JobManager:
 
     # --- requests ----------------------------------------------------------------------------
     async def create(self, spec: ExportSpec, user: str) -> dict[str, Any]:
-        lock = self.creating.get(user)
-        if lock is None:
-            lock = self.creating[user] = asyncio.Lock()
-        async with lock:
+        async with self.creating[user]:
             active = await self.db.count_jobs({"user": user, "status": {"$in": ACTIVE_VALUES}})
             if active >= self.settings.max_active_per_user:
                 raise TooManyJobs(self.settings.max_active_per_user)
